@@ -1,0 +1,163 @@
+"""The `lstm-export` command line. Exit status: 0 success, 1 a comparison mismatch, 2 bad input or usage."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import UserError
+
+# Flags of `train` that map onto ModelConfig / TrainConfig fields (flag name -> field name).
+MODEL_FLAGS = {"embed": "embed", "hidden": "hidden", "layers": "layers", "dropout": "dropout", "cell": "cell"}
+TRAIN_FLAGS = {"bptt": "bptt", "batch": "batch", "lr": "lr", "steps": "steps", "minutes": "minutes",
+               "seed": "seed", "eval_every": "eval_every", "clip": "clip", "weight_decay": "weight_decay",
+               "warmup": "warmup"}
+# Training fields that may change on --resume; changing any other one is refused.
+RESUMABLE_CHANGES = {"steps", "minutes", "eval_every", "eval_chars"}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="named config in models/ (e.g. char-small); flags override it")
+    p.add_argument("--text", default=None, help="UTF-8 training text (default: this Python's stdlib sources)")
+    p.add_argument("--out", default="runs/char", help="output folder for ckpt.pt (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("model (override the config)")
+    g.add_argument("--embed", type=int)
+    g.add_argument("--hidden", type=int)
+    g.add_argument("--layers", type=int)
+    g.add_argument("--dropout", type=float)
+    g.add_argument("--cell", choices=["lstm", "layernorm"])
+    g = p.add_argument_group("training (override the config)")
+    g.add_argument("--bptt", type=int, help="truncated-BPTT window length")
+    g.add_argument("--batch", type=int, help="number of contiguous streams")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--steps", type=int, help="stop after this many steps")
+    g.add_argument("--minutes", type=float, help="stop after this many minutes (0: no limit)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--eval-every", type=int)
+    g.add_argument("--clip", type=float, help="gradient-norm clip")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup", type=int)
+    p.add_argument("--save-all-ranks", action="store_true", help=argparse.SUPPRESS)
+
+
+def _positive(args, names) -> None:
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v <= 0:
+            raise UserError(f"--{n.replace('_', '-')} must be positive, got {v}")
+
+
+def _configs_from_args(args):
+    from .config import ModelConfig, TrainConfig, load_preset
+    preset = load_preset(args.config) if args.config else {"model": {}, "train": {}}
+    model_cfg = ModelConfig(**preset.get("model", {}))
+    train_cfg = TrainConfig(**preset.get("train", {}))
+    given_model = {f: getattr(args, a) for a, f in MODEL_FLAGS.items() if getattr(args, a) is not None}
+    given_train = {f: getattr(args, a) for a, f in TRAIN_FLAGS.items() if getattr(args, a) is not None}
+    return replace(model_cfg, **given_model), replace(train_cfg, **given_train), given_model, given_train
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ckpt_io
+    from .data import default_corpus, read_text
+    from .train import train
+    _positive(args, ["embed", "hidden", "layers", "bptt", "batch", "lr", "steps", "eval_every", "clip"])
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    model_cfg, train_cfg, given_model, given_train = _configs_from_args(args)
+    out = Path(args.out)
+    resume = None
+    if args.resume:
+        resume = ckpt_io.load(out / "ckpt.pt")
+        if args.config:
+            raise UserError("--resume takes its config from the checkpoint; drop --config")
+        changed = [f"--{k.replace('_', '-')} {v} (checkpoint has {getattr(resume.model_config, k)})"
+                   for k, v in given_model.items() if getattr(resume.model_config, k) != v]
+        changed += [f"--{k.replace('_', '-')} {v} (checkpoint has {getattr(resume.train_config, k)})"
+                    for k, v in given_train.items()
+                    if k not in RESUMABLE_CHANGES and getattr(resume.train_config, k) != v]
+        if changed:
+            raise UserError(f"--resume with changed hyper-parameters: {', '.join(changed)}; "
+                            "drop those flags or train into a new --out folder")
+        model_cfg = resume.model_config
+        train_cfg = replace(resume.train_config, **{k: v for k, v in given_train.items() if k in RESUMABLE_CHANGES})
+        if resume.step >= train_cfg.steps:
+            raise UserError(f"checkpoint is already at step {resume.step} >= --steps {train_cfg.steps}; "
+                            "pass a larger --steps to continue")
+    elif (out / "ckpt.pt").exists():
+        raise UserError(f"{out / 'ckpt.pt'} exists; pass --resume to continue it or choose another --out")
+    text = read_text(args.text) if args.text else default_corpus()
+    res = train(text, model_cfg, train_cfg, out, resume=resume, progress=not args.quiet,
+                save_all_ranks=args.save_all_ranks)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        state = "interrupted" if res.interrupted else "done"
+        print(f"{state}: step {res.step}, {res.elapsed_s:.1f} s, train {res.train_loss:.4f} nats/char, "
+              f"val {res.val_loss:.4f} nats/char ({res.val_bpc:.3f} bits/char), {res.chars_per_s:,.0f} chars/s; "
+              f"checkpoint {out / 'ckpt.pt'}")
+    if res.interrupted:
+        print(f"resume with: lstm-export train --out {out} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from . import checkpoint as ckpt_io
+    from .train import sample
+    if args.chars < 0:
+        raise UserError(f"--chars must be >= 0, got {args.chars}")
+    ck = ckpt_io.load(args.checkpoint)
+    model = ck.build_model()
+    prime = args.prime if args.prime is not None else ck.vocab.chars[0]
+    if not prime:
+        raise UserError("--prime must not be empty")
+    print(sample(model, ck.vocab, prime, args.chars, args.temperature, args.seed))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.out), minutes=args.minutes, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a char language model with truncated BPTT")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("checkpoint", help="ckpt.pt or the folder that holds it")
+    p.add_argument("--prime", default=None, help="text to start from (default: the first vocabulary character)")
+    p.add_argument("--chars", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a small model, in a few minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--minutes", type=float, default=1.0, help="training time (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"lstm-export {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"lstm-export {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""From-scratch LSTM family: drop-in replacements for torch.nn.LSTMCell / torch.nn.LSTM.
+
+Parameter names, shapes, initialisation and gate order (i, f, g, o) follow PyTorch, so
+`load_state_dict` works in both directions with `torch.nn.LSTM` and it serves as a free oracle.
+The input projection for all time steps is one matrix product; only the recurrent product
+h @ W_hh^T stays inside the time loop, and the four gates come out of one fused matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .errors import UserError
+
+State = tuple[Tensor, Tensor]
+
+
+def lstm_gates(gates: Tensor, c: Tensor) -> State:
+    """The LSTM state update from fused pre-activations (.., 4H) in PyTorch order i, f, g, o."""
+    i, f, g, o = gates.chunk(4, dim=-1)  # each (B, H)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+    h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+    return h, c
+
+
+def recur(xw: Tensor, w_hh: Tensor, h: Tensor, c: Tensor, mask: Tensor | None, reverse: bool,
+          cell=None) -> tuple[Tensor, State]:
+    """Runs one direction of one layer over time.
+
+    xw: (T, B, 4H) input projection with both biases already added; h, c: (B, H);
+    mask: (T, B, 1) bool, True on valid steps, or None when every sequence is full length.
+    Padded steps keep the state unchanged and emit zeros, so a reverse pass starts each
+    sequence at its own last valid step with the initial state, like torch on packed input.
+    `cell(gates, c) -> (h, c)` defaults to the plain LSTM update.
+    """
+    cell = cell or lstm_gates
+    T = xw.shape[0]
+    outs: list[Tensor] = [None] * T  # type: ignore[list-item]
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    w_hh_t = w_hh.t()  # (H, 4H)
+    # unbind, not xw[t]: the backward of T separate selects would build T full-size zero tensors.
+    xs = xw.unbind(0)
+    ms = mask.unbind(0) if mask is not None else None
+    for t in steps:
+        gates = torch.addmm(xs[t], h, w_hh_t)  # (B, 4H)
+        h_new, c_new = cell(gates, c)
+        if ms is not None:
+            m = ms[t]  # (B, 1)
+            h = torch.where(m, h_new, h)
+            c = torch.where(m, c_new, c)
+            outs[t] = torch.where(m, h_new, 0.0)
+        else:
+            h, c = h_new, c_new
+            outs[t] = h
+    return torch.stack(outs), (h, c)  # (T, B, H)
+
+
+class LSTMCell(nn.Module):
+    """Drop-in for torch.nn.LSTMCell: forward(input, (h, c)) -> (h', c')."""
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **kw))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **kw))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)  # torch's default for recurrent layers
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, input: Tensor, hx: State | None = None) -> State:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: expected input of shape (B, {self.input_size}) or ({self.input_size},), "
+                             f"got {tuple(input.shape)}")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)  # (B, I)
+        if hx is None:
+            z = x.new_zeros(x.shape[0], self.hidden_size)
+            hx = (z, z)
+        h, c = (s if batched else s.unsqueeze(0) for s in hx)
+        gates = x @ self.weight_ih.t() + h @ self.weight_hh.t()  # (B, 4H)
+        if self.bias:
+            gates = gates + self.bias_ih + self.bias_hh
+        h, c = lstm_gates(gates, c)
+        return (h, c) if batched else (h.squeeze(0), c.squeeze(0))
+
+
+class LSTM(nn.Module):
+    """Drop-in for torch.nn.LSTM (without proj_size).
+
+    forward(input, (h_0, c_0)=None, lengths=None) -> (output, (h_n, c_n)). `input` may be a
+    PackedSequence (the output is then packed too), or a padded tensor with `lengths=`.
+    """
+
+    _cell_update = staticmethod(lstm_gates)
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None):
+        super().__init__()
+        if proj_size:
+            raise UserError(f"{type(self).__name__}: proj_size={proj_size} is not supported; "
+                            "use proj_size=0 (or torch.nn.LSTM for projected LSTMs)")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        if num_layers < 1 or hidden_size < 1:
+            raise ValueError("num_layers and hidden_size must be positive")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bidirectional, 0
+        kw = {"device": device, "dtype": dtype}
+        H = hidden_size
+        for layer in range(num_layers):
+            layer_in = input_size if layer == 0 else H * self.num_directions
+            for sfx in self._suffixes():
+                name = f"l{layer}{sfx}"
+                setattr(self, f"weight_ih_{name}", nn.Parameter(torch.empty(4 * H, layer_in, **kw)))
+                setattr(self, f"weight_hh_{name}", nn.Parameter(torch.empty(4 * H, H, **kw)))
+                if bias:
+                    setattr(self, f"bias_ih_{name}", nn.Parameter(torch.empty(4 * H, **kw)))
+                    setattr(self, f"bias_hh_{name}", nn.Parameter(torch.empty(4 * H, **kw)))
+                self._extra_parameters(name, kw)
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self) -> list[str]:
+        return ["", "_reverse"] if self.bidirectional else [""]
+
+    def _extra_parameters(self, name: str, kw: dict) -> None:
+        """Hook for subclasses that add per-layer parameters (LayerNormLSTM)."""
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for name, p in self.named_parameters():
+            if name.startswith(("weight_", "bias_")):
+                nn.init.uniform_(p, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return s
+
+    def _cell(self, name: str):
+        """The state update for direction `name` (e.g. 'l0_reverse'); plain LSTM here."""
+        return self._cell_update
+
+    def _projection(self, x: Tensor, name: str) -> Tensor:
+        """All time steps' input projection as one matmul, with both biases folded in."""
+        w_ih = getattr(self, f"weight_ih_{name}")
+        xw = x @ w_ih.t()  # (T, B, 4H)
+        if self.bias:
+            xw = xw + (getattr(self, f"bias_ih_{name}") + getattr(self, f"bias_hh_{name}"))
+        return xw
+
+    def forward(self, input, hx: State | None = None, lengths: Tensor | None = None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("pass either a PackedSequence or lengths=, not both")
+            sorted_indices = input.sorted_indices
+            x, lengths = pad_packed_sequence(input, batch_first=False)  # (T, B, I), original order
+            batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"{type(self).__name__}: expected a 3-D (batched) or 2-D (unbatched) input, "
+                                 f"got shape {tuple(input.shape)}")
+            batched = input.dim() == 3
+            x = input if batched else input.unsqueeze(1)
+            if batched and self.batch_first:
+                x = x.transpose(0, 1)  # (T, B, I)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input.size(-1) must be {self.input_size}, got {x.shape[-1]}")
+        T, B = x.shape[0], x.shape[1]
+        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+
+        if hx is None:
+            h0 = c0 = x.new_zeros(L * D, B, H)
+        else:
+            h0, c0 = hx
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            if h0.shape != (L * D, B, H) or c0.shape != (L * D, B, H):
+                raise ValueError(f"expected hidden states of shape {(L * D, B, H)}, "
+                                 f"got {tuple(h0.shape)} and {tuple(c0.shape)}")
+
+        mask = None
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device="cpu").long()
+            if lengths.shape != (B,) or int(lengths.max()) > T or int(lengths.min()) < 1:
+                raise ValueError(f"lengths must be B={B} integers in [1, {T}], got {lengths.tolist()}")
+            steps = torch.arange(T).unsqueeze(1)  # (T, 1)
+            mask = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1) bool
+
+        h_n, c_n = [], []
+        layer_in = x
+        for layer in range(L):
+            outs = []
+            for d, sfx in enumerate(self._suffixes()):
+                name = f"l{layer}{sfx}"
+                k = layer * D + d
+                out, (h, c) = recur(self._projection(layer_in, name), getattr(self, f"weight_hh_{name}"),
+                                    h0[k], c0[k], mask, reverse=d == 1, cell=self._cell(name))
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_in = outs[0] if D == 1 else torch.cat(outs, dim=-1)  # (T, B, D*H)
+            if self.dropout and self.training and layer < L - 1:
+                layer_in = nn.functional.dropout(layer_in, p=self.dropout, training=True)
+        output = layer_in
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)  # (L*D, B, H)
+
+        if packed:
+            data = pack_padded_sequence(output.index_select(1, sorted_indices), lengths[sorted_indices.cpu()],
+                                        enforce_sorted=True).data
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices), (h_n, c_n)
+        if not batched:
+            return output.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n, c_n)
+
+
+class LayerNormLSTM(LSTM):
+    """LSTM with layer normalisation on the gate pre-activations and on the cell.
+
+    As TensorFlow's LayerNormBasicLSTMCell: each of the four gate blocks is normalised on its own
+    (gain and shift per block), `forget_bias` is added to f before the sigmoid, the new cell is
+    normalised before tanh. Same constructor, forward and parameter names as LSTM, plus
+    `ln_gates_weight_l{k}` (4, H), `ln_gates_bias_l{k}` (4, H), `ln_cell_weight_l{k}` (H,) and
+    `ln_cell_bias_l{k}` (H,).
+    """
+
+    def __init__(self, *args, eps: float = 1e-5, forget_bias: float = 1.0, **kwargs):
+        self.eps, self.forget_bias = eps, forget_bias
+        super().__init__(*args, **kwargs)
+
+    def _extra_parameters(self, name: str, kw: dict) -> None:
+        H = self.hidden_size
+        setattr(self, f"ln_gates_weight_{name}", nn.Parameter(torch.ones(4, H, **kw)))
+        setattr(self, f"ln_gates_bias_{name}", nn.Parameter(torch.zeros(4, H, **kw)))
+        setattr(self, f"ln_cell_weight_{name}", nn.Parameter(torch.ones(H, **kw)))
+        setattr(self, f"ln_cell_bias_{name}", nn.Parameter(torch.zeros(H, **kw)))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for name, p in self.named_parameters():
+            if name.startswith("ln_"):
+                nn.init.ones_(p) if "_weight_" in name else nn.init.zeros_(p)
+
+    def _cell(self, name: str):
+        g_w, g_b = getattr(self, f"ln_gates_weight_{name}"), getattr(self, f"ln_gates_bias_{name}")
+        c_w, c_b = getattr(self, f"ln_cell_weight_{name}"), getattr(self, f"ln_cell_bias_{name}")
+        H, eps, fb = self.hidden_size, self.eps, self.forget_bias
+
+        def update(gates: Tensor, c: Tensor) -> State:
+            g = gates.unflatten(-1, (4, H))  # (B, 4, H): normalise each gate block separately
+            g = nn.functional.layer_norm(g, (H,), eps=eps) * g_w + g_b
+            i, f, gg, o = g.unbind(-2)  # each (B, H)
+            c = torch.sigmoid(f + fb) * c + torch.sigmoid(i) * torch.tanh(gg)
+            c = nn.functional.layer_norm(c, (H,), weight=c_w, bias=c_b, eps=eps)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            return h, c
+
+        return update

@@ -1,0 +1,73 @@
+"""Training reports: a JSON summary and a PNG of train/validation loss over time."""
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, with the core count."""
+    import os
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "") -> None:
+    """Train and validation loss (nats/char) against wall-clock minutes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = [h["time_s"] / 60 for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(t, [h["train_loss"] for h in history], label="train (smoothed)")
+    ax.plot(t, [h["val_loss"] for h in history], label="validation", marker="o", markersize=3)
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("loss (nats/char)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_training_report(ck: Checkpoint, prefix: str | Path, command: str, chars_per_s: float) -> dict:
+    """Writes PREFIX.json and PREFIX.png for a finished training run; returns the summary."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    last = ck.history[-1] if ck.history else {}
+    summary = {
+        "command": command, "machine": cpu_name(), "step": ck.step, "minutes": round(ck.elapsed_s / 60, 2),
+        "final_train_loss": last.get("train_loss"), "final_val_loss": last.get("val_loss"),
+        "best_val_loss": min((h["val_loss"] for h in ck.history), default=None),
+        "chars_per_s": round(chars_per_s), "model": vars(ck.model_config), "train": vars(ck.train_config),
+        "history": ck.history,
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot_history(ck.history, prefix.with_suffix(".png"),
+                 f"char LM {ck.model_config.layers}x{ck.model_config.hidden}: val {last.get('val_loss', 0):.3f} nats/char")
+    return summary
+
+
+def _main(argv: list[str]) -> None:
+    """python -m lstm_export.report CKPT PREFIX COMMAND LOG: report a finished run from its log."""
+    import re
+    from . import checkpoint as ckpt_io
+    ck_path, prefix, command, log = argv
+    rate = re.findall(r"([\d,]+) chars/s; checkpoint", Path(log).read_text())
+    summary = write_training_report(ckpt_io.load(ck_path), prefix, command, float(rate[-1].replace(",", "")))
+    print(f"report: val {summary['final_val_loss']:.4f} nats/char after {summary['minutes']} min, "
+          f"{summary['chars_per_s']:,} chars/s -> {prefix}.json, {prefix}.png")
+
+
+if __name__ == "__main__":
+    import sys
+    _main(sys.argv[1:])

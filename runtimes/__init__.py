@@ -1,0 +1,1 @@
+"""Runtimes: one module per backend behind one small interface."""

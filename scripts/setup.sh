@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv/ in the repo and installs lstm-export for CPU work. Idempotent: a second run only
+# re-checks. torch is pinned to the 2.13.0 CPU build first, so nothing later can pull CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+# CPU torch first: with 2.13.0 installed, later requirements that admit it install nothing more.
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (CPU build)"
+  "${PIP[@]}" "torch==2.13.0"
+fi
+
+echo "setup: installing lstm-export and its CPU dependencies"
+"${PIP[@]}" -e ".[dev]"
+echo "setup: done; try .venv/bin/lstm-export --help"
