@@ -88,8 +88,9 @@ class LSTMCell(nn.Module):
         x = input if batched else input.unsqueeze(0)  # (B, I)
         if hx is None:
             z = x.new_zeros(x.shape[0], self.hidden_size)
-            hx = (z, z)
-        h, c = (s if batched else s.unsqueeze(0) for s in hx)
+            h, c = z, z
+        else:
+            h, c = (s if batched else s.unsqueeze(0) for s in hx)
         gates = x @ self.weight_ih.t() + h @ self.weight_hh.t()  # (B, 4H)
         if self.bias:
             gates = gates + self.bias_ih + self.bias_hh

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 TEXT=${TEXT:-../shared/data/tinyshakespeare.txt}
 OUT=${OUT:-runs/tinyshakespeare}
 [ -f "$TEXT" ] || { echo "bench_train: corpus $TEXT not found; set TEXT=PATH" >&2; exit 2; }
-rm -rf "$OUT"
+rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
 CMD=".venv/bin/lstm-export train --config char-base --text $TEXT --out $OUT"
 $CMD 2>&1 | tee "$OUT.log" | tr '\r' '\n' | grep -v '^train:' || true
 .venv/bin/python -m lstm_export.report "$OUT/ckpt.pt" benchmarks/train_tinyshakespeare "$CMD" "$OUT.log"
