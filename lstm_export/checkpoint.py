@@ -40,6 +40,7 @@ class Checkpoint:
             first = str(e).strip().splitlines()[1:2] or [str(e)]
             raise UserError(f"checkpoint weights do not match its config {asdict(self.model_config)}: "
                             f"{first[0].strip()}; the file was made by another version or edited") from None
+        model.vocab = self.vocab  # carried into exported metadata and samplers
         return model.eval()
 
 

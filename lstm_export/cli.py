@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_sample)
 
+    from .cli_runtime import add_commands
+    add_commands(sub)
+
     p = sub.add_parser("demo", help="the whole pipeline on a small model, in a few minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--minutes", type=float, default=1.0, help="training time (default: %(default)s)")

@@ -1,1 +1,7 @@
-"""Runtimes: one module per backend behind one small interface."""
+"""Runtimes: one module per backend behind one small interface, plus the compare harness.
+
+Heavy libraries (onnxruntime, tvm, openvino) are imported inside their backend only.
+"""
+from .base import REGISTRY, Availability, Runtime, get_runtime, list_runtimes
+
+__all__ = ["REGISTRY", "Availability", "Runtime", "get_runtime", "list_runtimes"]

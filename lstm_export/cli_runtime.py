@@ -1,0 +1,169 @@
+"""CLI commands on the consumer side: export, runtimes, run, compare."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import UserError
+
+MODES = ("unrolled", "native", "streaming")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint's model to ONNX")
+    p.add_argument("checkpoint", help="ckpt.pt or its folder")
+    p.add_argument("--mode", default="native", choices=[*MODES, "all"])
+    p.add_argument("--out", required=True, help="the .onnx file, or a folder with --mode all")
+    p.add_argument("--seq-len", type=int, default=None, help="time steps (required for unrolled)")
+    p.add_argument("--batch-size", type=int, default=None, help="fix the batch axis (default: dynamic)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--initial-state", action="store_true", help="add h_0, c_0 inputs (always on for streaming)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runtimes", help="list runtimes and whether they can run here")
+    p.set_defaults(func=cmd_runtimes)
+
+    p = sub.add_parser("run", help="run any ONNX model on one runtime")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("--runtime", default="ort-cpu")
+    p.add_argument("--inputs", default=None, help=".npz keyed by graph input name (default: random inputs)")
+    p.add_argument("--outputs", required=True, help=".npz to write, keyed by graph output name")
+    _add_random_args(p)
+    p.add_argument("--checkpoint", default=None, help="for the torch runtimes: the model's checkpoint")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="run one model on several runtimes and compare every output")
+    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("--runtimes", default=None, help="comma-separated (default: every available ONNX runtime)")
+    p.add_argument("--checkpoint", default=None, help="also run our torch model and torch.nn.LSTM on these weights")
+    p.add_argument("--reference", default=None, help="runtime taken as truth (default: torch with a checkpoint, "
+                                                     "else the first runtime)")
+    p.add_argument("--inputs", default=None, help=".npz of inputs (default: random, see --seed/--dim)")
+    _add_random_args(p)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--tol", action="append", default=[], metavar="OUTPUT=ATOL[:RTOL]", help="per-output tolerance")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    p.add_argument("--plot", default=None, help="write a PNG of error against time step here")
+    p.add_argument("--long", type=int, default=0, metavar="T",
+                   help="also run T steps in float32 against the float64 reference (needs --checkpoint)")
+    p.add_argument("--long-atol", type=float, default=1e-4)
+    p.set_defaults(func=cmd_compare)
+
+
+def _add_random_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a symbolic dimension")
+
+
+def cmd_export(args) -> int:
+    from . import checkpoint as ckpt_io
+    from .export import export_onnx
+    model = ckpt_io.load(args.checkpoint).build_model()
+    modes = MODES if args.mode == "all" else (args.mode,)
+    out = Path(args.out)
+    for mode in modes:
+        path = out / f"model.{mode}.onnx" if args.mode == "all" else out
+        seq_len = args.seq_len or (64 if mode == "unrolled" and args.mode == "all" else None)
+        export_onnx(model, path, mode, seq_len=seq_len, batch_size=args.batch_size, opset=args.opset,
+                    initial_state=args.initial_state)
+        print(f"{mode}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_runtimes(args) -> int:
+    from runtimes import list_runtimes
+    for name, avail in list_runtimes().items():
+        print(f"{name:<16}{'available' if avail else avail.reason}")
+    return 0
+
+
+def _feeds(args, model):
+    from runtimes.model_io import load_feeds, parse_dims, random_feeds
+    if args.inputs:
+        return load_feeds(args.inputs), None
+    return random_feeds(model, args.seed, parse_dims(args.dim)), args.seed
+
+
+def _runtime(name: str, checkpoint):
+    from runtimes.base import get_runtime
+    if name in ("torch", "torch-nn", "numpy-f64"):
+        if not checkpoint:
+            raise UserError(f"runtime {name} runs our model, not an ONNX file: pass --checkpoint CKPT")
+        return get_runtime(name, checkpoint=checkpoint)
+    return get_runtime(name)
+
+
+def cmd_run(args) -> int:
+    import sys
+    from runtimes.model_io import check_feeds, input_specs, load_onnx, save_outputs
+    model = load_onnx(args.model)
+    feeds, _ = _feeds(args, model)
+    for w in check_feeds(input_specs(model), feeds):
+        print(f"warning: {w}", file=sys.stderr)
+    with _runtime(args.runtime, args.checkpoint) as rt:
+        rt.prepare(args.model)
+        outputs = rt.run(feeds)
+    save_outputs(args.outputs, outputs)
+    print(f"{args.runtime}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items()) + f" -> {args.outputs}")
+    return 0
+
+
+def _parse_tols(items: list[str]) -> dict[str, tuple[float, float]]:
+    tols = {}
+    for item in items:
+        name, sep, vals = item.partition("=")
+        try:
+            a, _, r = vals.partition(":")
+            tols[name] = (float(a), float(r) if r else 1e-4)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise UserError(f"--tol expects OUTPUT=ATOL[:RTOL], got {item!r}")
+    return tols
+
+
+def cmd_compare(args) -> int:
+    from runtimes.base import ONNX_RUNTIMES, list_runtimes
+    from runtimes.compare import compare, plot_errors
+    from runtimes.model_io import load_onnx, random_feeds
+    model = load_onnx(args.model)
+    if args.runtimes:
+        names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    else:
+        avail = list_runtimes()
+        names = [n for n in ONNX_RUNTIMES if avail[n]]
+    if args.checkpoint:
+        from . import checkpoint as ckpt_io
+        lstm_kind = ckpt_io.load(args.checkpoint).model_config.cell
+        extra = ["torch"] + (["torch-nn"] if lstm_kind == "lstm" else [])
+        names = [n for n in extra if n not in names] + names
+    reference = args.reference or names[0]
+    if reference not in names:
+        names.insert(0, reference)
+    rts = {n: _runtime(n, args.checkpoint) for n in names}
+    feeds, seed = _feeds(args, model)
+    report = compare(args.model, [rts[n] for n in names], feeds, reference=rts[reference], atol=args.atol,
+                     rtol=args.rtol, tolerances=_parse_tols(args.tol), seed=seed)
+    print(report.table())
+    if args.report:
+        report.to_json(args.report)
+    if args.plot:
+        plot_errors(report, args.plot)
+    ok = report.passed
+    if args.long:
+        if not args.checkpoint:
+            raise UserError("--long compares against the float64 reference, which needs --checkpoint")
+        if not any(d == "time" for s in model.graph.input for d in [x.dim_param for x in s.type.tensor_type.shape.dim]):
+            raise UserError("--long needs a model with a dynamic time axis; export with --mode native or streaming")
+        dims = {"time": args.long, "batch": 1}
+        long_feeds = random_feeds(model, seed or 0, dims)
+        onnx_names = [n for n in names if n not in ("torch-nn",)]
+        long_rep = compare(args.model, [_runtime("numpy-f64", args.checkpoint)] + [rts[n] for n in onnx_names],
+                           long_feeds, atol=args.long_atol, rtol=0.0, seed=seed)
+        print(f"\nlong-sequence fidelity: float32 over T={args.long} against the float64 reference")
+        print(long_rep.table())
+        if args.report:
+            long_rep.to_json(Path(args.report).with_suffix(".long.json"))
+        ok = ok and long_rep.passed
+    return 0 if ok else 1

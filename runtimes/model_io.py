@@ -1,0 +1,171 @@
+"""ONNX files and feeds: loading with clear errors, input specs, feed checks and random inputs."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lstm_export.errors import UserError
+
+_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, numpy dtype, and dims (int, or str for a symbolic dim)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    def describe(self) -> str:
+        return f"{self.name}: {np.dtype(self.dtype).name}[{', '.join(map(str, self.shape))}]"
+
+
+def load_onnx(path: str | Path):
+    """Reads and checks an ONNX file; a missing, non-ONNX or truncated file raises UserError."""
+    import onnx
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model {path} does not exist; export one with `lstm-export export`")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a valid ONNX model ({msg}); re-export it or check the file") from None
+    return model
+
+
+def _specs(values, initializers=()) -> list[TensorSpec]:
+    skip = set(initializers)
+    out = []
+    for v in values:
+        if v.name in skip:
+            continue
+        tt = v.type.tensor_type
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        out.append(TensorSpec(v.name, np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32)), dims))
+    return out
+
+
+def input_specs(model) -> list[TensorSpec]:
+    return _specs(model.graph.input, [i.name for i in model.graph.initializer])
+
+
+def output_specs(model) -> list[TensorSpec]:
+    return _specs(model.graph.output)
+
+
+def metadata(model) -> dict:
+    """metadata_props as a dict; lstm_export.config parsed from JSON when present."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "lstm_export.config" in meta:
+        meta["lstm_export.config"] = json.loads(meta["lstm_export.config"])
+    return meta
+
+
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> list[str]:
+    """Validates feeds against the graph inputs; raises UserError naming the first problem.
+
+    Returns warnings (NaN or Inf values), which are reported, not fatal.
+    """
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise UserError(f"inputs missing: {', '.join(missing)}; the model expects "
+                        + "; ".join(s.describe() for s in specs))
+    extra = [n for n in feeds if n not in names]
+    if extra:
+        raise UserError(f"unexpected inputs: {', '.join(extra)}; the model's inputs are {', '.join(names)}")
+    bound: dict[str, tuple[int, str]] = {}
+    warnings = []
+    for s in specs:
+        a = feeds[s.name]
+        if a.dtype != s.dtype:
+            raise UserError(f"input {s.name} has dtype {a.dtype}, expected {np.dtype(s.dtype).name}")
+        if a.ndim != len(s.shape):
+            raise UserError(f"input {s.name} has rank {a.ndim} (shape {list(a.shape)}), expected rank "
+                            f"{len(s.shape)} {list(s.shape)}")
+        for axis, (got, want) in enumerate(zip(a.shape, s.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise UserError(f"input {s.name} has dimension {axis} = {got}, expected {want} (shape {list(s.shape)})")
+            if isinstance(want, str) and want != "?":
+                if want in bound and bound[want][0] != got:
+                    raise UserError(f"dimension {want!r} is {bound[want][0]} in {bound[want][1]} but {got} in {s.name}")
+                bound.setdefault(want, (got, s.name))
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            warnings.append(f"input {s.name} holds {int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} Inf values")
+    return warnings
+
+
+def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"inputs file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"{path} is not a readable .npz file ({type(e).__name__}); write it with numpy.savez") from None
+
+
+def save_outputs(path: str | Path, outputs: dict[str, np.ndarray]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **outputs)
+    tmp.replace(path)
+
+
+def parse_dims(items: list[str] | None) -> dict[str, int]:
+    """--dim name=value pairs."""
+    dims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--dim expects name=positive_int, got {item!r}")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def _index_bound(model, name: str) -> int | None:
+    """If `name` feeds a Gather's indices over a constant table, the table's size on that axis."""
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in inits:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            return int(inits[node.input[0]].dims[axis])
+    return None
+
+
+def random_feeds(model, seed: int = 0, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of the declared shapes: normal floats, valid indices, lengths in [1, time]."""
+    dims = dict(dims or {})
+    rng = np.random.default_rng(seed)
+    specs = input_specs(model)
+    defaults = {"batch": 2, "time": 8}
+    feeds = {}
+    for s in specs:
+        shape = []
+        for d in s.shape:
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif d in dims:
+                shape.append(dims[d])
+            elif d in defaults:
+                shape.append(dims.setdefault(d, defaults[d]))
+            else:
+                raise UserError(f"input {s.name} has symbolic dimension {d!r}; give it a size with --dim {d}=N")
+        if np.issubdtype(s.dtype, np.floating):
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.name in ("lengths", "sequence_lens"):
+            t_max = dims.get("time") or max((x for sp in specs for x in sp.shape if isinstance(x, int)), default=1)
+            feeds[s.name] = rng.integers(1, t_max + 1, size=shape).astype(s.dtype)
+        else:
+            high = _index_bound(model, s.name) or 2
+            feeds[s.name] = rng.integers(0, high, size=shape).astype(s.dtype)
+    return feeds

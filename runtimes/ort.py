@@ -1,0 +1,134 @@
+"""ONNX Runtime backends: ort-cpu and ort-cuda (which proves where each node ran)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lstm_export.errors import UserError
+
+from .base import Availability, Runtime
+from .model_io import input_specs, load_onnx
+
+
+def node_placements(profile_json: str | Path) -> dict[str, tuple[str, str]]:
+    """Parses an ORT profile: node name -> (op type, execution provider it actually ran on)."""
+    events = json.loads(Path(profile_json).read_text())
+    out = {}
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and "provider" in args:
+            out[ev["name"].removesuffix("_kernel_time").removesuffix("_fence_before").removesuffix("_fence_after")] = \
+                (args.get("op_name", "?"), args["provider"])
+    return out
+
+
+def check_on_cuda(placements: dict[str, tuple[str, str]], ops: tuple[str, ...] = ("LSTM",)) -> None:
+    """Refuses to call a run 'CUDA' when any of `ops` ran on another provider."""
+    fell_back = sorted(f"{n} ({op} on {prov})" for n, (op, prov) in placements.items()
+                       if op in ops and prov != "CUDAExecutionProvider")
+    if fell_back:
+        raise UserError(f"ort-cuda: {len(fell_back)} node(s) fell back from CUDA: {', '.join(fell_back)}; "
+                        "this is not a CUDA run (check onnxruntime-gpu's support for the op and dtype)")
+
+
+class OrtCpuRuntime(Runtime):
+    """ONNX Runtime on the CPU execution provider."""
+
+    name = "ort-cpu"
+    providers = ["CPUExecutionProvider"]
+
+    def __init__(self, threads: int | None = None, optimize: bool = True):
+        self.threads, self.optimize = threads, optimize
+        self.session = None
+        self.placements: dict[str, tuple[str, str]] = {}
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import onnxruntime
+        except ImportError:
+            return Availability(False, "onnxruntime is not installed (pip install onnxruntime)")
+        missing = [p for p in cls.providers if p not in onnxruntime.get_available_providers()]
+        if missing:
+            return Availability(False, f"onnxruntime {onnxruntime.__version__} has no {missing[0]}")
+        return Availability(True)
+
+    def _options(self, profile_prefix: str | None = None):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        if not self.optimize:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        return so
+
+    def prepare(self, model) -> None:
+        import onnxruntime as ort
+        proto = load_onnx(model)  # clear errors for missing, truncated and non-ONNX files
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
+        except Exception as e:
+            raise UserError(f"{self.name} cannot load {model}: {str(e).strip().splitlines()[0][:200]}") from None
+        self._proto, self._specs = proto, input_specs(proto)
+
+    def profile_placements(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
+        """Runs once with profiling on and returns node -> (op, provider) as actually executed."""
+        import onnxruntime as ort
+        with tempfile.TemporaryDirectory() as d:
+            sess = ort.InferenceSession(self._proto.SerializeToString(),
+                                        self._options(os.path.join(d, "ort")), providers=self.providers)
+            sess.run(None, feeds)
+            self.placements = node_placements(sess.end_profiling())
+        return self.placements
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise RuntimeError(f"{self.name}: call prepare() first")
+        try:
+            outs = self.session.run(None, feeds)
+        except Exception as e:
+            raise UserError(f"{self.name} failed to run: {str(e).strip().splitlines()[0][:200]}") from None
+        return {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
+
+    def release(self) -> None:
+        self.session = None
+
+
+class OrtCudaRuntime(OrtCpuRuntime):
+    """ONNX Runtime on CUDA; `prepare` proves the LSTM nodes run on the CUDA provider."""
+
+    name = "ort-cuda"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    @classmethod
+    def availability(cls) -> Availability:
+        try:
+            import onnxruntime
+        except ImportError:
+            return Availability(False, "onnxruntime is not installed (pip install 'lstm-export[gpu]')")
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return Availability(False, f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
+                                       "(install the gpu extra: pip install 'lstm-export[gpu]')")
+        if not _cuda_device_present():
+            return Availability(False, "no CUDA device")
+        return Availability(True)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.placements:
+            check_on_cuda(self.profile_placements(feeds))
+        return super().run(feeds)
+
+
+def _cuda_device_present() -> bool:
+    if Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists():
+        return True
+    return bool(os.environ.get("CUDA_VISIBLE_DEVICES")) and Path("/dev/nvidia0").exists()
