@@ -20,6 +20,14 @@ def add_commands(sub) -> None:
     p.add_argument("--initial-state", action="store_true", help="add h_0, c_0 inputs (always on for streaming)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("compile", help="compile an ONNX model with TVM to DIR/model.so + DIR/meta.json")
+    p.add_argument("model", help="MODEL.onnx (native LSTM op or unrolled graph)")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    p.add_argument("--arch", default="sm_90", help="CUDA architecture (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="cores the llvm target uses (default: all)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("runtimes", help="list runtimes and whether they can run here")
     p.set_defaults(func=cmd_runtimes)
 
@@ -59,8 +67,12 @@ def _add_random_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args) -> int:
     from . import checkpoint as ckpt_io
     from .export import export_onnx
-    model = ckpt_io.load(args.checkpoint).build_model()
+    ck = ckpt_io.load(args.checkpoint)
+    model = ck.build_model()
     modes = MODES if args.mode == "all" else (args.mode,)
+    if args.mode == "all" and ck.model_config.cell == "layernorm":
+        print("note: a LayerNorm LSTM has no native ONNX op; exporting the unrolled graph only")
+        modes = ("unrolled",)
     out = Path(args.out)
     for mode in modes:
         path = out / f"model.{mode}.onnx" if args.mode == "all" else out
@@ -68,6 +80,19 @@ def cmd_export(args) -> int:
         export_onnx(model, path, mode, seq_len=seq_len, batch_size=args.batch_size, opset=args.opset,
                     initial_state=args.initial_state)
         print(f"{mode}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import json
+    try:
+        from runtimes.tvm_lstm.compile import compile_onnx
+    except ImportError as e:
+        raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
+    lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads)
+    meta = json.loads((lib.parent / "meta.json").read_text())
+    print(f"{args.target}: {lib} ({lib.stat().st_size / 1e6:.2f} MB) in {meta['compile_s']:.1f} s; "
+          f"main({', '.join(i['name'] for i in meta['inputs'])}) -> {', '.join(o['name'] for o in meta['outputs'])}")
     return 0
 
 

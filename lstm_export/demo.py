@@ -8,6 +8,7 @@ from pathlib import Path
 from . import checkpoint as ckpt_io
 from .config import ModelConfig, TrainConfig, load_preset
 from .data import default_corpus
+from .export import export_onnx
 from .train import sample, train
 
 
@@ -16,7 +17,10 @@ def _step(title: str) -> None:
 
 
 def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
-    """Trains the char-tiny model on this Python's stdlib sources, then samples from it."""
+    """Trains the char-tiny model on this Python's stdlib sources, samples, exports, compares runtimes."""
+    from runtimes.base import ONNX_RUNTIMES, get_runtime, list_runtimes
+    from runtimes.compare import compare
+    from runtimes.model_io import load_onnx, random_feeds
     if out.exists():
         shutil.rmtree(out)
     preset = load_preset("char-tiny")
@@ -30,5 +34,22 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
 
     _step("sample: 300 characters at temperature 0.7")
     ck = ckpt_io.load(out / "ckpt.pt")
-    print(sample(ck.build_model(), ck.vocab, "def ", 300, 0.7, seed=0))
-    return 0
+    model = ck.build_model()
+    print(sample(model, ck.vocab, "def ", 300, 0.7, seed=0))
+
+    _step("export: unrolled (T=64), native and streaming ONNX graphs")
+    paths = {}
+    for mode in ("unrolled", "native", "streaming"):
+        paths[mode] = export_onnx(model, out / f"model.{mode}.onnx", mode, seq_len=64 if mode == "unrolled" else None)
+        print(f"{mode:<10} {paths[mode]} ({paths[mode].stat().st_size / 1e6:.2f} MB)")
+
+    _step("compare: every available runtime against our torch model, same inputs")
+    names = [n for n, a in list_runtimes().items() if a and n in ONNX_RUNTIMES]
+    ok = True
+    for mode, path in paths.items():
+        feeds = random_feeds(load_onnx(path), seed=0, dims={"batch": 4, "time": 64})
+        rts = [get_runtime("torch", model=model), get_runtime("torch-nn", model=model)] + [get_runtime(n) for n in names]
+        report = compare(path, rts, feeds, atol=1e-4, rtol=1e-4, seed=0)
+        print(f"\n[{mode}]\n{report.table()}")
+        ok = ok and report.passed
+    return 0 if ok else 1

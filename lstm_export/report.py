@@ -20,8 +20,8 @@ def cpu_name() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def plot_history(history: list[dict], path: str | Path, title: str = "") -> None:
-    """Train and validation loss (nats/char) against wall-clock minutes."""
+def plot_history(history: list[dict], path: str | Path, title: str = "", target: float | None = None) -> None:
+    """Train and validation loss (nats/char) against wall-clock minutes, with an optional goal line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -29,6 +29,8 @@ def plot_history(history: list[dict], path: str | Path, title: str = "") -> None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     ax.plot(t, [h["train_loss"] for h in history], label="train (smoothed)")
     ax.plot(t, [h["val_loss"] for h in history], label="validation", marker="o", markersize=3)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"goal {target:.2f}")
     ax.set_xlabel("minutes")
     ax.set_ylabel("loss (nats/char)")
     ax.set_title(title)
@@ -53,7 +55,8 @@ def write_training_report(ck: Checkpoint, prefix: str | Path, command: str, char
     }
     prefix.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_history(ck.history, prefix.with_suffix(".png"),
-                 f"char LM {ck.model_config.layers}x{ck.model_config.hidden}: val {last.get('val_loss', 0):.3f} nats/char")
+                 f"char LM {ck.model_config.layers}x{ck.model_config.hidden}: val {last.get('val_loss', 0):.3f} nats/char",
+                 target=1.60)
     return summary
 
 

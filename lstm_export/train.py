@@ -169,8 +169,12 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
     elapsed = elapsed0
     train_loss = val_loss = float("nan")
     chars_done, interrupted = 0, False
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and dist_.main), unit="step",
-               dynamic_ncols=True, desc="train")
+    # With a time budget the bar counts seconds (the step budget is then only a ceiling).
+    timed = cfg.minutes > 0
+    bar = tqdm(total=round(cfg.minutes * 60) if timed else cfg.steps, initial=round(elapsed0) if timed else step,
+               disable=not (progress and dist_.main), unit="s" if timed else "step", dynamic_ncols=True,
+               desc="train", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}{unit} [{elapsed}<{remaining}{postfix}]"
+               if timed else None)
     model.train()
     with _StopFlag() as stop:
         while step < cfg.steps:
@@ -204,8 +208,9 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
             if save_all_ranks and last:
                 torch.save(model.state_dict(), out / f"weights-rank{dist_.rank}.pt")
             rate = chars_done / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", chars_s=f"{rate:,.0f}", refresh=False)
+            bar.update(min(elapsed, cfg.minutes * 60) - bar.n if timed else 1)
+            bar.set_postfix(step=step, loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", chars_s=f"{rate:,.0f}",
+                            refresh=False)
             if stop_now:
                 interrupted = True
                 break

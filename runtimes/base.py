@@ -62,8 +62,10 @@ REGISTRY: dict[str, str] = {
     "onnx-reference": "runtimes.onnx_reference:ReferenceRuntime",
     "ort-cpu": "runtimes.ort:OrtCpuRuntime",
     "ort-cuda": "runtimes.ort:OrtCudaRuntime",
+    "tvm-llvm": "runtimes.tvm_runtime:TvmLlvmRuntime",
+    "tvm-cuda": "runtimes.tvm_runtime:TvmCudaRuntime",
 }
-ONNX_RUNTIMES = ("onnx-reference", "ort-cpu", "ort-cuda")  # run any ONNX file (torch* need a checkpoint)
+ONNX_RUNTIMES = ("onnx-reference", "ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda")  # run any ONNX file (torch* need a checkpoint)
 
 
 def runtime_class(name: str) -> type[Runtime]:

@@ -26,6 +26,10 @@ class ReferenceRuntime(Runtime):
     def prepare(self, model) -> None:
         from onnx.reference import ReferenceEvaluator
         proto = load_onnx(model)
+        for node in proto.graph.node:  # its RNN kernels ignore sequence_lens: refuse rather than be wrong
+            if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 4 and node.input[4]:
+                raise UserError(f"onnx-reference ignores {node.op_type} sequence_lens (node {node.name!r}) and would "
+                                "return wrong numbers; run variable-length models on ort-cpu or torch")
         try:
             self.evaluator = ReferenceEvaluator(proto)
         except Exception as e:

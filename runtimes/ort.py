@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -12,6 +13,14 @@ from lstm_export.errors import UserError
 
 from .base import Availability, Runtime
 from .model_io import input_specs, load_onnx
+
+
+def ort_message(e: Exception) -> str:
+    """ORT's error text without its '[ONNXRuntimeError] : 1 : FAIL :' prefix and C++ source location."""
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    s = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", s)
+    s = re.sub(r"^/onnxruntime_src/\S+ [^(]*\(.*?\) (?=[A-Z])", "", s)
+    return s[:300]
 
 
 def node_placements(profile_json: str | Path) -> dict[str, tuple[str, str]]:
@@ -77,7 +86,7 @@ class OrtCpuRuntime(Runtime):
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
         except Exception as e:
-            raise UserError(f"{self.name} cannot load {model}: {str(e).strip().splitlines()[0][:200]}") from None
+            raise UserError(f"{self.name} cannot load {model}: {ort_message(e)}") from None
         self._proto, self._specs = proto, input_specs(proto)
 
     def profile_placements(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
@@ -96,7 +105,7 @@ class OrtCpuRuntime(Runtime):
         try:
             outs = self.session.run(None, feeds)
         except Exception as e:
-            raise UserError(f"{self.name} failed to run: {str(e).strip().splitlines()[0][:200]}") from None
+            raise UserError(f"{self.name} failed to run: {ort_message(e)}") from None
         return {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
 
     def release(self) -> None:

@@ -1,0 +1,189 @@
+"""A Relax converter for the ONNX LSTM operator (the whole spec, opset 7 on), and the import path
+that registers it with TVM's ONNX frontend without editing TVM's files.
+
+Follows the frontend's pattern: a class with `_impl_vN` class methods chosen by opset, called
+with (bb, inputs, attr, params); inputs absent from the node arrive as None.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from lstm_export.errors import UserError
+
+from .recurrence import SUPPORTED_ACTIVATIONS, CellSpec, make_recurrence
+
+DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
+KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
+               "clip", "input_forget", "tvm_custom"}
+
+
+def _static_shape(expr) -> list:
+    """Dims as ints where known, None where symbolic."""
+    shape = expr.ty.shape
+    if shape is None:
+        return []
+    return [int(d) if isinstance(d, (int,)) or hasattr(d, "value") else None for d in shape.values]
+
+
+def _direction(x, d: int):
+    """x[d] for a constant d, as slice + squeeze (take with a constant index warns on every call)."""
+    return relax.op.squeeze(relax.op.strided_slice(x, axes=[0], begin=[d], end=[d + 1]), [0])
+
+
+def _decode(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _cell_specs(attr: dict, hidden: int, num_dirs: int, node: str, has_lens: bool) -> list[CellSpec]:
+    """One CellSpec per direction from activations / alpha / beta / clip / input_forget."""
+    acts = [_decode(a) for a in attr.get("activations", ())] or list(DEFAULT_ACTIVATIONS) * num_dirs
+    if len(acts) != 3 * num_dirs:
+        raise UserError(f"LSTM node {node!r}: activations lists {len(acts)} functions, expected {3 * num_dirs} "
+                        f"(f, g, h per direction)")
+    for a in acts:
+        if a.lower() not in {s.lower() for s in SUPPORTED_ACTIVATIONS}:
+            raise UserError(f"LSTM node {node!r}: activation {a!r} is not an ONNX RNN activation; "
+                            f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
+    alphas, betas = list(attr.get("activation_alpha", ())), list(attr.get("activation_beta", ()))
+    # alpha/beta are consumed in order by the activations that take them, as ONNX Runtime does.
+    takes_alpha = {"affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu"}
+    takes_beta = {"affine", "scaledtanh", "hardsigmoid"}
+    triples = []
+    for a in acts:
+        alpha = alphas.pop(0) if a.lower() in takes_alpha and alphas else None
+        beta = betas.pop(0) if a.lower() in takes_beta and betas else None
+        triples.append((a, alpha, beta))
+    clip = attr.get("clip")
+    direction = _decode(attr.get("direction", "forward"))
+    specs = []
+    for d in range(num_dirs):
+        f, g, h = triples[3 * d:3 * d + 3]
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        specs.append(CellSpec(hidden, f, g, h, float(clip) if clip is not None else None,
+                              bool(attr.get("input_forget", 0)), reverse, has_lens))
+    return specs
+
+
+class LSTM(onnx_frontend.OnnxOpConverter):
+    """ONNX LSTM -> one GEMM for every step's input projection, then a TIR time loop per direction."""
+
+    cuda = False  # emit the persistent CUDA kernel instead of the CPU loop
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return convert_lstm(bb, inputs, attr, cls.cuda)
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return convert_lstm(bb, inputs, attr, cls.cuda)
+
+
+def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False):
+    node = attr.get("tvm_custom", {}).get("name", "LSTM")
+    unknown = set(attr) - KNOWN_ATTRS
+    if unknown:
+        raise UserError(f"LSTM node {node!r}: unsupported attribute(s) {sorted(unknown)}")
+    inputs = list(inputs) + [None] * (8 - len(inputs))
+    X, W, R, B, seq_lens, h0, c0, P = inputs[:8]
+    if X is None or W is None or R is None:
+        raise UserError(f"LSTM node {node!r}: inputs X, W and R are required")
+    direction = _decode(attr.get("direction", "forward"))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise UserError(f"LSTM node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
+    D = 2 if direction == "bidirectional" else 1
+    layout = int(attr.get("layout", 0))
+    if layout not in (0, 1):
+        raise UserError(f"LSTM node {node!r}: layout {layout} must be 0 or 1")
+
+    w_shape, r_shape = _static_shape(W), _static_shape(R)
+    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
+    if hidden is None:
+        raise UserError(f"LSTM node {node!r}: hidden_size is missing and R's shape is unknown")
+    H = int(hidden)
+    x_shape = _static_shape(X)
+    if layout == 1:
+        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
+        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
+    if len(x_shape) != 3:
+        raise UserError(f"LSTM node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    I = x_shape[2]
+    if len(w_shape) != 3 or w_shape[0] not in (D, None) or w_shape[1] not in (4 * H, None) or w_shape[2] not in (I, None):
+        raise UserError(f"LSTM node {node!r}: W has shape {w_shape}, expected [num_directions={D}, 4*hidden_size="
+                        f"{4 * H}, input_size={I}]")
+    if len(r_shape) != 3 or r_shape[0] not in (D, None) or r_shape[1] not in (4 * H, None) or r_shape[2] not in (H, None):
+        raise UserError(f"LSTM node {node!r}: R has shape {r_shape}, expected [{D}, {4 * H}, {H}] "
+                        f"(hidden_size={H} disagrees with R)" if len(r_shape) == 3 and r_shape[2] != H else
+                        f"LSTM node {node!r}: R has shape {r_shape}, expected [{D}, {4 * H}, {H}]")
+    if B is not None and _static_shape(B) not in ([D, 8 * H], [None, 8 * H], [D, None], [None, None]):
+        raise UserError(f"LSTM node {node!r}: B has shape {_static_shape(B)}, expected [{D}, {8 * H}]")
+    if P is not None and _static_shape(P) not in ([D, 3 * H], [None, 3 * H]):
+        raise UserError(f"LSTM node {node!r}: P has shape {_static_shape(P)}, expected [{D}, {3 * H}]")
+
+    specs = _cell_specs(attr, H, D, node, seq_lens is not None)
+    shape = X.ty.shape.values  # (T, B, I) symbolic or static
+    n_t, n_b = shape[0], shape[1]
+    if h0 is not None and layout == 1:
+        h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
+    if c0 is not None and layout == 1:
+        c0 = bb.emit(relax.op.permute_dims(c0, [1, 0, 2]))
+    zeros_state = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None or c0 is None else None
+    # Without sequence_lens every sequence runs all T steps; the loop ignores the (zero) lens tensor.
+    lens = (bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None
+            else bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32")))
+
+    ys, hs, cs = [], [], []
+    for d, spec in enumerate(specs):
+        w_d = bb.emit(_direction(W, d))  # (4H, I)
+        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(w_d, [1, 0])))  # (T, B, 4H): all steps, one GEMM
+        if B is not None:
+            b_d = bb.emit(_direction(B, d))  # (8H,) = [Wb; Rb]
+            wb, rb = relax.op.split(b_d, 2, axis=0)[0], relax.op.split(b_d, 2, axis=0)[1]
+            xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
+        r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, 4H)
+        p_d = (bb.emit(_direction(P, d)) if P is not None
+               else relax.const(np.zeros(3 * H, np.float32)))
+        h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros_state
+        c_d = bb.emit(_direction(c0, d)) if c0 is not None else zeros_state
+        if cuda:
+            from .cuda import make_cuda_recurrence
+            func = make_cuda_recurrence(spec)
+        else:
+            func = make_recurrence(spec)
+        gvar = bb.add_func(func, f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
+        out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, h_d, c_d, lens],
+                                     [relax.TensorType([n_t, n_b, H], "float32"),
+                                      relax.TensorType([n_b, H], "float32"),
+                                      relax.TensorType([n_b, H], "float32")]))
+        ys.append(bb.emit(relax.TupleGetItem(out, 0)))
+        hs.append(bb.emit(relax.TupleGetItem(out, 1)))
+        cs.append(bb.emit(relax.TupleGetItem(out, 2)))
+    Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
+    Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
+    Y_c = bb.emit(relax.op.stack(cs, axis=0))
+    if layout == 1:
+        Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
+        Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
+        Y_c = bb.emit(relax.op.permute_dims(Y_c, [1, 0, 2]))
+    return relax.Tuple([Y, Y_h, Y_c])
+
+
+@contextlib.contextmanager
+def lstm_registered(cuda: bool = False):
+    """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched)."""
+    original = onnx_frontend._get_convert_map
+    converter = type("LSTM", (LSTM,), {"cuda": cuda})
+
+    def with_lstm():
+        table = dict(original())
+        table["LSTM"] = converter
+        return table
+
+    onnx_frontend._get_convert_map = with_lstm
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original

@@ -1,0 +1,172 @@
+"""The LSTM time loop as one TIR PrimFunc: symbolic T and B, a serial loop over time.
+
+ONNX semantics (spec names): gates in order i, o, f, c; activations f, g, h applied as
+  it = f(Xt*Wi + Ht-1*Ri + Pi (.) Ct-1 + Wbi + Rbi)
+  ft = f(Xt*Wf + Ht-1*Rf + Pf (.) Ct-1 + Wbf + Rbf)      (ft = 1 - it when input_forget)
+  ct = g(Xt*Wc + Ht-1*Rc + Wbc + Rbc)
+  Ct = ft (.) Ct-1 + it (.) ct
+  ot = f(Xt*Wo + Ht-1*Ro + Po (.) Ct + Wbo + Rbo)
+  Ht = ot (.) h(Ct)
+`clip` bounds every pre-activation to [-clip, clip]. The input projection X*W^T + Wb + Rb for
+all steps arrives precomputed (one GEMM in Relax), so the loop only does H*R^T and the gates.
+With sequence_lens, steps t >= len[b] emit zeros and keep the state; the reverse direction
+starts each sequence at its own last valid step, as ONNX Runtime does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+
+def activation(name: str, alpha: float | None, beta: float | None):
+    """The ONNX RNN activation `name` as a PrimExpr -> PrimExpr function (defaults from the spec)."""
+    key = name.lower()
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    one, zero = f32(1.0), f32(0.0)
+    if key == "sigmoid":
+        return lambda x: tirx.sigmoid(x)
+    if key == "tanh":
+        return lambda x: tirx.tanh(x)
+    if key == "relu":
+        return lambda x: tirx.max(x, zero)
+    if key == "affine":
+        a, b = f32(alpha if alpha is not None else 1.0), f32(beta if beta is not None else 0.0)
+        return lambda x: a * x + b
+    if key == "leakyrelu":
+        a = f32(alpha if alpha is not None else 0.01)
+        return lambda x: tirx.Select(x >= zero, x, a * x)
+    if key == "thresholdedrelu":
+        a = f32(alpha if alpha is not None else 1.0)
+        return lambda x: tirx.Select(x > a, x, zero)
+    if key == "scaledtanh":
+        a, b = f32(alpha if alpha is not None else 1.0), f32(beta if beta is not None else 1.0)
+        return lambda x: a * tirx.tanh(b * x)
+    if key == "hardsigmoid":
+        a, b = f32(alpha if alpha is not None else 0.2), f32(beta if beta is not None else 0.5)
+        return lambda x: tirx.max(zero, tirx.min(one, a * x + b))
+    if key == "elu":
+        a = f32(alpha if alpha is not None else 1.0)
+        return lambda x: tirx.Select(x >= zero, x, a * (tirx.exp(x) - one))
+    if key == "softsign":
+        return lambda x: x / (one + tirx.abs(x))
+    if key == "softplus":
+        return lambda x: tirx.log(one + tirx.exp(x))
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+SUPPORTED_ACTIVATIONS = ("Sigmoid", "Tanh", "Relu", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh",
+                         "HardSigmoid", "Elu", "Softsign", "Softplus")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """What one direction's loop computes; each distinct spec is one PrimFunc."""
+
+    hidden: int
+    f: tuple  # (name, alpha, beta)
+    g: tuple
+    h: tuple
+    clip: float | None = None
+    input_forget: bool = False
+    reverse: bool = False
+    has_lens: bool = False  # else every sequence runs all T steps
+
+
+class GateMath:
+    """The per-unit LSTM update on PrimExprs, shared by the CPU and the CUDA loops."""
+
+    def __init__(self, spec: CellSpec):
+        self.spec = spec
+        self.f, self.g, self.h = (activation(*a) for a in (spec.f, spec.g, spec.h))
+
+    def clip(self, x):
+        c = self.spec.clip
+        if c is None:
+            return x
+        return tirx.max(tirx.min(x, tirx.const(c, "float32")), tirx.const(-c, "float32"))
+
+    def seq_len(self, lens_b, n_t):
+        """Steps sequence b runs: its length with sequence_lens, else all T."""
+        return tirx.Cast("int64", lens_b) if self.spec.has_lens else n_t
+
+    def step_index(self, t, length):
+        """The time index iteration t handles: reverse starts at the sequence's own last valid step."""
+        return length - 1 - t if self.spec.reverse else t
+
+    def cell(self, xi, xo, xf, xc, ri, ro, rf, rc, pi, po, pf, c_prev):
+        """Gate inputs x* (projection), r* (recurrent), p* (peepholes) in ONNX order; returns (h, c)."""
+        it = self.f(self.clip(xi + ri + pi * c_prev))
+        if self.spec.input_forget:
+            ft = tirx.const(1.0, "float32") - it
+        else:
+            ft = self.f(self.clip(xf + rf + pf * c_prev))
+        c_new = ft * c_prev + it * self.g(self.clip(xc + rc))
+        ot = self.f(self.clip(xo + ro + po * c_new))
+        return ot * self.h(c_new), c_new
+
+
+def make_recurrence(spec: CellSpec):
+    """PrimFunc(xw (T,B,4H), r_t (H,4H), p (3H), h0 (B,H), c0 (B,H), lens (B,) int32) -> y (T,B,H), h (B,H), c (B,H).
+
+    xw holds X*W^T + Wb + Rb in ONNX gate order i, o, f, c; r_t is R transposed; p the peepholes.
+    """
+    H = spec.hidden
+    m = GateMath(spec)
+
+    @T.prim_func(private=True, s_tir=True)
+    def lstm_recurrence(var_xw: T.handle, var_rt: T.handle, var_p: T.handle, var_h0: T.handle, var_c0: T.handle,
+                        var_lens: T.handle, var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
+        T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+        n_t = T.int64()
+        n_b = T.int64()
+        xw = T.match_buffer(var_xw, (n_t, n_b, 4 * H), "float32")
+        rt = T.match_buffer(var_rt, (H, 4 * H), "float32")
+        p = T.match_buffer(var_p, (3 * H,), "float32")
+        h0 = T.match_buffer(var_h0, (n_b, H), "float32")
+        c0 = T.match_buffer(var_c0, (n_b, H), "float32")
+        lens = T.match_buffer(var_lens, (n_b,), "int32")
+        y = T.match_buffer(var_y, (n_t, n_b, H), "float32")
+        hn = T.match_buffer(var_hn, (n_b, H), "float32")
+        cn = T.match_buffer(var_cn, (n_b, H), "float32")
+        with T.sblock("root"):
+            T.reads()
+            T.writes()
+            gates = T.sblock_alloc_buffer((n_b, 4 * H), "float32")
+            for b0, j0 in T.grid(n_b, H):
+                with T.sblock("init"):
+                    vb, vj = T.axis.remap("SS", [b0, j0])
+                    hn[vb, vj] = h0[vb, vj]
+                    cn[vb, vj] = c0[vb, vj]
+            for t in T.serial(n_t):
+                for b1, j1, k in T.grid(n_b, 4 * H, H):
+                    with T.sblock("recurrent"):
+                        vb, vj, vk = T.axis.remap("SSR", [b1, j1, k])
+                        with T.init():
+                            gates[vb, vj] = T.float32(0)
+                        gates[vb, vj] = gates[vb, vj] + hn[vb, vk] * rt[vk, vj]
+                for b2, j2 in T.grid(n_b, H):
+                    with T.sblock("cell"):
+                        vb, vj = T.axis.remap("SS", [b2, j2])
+                        vt = T.axis.opaque(n_t, t)  # the time loop is sequential: t is an opaque axis
+                        length = T.meta_var(m.seq_len(lens[vb], n_t))
+                        tc = T.meta_var(T.max(T.min(m.step_index(vt, length), n_t - 1), T.int64(0)))
+                        valid = T.meta_var(vt < length)
+                        h_new, c_new = T.meta_var(m.cell(
+                            xw[tc, vb, vj], xw[tc, vb, H + vj], xw[tc, vb, 2 * H + vj], xw[tc, vb, 3 * H + vj],
+                            gates[vb, vj], gates[vb, H + vj], gates[vb, 2 * H + vj], gates[vb, 3 * H + vj],
+                            p[vj], p[H + vj], p[2 * H + vj], cn[vb, vj]))
+                        if valid:
+                            y[tc, vb, vj] = h_new
+                            hn[vb, vj] = h_new
+                            cn[vb, vj] = c_new
+                for b3, j3 in T.grid(n_b, H):
+                    with T.sblock("pad"):
+                        vb, vj = T.axis.remap("SS", [b3, j3])
+                        vt = T.axis.opaque(n_t, t)
+                        if vt >= m.seq_len(lens[vb], n_t):
+                            y[vt, vb, vj] = T.float32(0)
+
+
+    return lstm_recurrence

@@ -1,0 +1,86 @@
+"""tvm-llvm and tvm-cuda: compile an ONNX model (or load a compiled DIR/model.so) and run it on the Relax VM."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from lstm_export.errors import UserError
+
+from .base import Availability, Runtime
+
+
+class TvmLlvmRuntime(Runtime):
+    """TVM on this CPU. `prepare` takes a .onnx (compiled now) or a folder made by `lstm-export compile`."""
+
+    name = "tvm-llvm"
+    target = "llvm"
+
+    def __init__(self, threads: int | None = None, arch: str = "sm_90"):
+        self.threads, self.arch = threads, arch
+        self.vm = None
+        self._tmp = None
+
+    @classmethod
+    def availability(cls) -> Availability:
+        if importlib.util.find_spec("tvm") is None:
+            return Availability(False, "apache-tvm is not installed (pip install 'apache-tvm>=0.27,<0.28')")
+        return Availability(True)
+
+    def _device(self):
+        import tvm
+        return tvm.cpu(0)
+
+    def prepare(self, model) -> None:
+        import tvm
+        from tvm import relax
+        path = Path(model)
+        if path.is_dir():
+            lib_path = path / "model.so"
+            if not lib_path.is_file():
+                raise UserError(f"{path} holds no model.so; make it with `lstm-export compile MODEL.onnx --out {path}`")
+            meta = json.loads((path / "meta.json").read_text())
+        else:
+            from .tvm_lstm.compile import compile_onnx
+            self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
+            lib_path = compile_onnx(path, self._tmp.name, self.target, self.arch, self.threads)
+            meta = json.loads((Path(self._tmp.name) / "meta.json").read_text())
+        self.input_names = [i["name"] for i in meta["inputs"]]
+        self.output_names = [o["name"] for o in meta["outputs"]]
+        self.dev = self._device()
+        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        out = self.vm["main"](*args)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+
+    def release(self) -> None:
+        self.vm = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class TvmCudaRuntime(TvmLlvmRuntime):
+    name = "tvm-cuda"
+    target = "cuda"
+
+    @classmethod
+    def availability(cls) -> Availability:
+        base = super().availability()
+        if not base:
+            return base
+        from .ort import _cuda_device_present
+        if not _cuda_device_present():
+            return Availability(False, "no CUDA device")
+        return Availability(True)
+
+    def _device(self):
+        import tvm
+        return tvm.cuda(0)
