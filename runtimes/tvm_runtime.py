@@ -36,7 +36,7 @@ class TvmLlvmRuntime(Runtime):
 
     def prepare(self, model) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # runtime only: deployed artifacts need no compiler
         path = Path(model)
         if path.is_dir():
             lib_path = path / "model.so"
@@ -51,7 +51,7 @@ class TvmLlvmRuntime(Runtime):
         self.input_names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in meta["outputs"]]
         self.dev = self._device()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import tvm

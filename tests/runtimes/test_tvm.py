@@ -1,0 +1,318 @@
+"""TVM: our Relax converter for ONNX LSTM over the whole spec, against ONNX Runtime; compile and run."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed")
+pytestmark = pytest.mark.tvm
+
+from lstm_export import LSTM, LayerNormLSTM, UserError  # noqa: E402
+from lstm_export.export import export_onnx  # noqa: E402
+from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
+
+H, I = 4, 3
+INPUTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
+
+
+def lstm_model(D=1, layout=0, optional=("B", "sequence_lens", "initial_h", "initial_c", "P"), outputs=("Y", "Y_h", "Y_c"),
+               opset=14, seed=0, **attrs):
+    """A one-node ONNX LSTM with symbolic time and batch; weights are initializers."""
+    rng = np.random.default_rng(seed)
+    inits = {"W": rng.standard_normal((D, 4 * H, I)) * 0.5, "R": rng.standard_normal((D, 4 * H, H)) * 0.5,
+             "B": rng.standard_normal((D, 8 * H)) * 0.3, "P": rng.standard_normal((D, 3 * H)) * 0.3}
+    T_, B_ = ("time", "batch") if layout == 0 else ("batch", "time")
+    graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [T_, B_, I])]
+    node_inputs = []
+    for name in INPUTS:
+        if name in ("X", "W", "R") or name in optional:
+            node_inputs.append(name)
+        else:
+            node_inputs.append("")
+    if "sequence_lens" in optional:
+        graph_inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["batch"]))
+    state = [D, "batch", H] if layout == 0 else ["batch", D, H]
+    for s in ("initial_h", "initial_c"):
+        if s in optional:
+            graph_inputs.append(helper.make_tensor_value_info(s, TensorProto.FLOAT, state))
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    node_outputs = [o if o in outputs else "" for o in ("Y", "Y_h", "Y_c")]
+    while node_outputs[-1] == "":
+        node_outputs.pop()
+    if opset >= 14:
+        attrs["layout"] = layout
+    node = helper.make_node("LSTM", node_inputs, node_outputs, name="the_lstm", hidden_size=H, **attrs)
+    g = helper.make_graph([node], "lstm", graph_inputs,
+                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * (4 if o == "Y" else 3))
+                           for o in outputs],
+                          [numpy_helper.from_array(inits[k].astype(np.float32), k) for k in ("W", "R", "B", "P")
+                           if k in ("W", "R") or k in optional])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def feeds_for(model, T, B, seed):
+    rng = np.random.default_rng(seed)
+    layout = next((a.i for a in model.graph.node[0].attribute if a.name == "layout"), 0)
+    D = 2 if any(a.name == "direction" and a.s == b"bidirectional" for a in model.graph.node[0].attribute) else 1
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name == "X":
+            feeds["X"] = rng.standard_normal((T, B, I) if layout == 0 else (B, T, I)).astype(np.float32)
+        elif vi.name == "sequence_lens":
+            feeds["sequence_lens"] = rng.integers(1, T + 1, B).astype(np.int32)
+        else:
+            feeds[vi.name] = rng.standard_normal((D, B, H) if layout == 0 else (B, D, H)).astype(np.float32)
+    return feeds
+
+
+def ort_oracle(model, feeds):
+    """ONNX Runtime's outputs; for layout 1 (ORT refuses it) the same node at layout 0 on transposed data."""
+    layout = next((a.i for a in model.graph.node[0].attribute if a.name == "layout"), 0)
+    if layout == 1:
+        m0 = onnx.ModelProto()
+        m0.CopyFrom(model)
+        for a in m0.graph.node[0].attribute:
+            if a.name == "layout":
+                a.i = 0
+        for vi in m0.graph.input:  # shapes become time-major / direction-major
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                a, b = dims[0].SerializeToString(), dims[1].SerializeToString()
+                dims[0].ParseFromString(b)
+                dims[1].ParseFromString(a)
+        f0 = {k: (v.transpose(1, 0, 2) if v.ndim == 3 else v) for k, v in feeds.items()}
+        outs = ort.InferenceSession(m0.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f0)
+        names = [o.name for o in model.graph.output]
+        return [o.transpose(2, 0, 1, 3) if n == "Y" else o.transpose(1, 0, 2) for n, o in zip(names, outs)]
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def check(model, tmp_path, shapes=((5, 3), (9, 2))):
+    """Compiles once (symbolic T and B) and checks every requested output at two shapes."""
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    for k, (T, B) in enumerate(shapes):
+        feeds = feeds_for(model, T, B, seed=k)
+        expected = ort_oracle(model, feeds)
+        got = rt.run(feeds)
+        assert list(got) == [o.name for o in model.graph.output]
+        for (name, g), e in zip(got.items(), expected):
+            assert g.shape == e.shape, (name, g.shape, e.shape)
+            np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5, err_msg=f"{name} at T={T}, B={B}")
+    rt.release()
+
+
+ALL_OPTIONAL = ("B", "sequence_lens", "initial_h", "initial_c", "P")
+
+
+@pytest.mark.parametrize("direction,layout,optional",
+                         list(itertools.product(["forward", "reverse", "bidirectional"], [0, 1], [(), ALL_OPTIONAL])))
+def test_directions_layouts_and_optional_inputs(tmp_path, direction, layout, optional):
+    D = 2 if direction == "bidirectional" else 1
+    check(lstm_model(D, layout, optional, direction=direction), tmp_path)
+
+
+@pytest.mark.parametrize("optional", [("B",), ("sequence_lens",), ("initial_h",), ("initial_c", "P"), ("B", "initial_h", "initial_c")])
+def test_each_optional_input_alone(tmp_path, optional):
+    check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path)
+
+
+ACTIVATIONS = [
+    {"activations": ["HardSigmoid", "Elu", "Softsign"], "activation_alpha": [0.3, 0.9], "activation_beta": [0.4]},
+    {"activations": ["Sigmoid", "Affine", "ScaledTanh"], "activation_alpha": [0.7, 1.1], "activation_beta": [0.2, 0.8]},
+    {"activations": ["LeakyRelu", "ThresholdedRelu", "Softplus"], "activation_alpha": [0.1, 0.2]},
+    {"activations": ["Sigmoid", "Relu", "Tanh", "Sigmoid", "Tanh", "Softsign"]},  # per direction
+]
+
+
+@pytest.mark.parametrize("attrs", ACTIVATIONS, ids=["hardsigmoid-elu-softsign", "affine-scaledtanh",
+                                                    "leaky-thresholded-softplus", "per-direction"])
+def test_activations(tmp_path, attrs):
+    D = 2 if len(attrs["activations"]) == 6 else 1
+    check(lstm_model(D, 0, ALL_OPTIONAL, direction="bidirectional" if D == 2 else "forward", **attrs), tmp_path)
+
+
+@pytest.mark.parametrize("attrs", [{"clip": 0.4}, {"input_forget": 1}, {"clip": 0.8, "input_forget": 1}])
+def test_clip_and_input_forget(tmp_path, attrs):
+    check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional", **attrs), tmp_path)
+
+
+@pytest.mark.parametrize("outputs", [("Y",), ("Y_h",), ("Y_c",), ("Y", "Y_c"), ("Y_h", "Y_c")])
+def test_any_subset_of_outputs(tmp_path, outputs):
+    check(lstm_model(1, 0, ("B", "initial_h", "initial_c"), outputs=outputs), tmp_path)
+
+
+def test_opset_7(tmp_path):
+    check(lstm_model(2, 0, ALL_OPTIONAL, opset=7, direction="bidirectional"), tmp_path)
+
+
+def test_model_exported_by_torch_with_other_ops(tmp_path):
+    """Conv -> Relu -> Transpose -> LSTM (2 layers, bidirectional) -> MatMul -> Sigmoid, from torch's exporter."""
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(3, 8, 3, padding=1)
+            self.lstm = torch.nn.LSTM(8, 16, 2, batch_first=True, bidirectional=True)
+            self.head = torch.nn.Linear(32, 4)
+
+        def forward(self, x):  # (B, C, T)
+            y, _ = self.lstm(torch.relu(self.conv(x)).transpose(1, 2))
+            return torch.sigmoid(self.head(y)).squeeze(-1)
+
+    torch.manual_seed(0)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(Net().eval(), (torch.randn(2, 3, 10),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "batch", 2: "time"}}, opset_version=17)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert {"Conv", "Relu", "Transpose", "LSTM", "Sigmoid"} <= ops
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(2, 3, 10), (1, 3, 23)]:
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        np.testing.assert_allclose(rt.run({"x": x})["y"], sess.run(None, {"x": x})[0], atol=1e-5)
+
+
+def test_ir_does_not_grow_with_sequence_length():
+    """The time loop stays a loop: a fixed T of 16 or 1024 gives the same IR."""
+    from runtimes.tvm_lstm.compile import import_onnx
+    sizes = []
+    for T in (16, 1024):
+        m = LSTM(I, H, 2).eval()
+        mod = import_onnx(export_onnx_proto(m, T))
+        sizes.append(len(mod.script()))
+    assert abs(sizes[0] - sizes[1]) < 100, sizes
+
+
+def export_onnx_proto(m, T):
+    from lstm_export.export import build_onnx
+    return build_onnx(m, "native", seq_len=T)
+
+
+def test_compile_cli_writes_the_contract_and_loads_with_the_runtime_alone(cli, tmp_path):
+    m = LSTM(I, H, 2, batch_first=True).eval()
+    path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=True)
+    r = cli("compile", path, "--target", "llvm", "--out", tmp_path / "art")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "art" / "meta.json").read_text())
+    assert [i["name"] for i in meta["inputs"]] == ["input", "h_0", "c_0", "lengths"]
+    assert [o["name"] for o in meta["outputs"]] == ["output", "h_n", "c_n"]
+    assert meta["target_kind"] == "llvm" and meta["tvm_version"]
+    feeds = {"input": np.random.default_rng(0).standard_normal((3, 6, I)).astype(np.float32),
+             "h_0": np.zeros((2, 3, H), np.float32), "c_0": np.zeros((2, 3, H), np.float32),
+             "lengths": np.array([6, 2, 4], np.int32)}
+    np.savez(tmp_path / "in.npz", **feeds)
+    script = (
+        "import sys, numpy as np, tvm\n"
+        "from tvm.runtime.vm import VirtualMachine\n"
+        "assert tvm.base._RUNTIME_ONLY, 'the compiler library was loaded'\n"
+        "vm = VirtualMachine(tvm.runtime.load_module(sys.argv[1]), tvm.cpu())\n"
+        "z = np.load(sys.argv[2])\n"
+        "out = vm['main'](*[tvm.runtime.tensor(z[k]) for k in ('input', 'h_0', 'c_0', 'lengths')])\n"
+        "np.savez(sys.argv[3], output=out[0].numpy(), h_n=out[1].numpy())\n")
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "art" / "model.so"), str(tmp_path / "in.npz"),
+                        str(tmp_path / "out.npz")], env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["output"], expected[0], atol=1e-5)
+        np.testing.assert_allclose(out["h_n"], expected[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "native"])
+def test_tvm_llvm_runs_our_exports_in_compare(cli, tmp_path, mode):
+    m = LSTM(I, H, 2, bidirectional=True).eval()
+    path = export_onnx(m, tmp_path / f"{mode}.onnx", mode, seq_len=7 if mode == "unrolled" else None)
+    r = cli("compare", path, "--runtimes", "ort-cpu,tvm-llvm", "--dim", "time=7", "--dim", "batch=2")
+    assert r.returncode == 0 and "tvm-llvm" in r.stdout, r.stdout + r.stderr
+
+
+def test_layernorm_lstm_goes_the_unrolled_way(tmp_path):
+    m = LayerNormLSTM(I, H).eval()
+    path = export_onnx(m, tmp_path / "ln.onnx", "unrolled", seq_len=6, initial_state=True)
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    feeds = {"input": np.random.default_rng(0).standard_normal((6, 2, I)).astype(np.float32),
+             "h_0": np.zeros((1, 2, H), np.float32), "c_0": np.zeros((1, 2, H), np.float32)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for g, e in zip(rt.run(feeds).values(), expected):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_cuda_target_compiles_here(tmp_path):
+    import shutil
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    from runtimes.tvm_lstm.compile import compile_onnx
+    m = LSTM(I, H, 2, bidirectional=True).eval()
+    path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=True)
+    lib = compile_onnx(path, tmp_path / "cuda", "cuda", arch="sm_90")
+    assert lib.stat().st_size > 0
+    assert json.loads((tmp_path / "cuda" / "meta.json").read_text())["target_kind"] == "cuda"
+
+
+def test_tvm_cuda_run_skips_without_a_device():
+    from runtimes.tvm_runtime import TvmCudaRuntime
+    a = TvmCudaRuntime.availability()
+    if a:
+        pytest.skip("a CUDA device is present; tests/runtimes/test_contract.py runs tvm-cuda")
+    assert a.reason == "no CUDA device"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+def _compile_error(model, tmp_path):
+    from runtimes.tvm_lstm.compile import compile_onnx
+    onnx.save(model, tmp_path / "bad.onnx")
+    with pytest.raises(UserError) as e:
+        compile_onnx(tmp_path / "bad.onnx", tmp_path / "out")
+    return str(e.value)
+
+
+def test_inconsistent_shapes_are_named(tmp_path):
+    m = lstm_model(1, 0, ())
+    m.graph.node[0].attribute[0].i = H + 1  # hidden_size disagrees with R
+    msg = _compile_error(m, tmp_path)
+    assert "the_lstm" in msg and "W has shape [1, 16, 3], expected" in msg
+    m = lstm_model(2, 0, (), direction="forward")  # W says two directions, the node one
+    msg = _compile_error(m, tmp_path)
+    assert "the_lstm" in msg and "num_directions=1" in msg
+
+
+def test_unknown_attribute_and_missing_op_are_named(tmp_path):
+    from runtimes.tvm_lstm.compile import import_onnx
+    m = lstm_model(1, 0, ())
+    m.graph.node[0].attribute.append(helper.make_attribute("zoneout", 0.1))
+    assert "Unrecognized attribute: zoneout for operator LSTM" in _compile_error(m, tmp_path)  # onnx's checker
+    with pytest.raises(UserError, match=r"the_lstm.*unsupported attribute\(s\) \['zoneout'\]"):
+        import_onnx(m)  # our converter, for models handed to TVM without the checker
+    g = helper.make_graph([helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=2)], "g",
+                          [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 1, 2])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)],
+                          [numpy_helper.from_array(np.zeros((1, 6, 2), np.float32), "W"),
+                           numpy_helper.from_array(np.zeros((1, 6, 2), np.float32), "R")])
+    gru = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    gru.ir_version = 8
+    assert "no converter for operator(s) GRU" in _compile_error(gru, tmp_path)
+
+
+def test_cuda_compile_without_nvcc_says_so(cli, tmp_path):
+    m = LSTM(I, H).eval()
+    path = export_onnx(m, tmp_path / "n.onnx", "native")
+    r = cli("compile", path, "--target", "cuda", "--out", tmp_path / "c", env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "needs nvcc" in r.stderr and "Traceback" not in r.stderr, r.stderr
