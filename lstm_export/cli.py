@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_runtime import add_commands
     add_commands(sub)
+    from .cli_serve import add_command as add_serve
+    add_serve(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a small model, in a few minutes")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,30 @@
+"""`lstm-export serve`: the streaming HTTP server (runtimes.server) from the command line."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+
+def add_command(sub) -> None:
+    from runtimes.server import ServerConfig
+    p = sub.add_parser("serve", help="serve a streaming ONNX model over HTTP (JSON, Prometheus metrics)")
+    p.add_argument("model", help="MODEL.onnx exported with --mode streaming")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    for f in fields(ServerConfig):  # one flag per limit, same name, same default
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=f"(default: {f.default})")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from runtimes.server import ServerConfig, create_app
+    from runtimes.model_io import load_onnx
+    load_onnx(args.model)  # a missing or broken file fails here, before any socket is opened
+    cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    app = create_app(args.model, cfg)
+    print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
+          f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,251 @@
+"""HTTP serving of a streaming ONNX LSTM: FastAPI on uvicorn (ASGI), JSON bodies, Prometheus metrics.
+
+FastAPI/Starlette because sync endpoints run in a thread pool, which is what lets concurrent feeds
+reach the micro-batcher together, and uvicorn is the maintained ASGI server they are tested with.
+Every error is JSON {"error": {"code", "message"}} with a 4xx status; nothing a client sends can
+take the server down for the others.
+"""
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .streaming import StreamError, StreamingSession
+
+
+@dataclass
+class ServerConfig:
+    """Limits and batching; every field is a `lstm-export serve` flag of the same name."""
+
+    runtime: str = "ort-cpu"
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_streams: int = 256
+    idle_timeout_s: float = 300.0
+    max_chunk: int = 1024
+    max_body_bytes: int = 1_000_000
+    body_timeout_s: float = 10.0
+    max_generate: int = 2000
+
+
+def _error(status: int, code: str, message: str):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(model_path: str, cfg: ServerConfig | None = None):
+    """The ASGI app serving one streaming model (see the module docstring for the routes)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import PlainTextResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    cfg = cfg or ServerConfig()
+    session = StreamingSession(model_path, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
+                               cfg.idle_timeout_s, cfg.max_chunk)
+    registry = CollectorRegistry()  # one per app: no module-level state
+    requests = Counter("lstm_requests_total", "HTTP requests", ["route", "status"], registry=registry)
+    latency = Histogram("lstm_request_seconds", "request latency", ["route"], registry=registry,
+                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+    open_streams = Gauge("lstm_open_streams", "open streams", registry=registry)
+    open_streams.set_function(lambda: session.open_streams)
+    batch_rows = Gauge("lstm_batched_rows_total", "chunks run, summed over batches", registry=registry)
+    batch_rows.set_function(lambda: session.stats.rows)
+    batches = Gauge("lstm_batches_total", "batched runtime calls", registry=registry)
+    batches.set_function(lambda: session.stats.batches)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        session.shutdown()
+
+    app = FastAPI(title="lstm-export serve", version="1", lifespan=lifespan)
+    app.state.session = session
+
+    def record(route: str, status: int, seconds: float) -> None:
+        requests.labels(route, str(status)).inc()
+        latency.labels(route).observe(seconds)
+
+    app.add_middleware(BodyLimits, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s, record=record)
+
+    @app.exception_handler(StreamError)
+    async def stream_error(request, exc: StreamError):
+        return _error(exc.status, "bad_request" if exc.status == 400 else
+                      {404: "unknown_stream", 413: "too_large", 429: "too_many_streams"}.get(exc.status, "error"), str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+        return _error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{' at ' + where if where else ''}")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "open_streams": session.open_streams}
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/model")
+    def model_info():
+        from .model_io import input_specs, load_onnx, output_specs
+        proto = load_onnx(model_path)
+        meta = {k: v for k, v in session.metadata.items() if k != "lstm_export.vocab"}
+        return {"path": str(model_path), "runtime": session.runtime.name,
+                "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in input_specs(proto)],
+                "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in output_specs(proto)],
+                "metadata": meta, "vocab": session.vocab, "limits": vars(cfg)}
+
+    @app.post("/v1/streams", status_code=201)
+    def open_stream():
+        return {"stream_id": session.open()}
+
+    @app.post("/v1/streams/{stream_id}")
+    async def feed(stream_id: str, request: Request):
+        body = _json_body(await request.body())
+        if isinstance(body, Response):
+            return body
+        if "text" in body:
+            if not isinstance(body["text"], str):
+                return _error(400, "bad_request", "'text' must be a string")
+            out = await run_in_threadpool(session.feed_text, stream_id, body["text"])
+        elif "chunk" in body:
+            try:
+                chunk = np.asarray(body["chunk"])
+            except (ValueError, TypeError):
+                return _error(400, "bad_request", "'chunk' must be a rectangular array of numbers")
+            if chunk.dtype == object or not (np.issubdtype(chunk.dtype, np.number)):
+                return _error(400, "bad_request", "'chunk' must hold numbers")
+            out = await run_in_threadpool(session.feed, stream_id, chunk)
+        else:
+            return _error(400, "bad_request", "send {'chunk': [...]} (token ids or features) or {'text': '...'}")
+        return {"outputs": {k: v.tolist() for k, v in out.items()}}
+
+    @app.delete("/v1/streams/{stream_id}", status_code=204)
+    def close_stream(stream_id: str):
+        session.close(stream_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/generate")
+    async def generate(request: Request):
+        body = _json_body(await request.body())
+        if isinstance(body, Response):
+            return body
+        prime, chars = body.get("prime"), body.get("chars", 200)
+        temperature, seed = body.get("temperature", 0.8), body.get("seed")
+        if session.vocab is None:
+            return _error(400, "no_vocabulary", "this model carries no vocabulary; export a char LM checkpoint")
+        if not isinstance(prime, str) or not prime:
+            return _error(400, "bad_request", "'prime' must be a non-empty string")
+        if not isinstance(chars, int) or not 0 <= chars <= cfg.max_generate:
+            return _error(400, "bad_request", f"'chars' must be an integer in [0, {cfg.max_generate}]")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            return _error(400, "bad_request", "'temperature' must be a number >= 0")
+        text = await run_in_threadpool(_generate, session, prime, chars, float(temperature), seed)
+        return {"text": text}
+
+    return app
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Disconnected(Exception):
+    pass
+
+
+class BodyLimits:
+    """ASGI middleware: reads each request body under a size limit and a deadline, then replays it.
+
+    An oversized body gets 413, a body that does not arrive in time 408, and a client that hangs
+    up mid-body is dropped quietly; the metrics callback sees every answered request.
+    """
+
+    def __init__(self, app, max_bytes: int, timeout_s: float, record):
+        self.app, self.max_bytes, self.timeout_s, self.record = app, max_bytes, timeout_s, record
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope.get("path", "")
+        route = "/v1/streams/{id}" if path.startswith("/v1/streams/") else path
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        try:
+            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+                raise _BodyTooLarge
+            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+        except _BodyTooLarge:
+            await _error(413, "body_too_large", f"request body over {self.max_bytes} bytes")(scope, receive, send_wrapper)
+        except asyncio.TimeoutError:
+            await _error(408, "body_timeout", f"request body not received within {self.timeout_s} s")(
+                scope, receive, send_wrapper)
+        except _Disconnected:
+            return  # the client is gone; nobody to answer
+        else:
+            replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def replay_receive():
+                return replay.pop() if replay else await receive()
+
+            await self.app(scope, replay_receive, send_wrapper)
+        self.record(route, status["code"], time.perf_counter() - t0)
+
+    async def _read(self, receive) -> bytes:
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Disconnected
+            part = message.get("body", b"")
+            size += len(part)
+            if size > self.max_bytes:
+                raise _BodyTooLarge
+            parts.append(part)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+
+def _json_body(raw: bytes):
+    """The request's JSON object, or a 400 response naming what is wrong with it."""
+    try:
+        body = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return _error(400, "malformed_json", f"body is not valid JSON: {e}")
+    if not isinstance(body, dict):
+        return _error(400, "malformed_json", "body must be a JSON object")
+    return body
+
+
+def _generate(session: StreamingSession, prime: str, chars: int, temperature: float, seed) -> str:
+    """Feeds the prime on a private stream, then samples one character at a time."""
+    rng = np.random.default_rng(seed)
+    sid = session.open()
+    try:
+        out = session.feed_text(sid, prime)
+        logits_name = session.output_names[0]
+        text = []
+        for _ in range(chars):
+            z = out[logits_name][-1].astype(np.float64)  # (V,) logits of the last step
+            if temperature == 0:
+                nxt = int(z.argmax())
+            else:
+                p = np.exp((z - z.max()) / temperature)
+                nxt = int(rng.choice(len(p), p=p / p.sum()))
+            text.append(session.vocab[nxt])
+            out = session.feed(sid, np.array([nxt], np.int64))
+        return prime + "".join(text)
+    finally:
+        session.close(sid)

@@ -1,0 +1,101 @@
+"""Streaming sessions: state kept between chunks, concurrent feeds micro-batched with the same results."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lstm_export import LSTM, UserError
+from lstm_export.charlm import CharLM
+from lstm_export.config import ModelConfig
+from lstm_export.data import Vocab
+from lstm_export.export import export_onnx
+from runtimes.streaming import StreamError, StreamingSession
+
+
+@pytest.fixture(scope="module")
+def lm_streaming(tmp_path_factory):
+    torch.manual_seed(0)
+    lm = CharLM(ModelConfig(vocab_size=12, embed=6, hidden=16, layers=2)).eval()
+    lm.vocab = Vocab("abcdefghij .")
+    path = export_onnx(lm, tmp_path_factory.mktemp("s") / "lm.streaming.onnx", "streaming")
+    return lm, path
+
+
+def _torch_logits(lm, ids):
+    with torch.no_grad():
+        logits, _ = lm(torch.as_tensor(ids).unsqueeze(0))
+    return logits[0].numpy()
+
+
+def test_chunks_keep_state_and_equal_one_call(lm_streaming):
+    lm, path = lm_streaming
+    ids = np.random.default_rng(0).integers(0, 12, 40)
+    with StreamingSession(path) as s:
+        sid = s.open()
+        parts = [s.feed(sid, ids[a:b])["logits"] for a, b in [(0, 7), (7, 8), (8, 40)]]
+        np.testing.assert_allclose(np.concatenate(parts), _torch_logits(lm, ids), atol=1e-5)
+        s.close(sid)
+        with pytest.raises(StreamError, match="unknown stream"):
+            s.feed(sid, ids[:3])
+
+
+def test_concurrent_streams_are_batched_and_never_cross(lm_streaming):
+    """16 threads feed interleaved streams with mixed chunk lengths; each equals its stream run alone."""
+    lm, path = lm_streaming
+    rng = np.random.default_rng(1)
+    streams = [rng.integers(0, 12, 30) for _ in range(16)]
+    cuts = [[0, 5, 10, 11, 20, 30] if k % 2 else [0, 10, 20, 30] for k in range(16)]
+    results = {}
+    with StreamingSession(path, max_batch=8, max_wait_ms=20) as s:
+        def client(k):
+            sid = s.open()
+            results[k] = np.concatenate([s.feed(sid, streams[k][a:b])["logits"] for a, b in zip(cuts[k], cuts[k][1:])])
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.stats.rows == sum(len(c) - 1 for c in cuts)
+        assert max(s.stats.batch_sizes) > 1, "concurrent feeds should have been batched"
+    for k in range(16):
+        np.testing.assert_allclose(results[k], _torch_logits(lm, streams[k]), atol=1e-5, err_msg=f"stream {k}")
+
+
+def test_limits_and_bad_chunks(lm_streaming, tmp_path):
+    _, path = lm_streaming
+    with StreamingSession(path, max_streams=2, max_chunk=8, idle_timeout_s=0.05) as s:
+        a = s.open()
+        s.open()
+        with pytest.raises(StreamError, match="too many open streams") as e:
+            s.open()
+        assert e.value.status == 429
+        for bad, msg in [(np.zeros((2, 2), np.int64), "rank 2"), (np.zeros(9, np.int64), "1 to 8"),
+                         (np.array([0.5]), "integer token ids"), (np.array([12]), r"\[0, 12\)")]:
+            with pytest.raises(StreamError, match=msg):
+                s.feed(a, bad)
+        with pytest.raises(StreamError, match="not in the model's vocabulary"):
+            s.feed_text(a, "xyz")
+        import time
+        time.sleep(0.1)
+        s.open()  # idle streams expired, so there is room again
+        assert s.stats.expired == 2
+
+
+def test_feature_models_and_refusals(tmp_path):
+    m = LSTM(3, 5, batch_first=True).eval()
+    path = export_onnx(m, tmp_path / "s.onnx", "streaming")
+    x = np.random.default_rng(0).standard_normal((9, 3)).astype(np.float32)
+    with StreamingSession(path) as s:
+        sid = s.open()
+        y = np.concatenate([s.feed(sid, x[:4])["output"], s.feed(sid, x[4:])["output"]])
+        with torch.no_grad():
+            ref, _ = m(torch.from_numpy(x).unsqueeze(0))
+        np.testing.assert_allclose(y, ref[0].numpy(), atol=1e-5)
+        with pytest.raises(StreamError, match="NaN"):
+            s.feed(sid, np.full((2, 3), np.nan, np.float32))
+        with pytest.raises(StreamError, match="3 features|expected 3"):
+            s.feed(sid, np.zeros((2, 4), np.float32))
+    native = export_onnx(m, tmp_path / "n.onnx", "native")
+    with pytest.raises(UserError, match="not a streaming graph"):
+        StreamingSession(native)
