@@ -28,6 +28,17 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_compile)
 
+    p = sub.add_parser("bench", help="time every runtime on LSTM shapes (outputs checked equal first)")
+    p.add_argument("--shape", action="append", default=[], metavar="T,B,I,H[,LAYERS]",
+                   help="add a shape (repeatable); --only-shapes drops the default ones")
+    p.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
+    p.add_argument("--entries", default=None, help="comma-separated entry labels (default: every CPU entry)")
+    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--min-s", type=float, default=1.0, help="seconds of timed runs per entry, at least")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("runtimes", help="list runtimes and whether they can run here")
     p.set_defaults(func=cmd_runtimes)
 
@@ -93,6 +104,23 @@ def cmd_compile(args) -> int:
     meta = json.loads((lib.parent / "meta.json").read_text())
     print(f"{args.target}: {lib} ({lib.stat().st_size / 1e6:.2f} MB) in {meta['compile_s']:.1f} s; "
           f"main({', '.join(i['name'] for i in meta['inputs'])}) -> {', '.join(o['name'] for o in meta['outputs'])}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from runtimes.bench import DEFAULT_SHAPES, Shape, bench, plot
+    extra = [Shape.parse(s) for s in args.shape]
+    if args.only_shapes and not extra:
+        raise UserError("--only-shapes needs at least one --shape")
+    shapes = extra if args.only_shapes else DEFAULT_SHAPES + extra
+    entries = [e.strip() for e in args.entries.split(",")] if args.entries else None
+    report = bench(shapes, entries, args.threads, min_s=args.min_s)
+    print(f"machine: {report.machine}, threads: {report.threads}")
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+    if args.plot:
+        plot(report, args.plot)
     return 0
 
 

@@ -64,8 +64,9 @@ REGISTRY: dict[str, str] = {
     "ort-cuda": "runtimes.ort:OrtCudaRuntime",
     "tvm-llvm": "runtimes.tvm_runtime:TvmLlvmRuntime",
     "tvm-cuda": "runtimes.tvm_runtime:TvmCudaRuntime",
+    "openvino": "runtimes.openvino_runtime:OpenVinoRuntime",
 }
-ONNX_RUNTIMES = ("onnx-reference", "ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda")  # run any ONNX file (torch* need a checkpoint)
+ONNX_RUNTIMES = ("onnx-reference", "ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda", "openvino")  # run any ONNX file (torch* need a checkpoint)
 
 
 def runtime_class(name: str) -> type[Runtime]:

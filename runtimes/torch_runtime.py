@@ -99,3 +99,14 @@ class TorchNNRuntime(TorchRuntime):
         y, hc = self.module(packed, state)
         y, _ = pad_packed_sequence(y, batch_first=bf, total_length=x.shape[1 if bf else 0])
         return y, hc
+
+
+class TorchCompileRuntime(TorchRuntime):
+    """Our model through torch.compile (inductor); compiled on the first run, so time after warm-up."""
+
+    name = "torch-compile"
+
+    def prepare(self, model=None) -> None:
+        import torch
+        super().prepare(model)
+        self.module = torch.compile(self.module, dynamic=False)

@@ -6,4 +6,5 @@ from runtimes.tvm_lstm.scaling import compile_scaling, write_table
 
 if __name__ == "__main__":
     rows = compile_scaling(cap_s=float(sys.argv[1]) if len(sys.argv) > 1 else 600.0)
-    print(write_table(rows, "benchmarks/compile_vs_seqlen", cpu_name(), ".venv/bin/python scripts/bench_compile.py"))
+    command = " ".join([".venv/bin/python scripts/bench_compile.py", *sys.argv[1:]])
+    print(write_table(rows, "benchmarks/compile_vs_seqlen", cpu_name(), command))
