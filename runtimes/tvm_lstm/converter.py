@@ -29,6 +29,12 @@ def _static_shape(expr) -> list:
     return [int(d) if isinstance(d, (int,)) or hasattr(d, "value") else None for d in shape.values]
 
 
+def _const(expr) -> np.ndarray | None:
+    """The value of a constant input (an initializer), or None for a computed one."""
+    value = getattr(expr, "value", None) if expr is not None else None
+    return value.numpy() if hasattr(value, "numpy") else None
+
+
 def _direction(x, d: int):
     """x[d] for a constant d, as slice + squeeze (take with a constant index warns on every call)."""
     return relax.op.squeeze(relax.op.strided_slice(x, axes=[0], begin=[d], end=[d + 1]), [0])
@@ -135,32 +141,20 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False)
     lens = (bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None
             else bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32")))
 
+    weights = [_const(W), _const(R)] + [_const(v) for v in (B, P) if v is not None]
+    fast_cpu = not cuda and I is not None and all(w is not None for w in weights)
     ys, hs, cs = [], [], []
     for d, spec in enumerate(specs):
-        w_d = bb.emit(_direction(W, d))  # (4H, I)
-        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(w_d, [1, 0])))  # (T, B, 4H): all steps, one GEMM
-        if B is not None:
-            b_d = bb.emit(_direction(B, d))  # (8H,) = [Wb; Rb]
-            wb, rb = relax.op.split(b_d, 2, axis=0)[0], relax.op.split(b_d, 2, axis=0)[1]
-            xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
-        r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, 4H)
-        p_d = (bb.emit(_direction(P, d)) if P is not None
-               else relax.const(np.zeros(3 * H, np.float32)))
         h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros_state
         c_d = bb.emit(_direction(c0, d)) if c0 is not None else zeros_state
-        if cuda:
-            from .cuda import make_cuda_recurrence
-            func = make_cuda_recurrence(spec)
+        if fast_cpu:  # constant weights: packed once here, at import time
+            y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None, h_d, c_d, lens,
+                                          n_t, n_b, I)
         else:
-            func = make_recurrence(spec)
-        gvar = bb.add_func(func, f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
-        out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, h_d, c_d, lens],
-                                     [relax.TensorType([n_t, n_b, H], "float32"),
-                                      relax.TensorType([n_b, H], "float32"),
-                                      relax.TensorType([n_b, H], "float32")]))
-        ys.append(bb.emit(relax.TupleGetItem(out, 0)))
-        hs.append(bb.emit(relax.TupleGetItem(out, 1)))
-        cs.append(bb.emit(relax.TupleGetItem(out, 2)))
+            y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
+        ys.append(y)
+        hs.append(h)
+        cs.append(c)
     Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
     Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
     Y_c = bb.emit(relax.op.stack(cs, axis=0))
@@ -169,6 +163,58 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False)
         Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
         Y_c = bb.emit(relax.op.permute_dims(Y_c, [1, 0, 2]))
     return relax.Tuple([Y, Y_h, Y_c])
+
+
+def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda):
+    """Any weights (constant or computed): a Relax GEMM, then the portable (or CUDA) time loop."""
+    H = spec.hidden
+    w_d = bb.emit(_direction(W, d))  # (4H, I)
+    xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(w_d, [1, 0])))  # (T, B, 4H): all steps, one GEMM
+    if B is not None:
+        b_d = bb.emit(_direction(B, d))  # (8H,) = [Wb; Rb]
+        halves = relax.op.split(b_d, 2, axis=0)
+        xw = bb.emit(relax.op.add(xw, relax.op.add(halves[0], halves[1])))
+    r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, 4H)
+    p_d = bb.emit(_direction(P, d)) if P is not None else relax.const(np.zeros(3 * H, np.float32))
+    if cuda:
+        from .cuda import make_cuda_recurrence
+        func = make_cuda_recurrence(spec)
+    else:
+        func = make_recurrence(spec)
+    gvar = bb.add_func(func, f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
+    out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, h_d, c_d, lens],
+                                 [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
+                                  relax.TensorType([n_b, H], "float32")]))
+    return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
+
+
+def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, h_d, c_d, lens, n_t, n_b, I):
+    """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
+    from . import cpu
+    H = spec.hidden
+    HP = cpu.padded(H)
+    NP = HP // cpu.LANES * 4 * cpu.LANES
+    w, r = weights[0][d], weights[1][d]
+    bias = weights[2][d][:4 * H] + weights[2][d][4 * H:] if has_b else np.zeros(4 * H, np.float32)
+    p = np.zeros((3, HP), np.float32)
+    if has_p:
+        p[:, :H] = weights[-1][d].reshape(3, H)
+    proj = bb.add_func(cpu.make_projection(int(I), H), "lstm_projection")
+    x2 = bb.emit(relax.op.reshape(X, relax.ShapeExpr([n_t * n_b, I])))
+    xw = bb.emit(relax.call_tir(proj, [x2, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H))],
+                                relax.TensorType([n_t * n_b, NP], "float32")))
+    xw = bb.emit(relax.op.reshape(xw, relax.ShapeExpr([n_t, n_b, NP])))
+    rec = bb.add_func(cpu.make_cpu_recurrence(spec, batch_parallel=False),
+                      f"lstm_recurrence_cpu_{'rev' if spec.reverse else 'fwd'}")
+    out = bb.emit(relax.call_tir(rec, [xw, relax.const(cpu.pack_gates(r, H, k_pad=HP)), relax.const(p), h_d, c_d, lens],
+                                 [relax.TensorType([n_t, n_b, HP], "float32"), relax.TensorType([n_b, HP], "float32"),
+                                  relax.TensorType([n_b, HP], "float32")]))
+    y, h, c = (bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
+    if HP != H:  # drop the padded units
+        y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[H]))
+        h = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[H]))
+        c = bb.emit(relax.op.strided_slice(c, axes=[1], begin=[0], end=[H]))
+    return y, h, c
 
 
 @contextlib.contextmanager

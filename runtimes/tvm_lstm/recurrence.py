@@ -95,16 +95,23 @@ class GateMath:
         """The time index iteration t handles: reverse starts at the sequence's own last valid step."""
         return length - 1 - t if self.spec.reverse else t
 
-    def cell(self, xi, xo, xf, xc, ri, ro, rf, rc, pi, po, pf, c_prev):
-        """Gate inputs x* (projection), r* (recurrent), p* (peepholes) in ONNX order; returns (h, c)."""
-        it = self.f(self.clip(xi + ri + pi * c_prev))
+    def cell_c(self, xi, xf, xc, pi, pf, c_prev):
+        """The new cell from gate pre-activations (projection + recurrent) i, f, c."""
+        it = self.f(self.clip(xi + pi * c_prev))
         if self.spec.input_forget:
             ft = tirx.const(1.0, "float32") - it
         else:
-            ft = self.f(self.clip(xf + rf + pf * c_prev))
-        c_new = ft * c_prev + it * self.g(self.clip(xc + rc))
-        ot = self.f(self.clip(xo + ro + po * c_new))
-        return ot * self.h(c_new), c_new
+            ft = self.f(self.clip(xf + pf * c_prev))
+        return ft * c_prev + it * self.g(self.clip(xc))
+
+    def cell_h(self, xo, po, c_new):
+        """The new hidden state from the o pre-activation and the new cell."""
+        return self.f(self.clip(xo + po * c_new)) * self.h(c_new)
+
+    def cell(self, xi, xo, xf, xc, ri, ro, rf, rc, pi, po, pf, c_prev):
+        """Gate inputs x* (projection), r* (recurrent), p* (peepholes) in ONNX order; returns (h, c)."""
+        c_new = self.cell_c(xi + ri, xf + rf, xc + rc, pi, pf, c_prev)
+        return self.cell_h(xo + ro, po, c_new), c_new
 
 
 def make_recurrence(spec: CellSpec):

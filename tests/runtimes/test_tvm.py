@@ -23,8 +23,9 @@ INPUTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
 
 
 def lstm_model(D=1, layout=0, optional=("B", "sequence_lens", "initial_h", "initial_c", "P"), outputs=("Y", "Y_h", "Y_c"),
-               opset=14, seed=0, **attrs):
-    """A one-node ONNX LSTM with symbolic time and batch; weights are initializers."""
+               opset=14, seed=0, computed_weights=False, **attrs):
+    """A one-node ONNX LSTM with symbolic time and batch; weights are initializers, or (computed_weights)
+    come out of an Add node, so the converter cannot pack them at import time."""
     rng = np.random.default_rng(seed)
     inits = {"W": rng.standard_normal((D, 4 * H, I)) * 0.5, "R": rng.standard_normal((D, 4 * H, H)) * 0.5,
              "B": rng.standard_normal((D, 8 * H)) * 0.3, "P": rng.standard_normal((D, 3 * H)) * 0.3}
@@ -55,6 +56,14 @@ def lstm_model(D=1, layout=0, optional=("B", "sequence_lens", "initial_h", "init
                            for o in outputs],
                           [numpy_helper.from_array(inits[k].astype(np.float32), k) for k in ("W", "R", "B", "P")
                            if k in ("W", "R") or k in optional])
+    if computed_weights:  # W_raw + 0 -> W: not a constant the converter could pack
+        zero = numpy_helper.from_array(np.zeros(1, np.float32), "zero")
+        for init in g.initializer:
+            init.name += "_raw"
+        g.initializer.append(zero)
+        adds = [helper.make_node("Add", [n + "_raw", "zero"], [n]) for n in ("W", "R", "B", "P")
+                if n in ("W", "R") or n in optional]
+        g.node[:] = adds + list(g.node)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
@@ -152,6 +161,12 @@ def test_clip_and_input_forget(tmp_path, attrs):
 @pytest.mark.parametrize("outputs", [("Y",), ("Y_h",), ("Y_c",), ("Y", "Y_c"), ("Y_h", "Y_c")])
 def test_any_subset_of_outputs(tmp_path, outputs):
     check(lstm_model(1, 0, ("B", "initial_h", "initial_c"), outputs=outputs), tmp_path)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_computed_weights_take_the_portable_path(tmp_path, direction):
+    D = 2 if direction == "bidirectional" else 1
+    check(lstm_model(D, 0, ALL_OPTIONAL, computed_weights=True, direction=direction, clip=0.9), tmp_path)
 
 
 def test_opset_7(tmp_path):

@@ -1,0 +1,194 @@
+"""The fast CPU path: packed weights, a register-blocked projection GEMM and a fused recurrent step.
+
+Layout: hidden units are grouped in blocks of LANES (16 floats = one AVX-512 register); for unit
+block u the four ONNX gates i, o, f, c sit next to each other, so column n of the packed weights is
+u*4*LANES + gate*LANES + lane. H is padded to a multiple of LANES with zero weights: padded units
+never feed real ones (their rows of R are zero) and are never written out.
+
+- `projection`: xw (M, NP) = X (M, I) @ Wp + bias, M = T*B, register-blocked MR rows x 4 gates.
+- `recurrence`: per step, one parallel loop over unit blocks (or batch tiles) computes
+  h @ R for its block and the cell update with the gates still in registers; h is double-buffered,
+  so the parallel loop's end is the only barrier per step.
+sigmoid and tanh use a rational approximation (as Eigen and ONNX Runtime's MLAS do) that
+vectorizes; other activations use TVM's exact intrinsics.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .recurrence import CellSpec, GateMath
+
+LANES = 16
+MR = 4  # batch rows per register tile
+
+
+def padded(h: int) -> int:
+    return (h + LANES - 1) // LANES * LANES
+
+
+def pack_gates(w: np.ndarray, hidden: int, k_pad: int | None = None) -> np.ndarray:
+    """ONNX-ordered (4H, K) weights -> (UB, K', 4, LANES) packed, zero-padded to UB*LANES units
+    (and to K' = k_pad rows, for R whose K is the padded hidden size)."""
+    hp = padded(hidden)
+    k = k_pad or w.shape[1]
+    out = np.zeros((4, hp, k), np.float32)
+    out[:, :hidden, :w.shape[1]] = w.reshape(4, hidden, w.shape[1])
+    return np.ascontiguousarray(out.reshape(4, hp // LANES, LANES, k).transpose(1, 3, 0, 2))
+
+
+def pack_bias(b: np.ndarray, hidden: int) -> np.ndarray:
+    """(4H,) -> (UB*4*LANES,) in the packed column order."""
+    hp = padded(hidden)
+    out = np.zeros((4, hp), np.float32)
+    out[:, :hidden] = b.reshape(4, hidden)
+    return np.ascontiguousarray(out.reshape(4, hp // LANES, LANES).transpose(1, 0, 2).reshape(-1))
+
+
+# Rational tanh approximation for float32 (Eigen's generic_fast_tanh_float coefficients).
+_A = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
+      -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_B = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
+
+
+def fast_tanh(x):
+    f = lambda v: tirx.const(v, "float32")  # noqa: E731
+    x = tirx.max(tirx.min(x, f(7.90531110763549805)), f(-7.90531110763549805))
+    x2 = x * x
+    p = f(_A[6])
+    for a in (_A[5], _A[4], _A[3], _A[2], _A[1], _A[0]):
+        p = p * x2 + f(a)
+    q = f(_B[3])
+    for b in (_B[2], _B[1], _B[0]):
+        q = q * x2 + f(b)
+    return x * p / q
+
+
+def fast_sigmoid(x):
+    half = tirx.const(0.5, "float32")
+    return half + half * fast_tanh(half * x)
+
+
+class FastGateMath(GateMath):
+    """GateMath with the default activations swapped for their vectorizable approximations."""
+
+    def __init__(self, spec: CellSpec):
+        super().__init__(spec)
+        fast = {"sigmoid": fast_sigmoid, "tanh": fast_tanh}
+        self.f, self.g, self.h = (fast.get(a[0].lower(), act) for a, act in
+                                  zip((spec.f, spec.g, spec.h), (self.f, self.g, self.h)))
+
+
+def make_projection(k_dim: int, hidden: int):
+    """PrimFunc(x (M, K), wp (UB, K, 4, LANES), bias (NP,)) -> xw (M, NP), M symbolic."""
+    UB = padded(hidden) // LANES
+    NP = UB * 4 * LANES
+    K = k_dim
+
+    @T.prim_func(private=True)
+    def lstm_projection(var_x: T.handle, wp: T.Buffer((UB, K, 4, LANES), "float32"),
+                        bias: T.Buffer((NP,), "float32"), var_xw: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(var_x, (m, K), "float32")
+        xw = T.match_buffer(var_xw, (m, NP), "float32")
+        for mt in T.parallel((m + MR - 1) // MR):
+            acc = T.alloc_buffer((MR, 4, LANES), "float32", scope="local")
+            for u in T.serial(UB):
+                for r in T.unroll(MR):
+                    for g in T.unroll(4):
+                        for v in T.vectorized(LANES):
+                            acc[r, g, v] = bias[u * 4 * LANES + g * LANES + v]
+                for k in T.serial(K):
+                    for r in T.unroll(MR):
+                        for g in T.unroll(4):
+                            for v in T.vectorized(LANES):
+                                acc[r, g, v] = acc[r, g, v] + x[T.min(mt * MR + r, m - 1), k] * wp[u, k, g, v]
+                for r in T.unroll(MR):
+                    if mt * MR + r < m:
+                        for g in T.unroll(4):
+                            for v in T.vectorized(LANES):
+                                xw[mt * MR + r, u * 4 * LANES + g * LANES + v] = acc[r, g, v]
+
+    return lstm_projection
+
+
+def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
+    """PrimFunc(xw (T, B, NP), rp (UB, HP, 4, LANES), p (3, HP), h0, c0 (B, H), lens (B,))
+    -> y (T, B, HP), hn (B, HP), cn (B, HP); the caller slices the padding off.
+
+    `batch_parallel`: parallelise over batch tiles (large batches) instead of unit blocks.
+    """
+    H = spec.hidden
+    HP = padded(H)
+    UB = HP // LANES
+    NP = UB * 4 * LANES
+    m = FastGateMath(spec)
+
+    def tile(w, n_tiles):
+        return w // UB if batch_parallel else w % n_tiles
+
+    def unit(w, n_tiles):
+        return w % UB if batch_parallel else w // n_tiles
+
+    def step(t, length, n_t):
+        return tirx.min(tirx.max(m.step_index(t, length), tirx.const(0, "int64")), n_t - 1)
+
+    @T.prim_func(private=True)
+    def lstm_recurrence_cpu(var_xw: T.handle, rp: T.Buffer((UB, HP, 4, LANES), "float32"),
+                            p: T.Buffer((3, HP), "float32"), var_h0: T.handle, var_c0: T.handle,
+                            var_lens: T.handle, var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        n_t = T.int64()
+        n_b = T.int64()
+        xw = T.match_buffer(var_xw, (n_t, n_b, NP), "float32")
+        h0 = T.match_buffer(var_h0, (n_b, H), "float32")
+        c0 = T.match_buffer(var_c0, (n_b, H), "float32")
+        lens = T.match_buffer(var_lens, (n_b,), "int32")
+        y = T.match_buffer(var_y, (n_t, n_b, HP), "float32")
+        hn = T.match_buffer(var_hn, (n_b, HP), "float32")
+        cn = T.match_buffer(var_cn, (n_b, HP), "float32")
+        hb = T.alloc_buffer((2, n_b, HP), "float32")  # double-buffered h: read [t % 2], write the other
+        for b0 in T.serial(n_b):
+            for j0 in T.serial(HP):
+                hb[0, b0, j0] = T.if_then_else(j0 < H, h0[b0, T.min(j0, H - 1)], T.float32(0))
+                cn[b0, j0] = T.if_then_else(j0 < H, c0[b0, T.min(j0, H - 1)], T.float32(0))
+        n_tiles = T.meta_var((n_b + MR - 1) // MR)
+        for t in T.serial(n_t):
+            for w in T.parallel(n_tiles * UB):
+                acc = T.alloc_buffer((MR, 4, LANES), "float32", scope="local")
+                bt: T.let[T.int64] = tile(w, n_tiles)
+                u: T.let[T.int64] = unit(w, n_tiles)
+                for r in T.unroll(MR):
+                    for g in T.unroll(4):
+                        for v in T.vectorized(LANES):
+                            acc[r, g, v] = xw[step(t, m.seq_len(lens[T.min(bt * MR + r, n_b - 1)], n_t), n_t),
+                                              T.min(bt * MR + r, n_b - 1), u * (4 * LANES) + g * LANES + v]
+                for k in T.serial(HP):
+                    for r in T.unroll(MR):
+                        for g in T.unroll(4):
+                            for v in T.vectorized(LANES):
+                                acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * MR + r, n_b - 1), k] * rp[u, k, g, v]
+                for r in T.unroll(MR):
+                    if bt * MR + r < n_b:
+                        if t < m.seq_len(lens[bt * MR + r], n_t):
+                            for v in T.vectorized(LANES):
+                                cn[bt * MR + r, u * LANES + v] = m.cell_c(
+                                    acc[r, 0, v], acc[r, 2, v], acc[r, 3, v], p[0, u * LANES + v],
+                                    p[2, u * LANES + v], cn[bt * MR + r, u * LANES + v])
+                            for v in T.vectorized(LANES):
+                                hb[1 - t % 2, bt * MR + r, u * LANES + v] = m.cell_h(
+                                    acc[r, 1, v], p[1, u * LANES + v], cn[bt * MR + r, u * LANES + v])
+                            for v in T.vectorized(LANES):
+                                y[step(t, m.seq_len(lens[bt * MR + r], n_t), n_t), bt * MR + r, u * LANES + v] = \
+                                    hb[1 - t % 2, bt * MR + r, u * LANES + v]
+                        else:
+                            for v in T.vectorized(LANES):
+                                hb[1 - t % 2, bt * MR + r, u * LANES + v] = hb[t % 2, bt * MR + r, u * LANES + v]
+                                y[t, bt * MR + r, u * LANES + v] = T.float32(0)
+        for b1 in T.serial(n_b):
+            for j1 in T.serial(HP):
+                hn[b1, j1] = hb[n_t % 2, b1, j1]
+
+    return lstm_recurrence_cpu
