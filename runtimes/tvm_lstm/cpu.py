@@ -132,8 +132,43 @@ def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
     def unit(w, n_tiles):
         return w % UB if batch_parallel else w // n_tiles
 
-    def step(t, length, n_t):
+    def step_of(t, length, n_t):
         return tirx.min(tirx.max(m.step_index(t, length), tirx.const(0, "int64")), n_t - 1)
+
+    @T.macro
+    def step(mr, t, n_t, n_b, xw, rp, p, lens, y, cn, hb):
+        """One time step over every (batch tile of `mr` rows, unit block)."""
+        for w in T.parallel(((n_b + mr - 1) // mr) * UB):
+            acc = T.alloc_buffer((mr, 4, LANES), "float32", scope="local")
+            bt: T.let[T.int64] = tile(w, (n_b + mr - 1) // mr)
+            u: T.let[T.int64] = unit(w, (n_b + mr - 1) // mr)
+            for r in T.unroll(mr):
+                for g in T.unroll(4):
+                    for v in T.vectorized(LANES):
+                        acc[r, g, v] = xw[step_of(t, m.seq_len(lens[T.min(bt * mr + r, n_b - 1)], n_t), n_t),
+                                          T.min(bt * mr + r, n_b - 1), u * (4 * LANES) + g * LANES + v]
+            for k in T.serial(HP):
+                for r in T.unroll(mr):
+                    for g in T.unroll(4):
+                        for v in T.vectorized(LANES):
+                            acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * mr + r, n_b - 1), k] * rp[u, k, g, v]
+            for r in T.unroll(mr):
+                if bt * mr + r < n_b:
+                    if t < m.seq_len(lens[bt * mr + r], n_t):
+                        for v in T.vectorized(LANES):
+                            cn[bt * mr + r, u * LANES + v] = m.cell_c(
+                                acc[r, 0, v], acc[r, 2, v], acc[r, 3, v], p[0, u * LANES + v],
+                                p[2, u * LANES + v], cn[bt * mr + r, u * LANES + v])
+                        for v in T.vectorized(LANES):
+                            hb[1 - t % 2, bt * mr + r, u * LANES + v] = m.cell_h(
+                                acc[r, 1, v], p[1, u * LANES + v], cn[bt * mr + r, u * LANES + v])
+                        for v in T.vectorized(LANES):
+                            y[step_of(t, m.seq_len(lens[bt * mr + r], n_t), n_t), bt * mr + r, u * LANES + v] = \
+                                hb[1 - t % 2, bt * mr + r, u * LANES + v]
+                    else:
+                        for v in T.vectorized(LANES):
+                            hb[1 - t % 2, bt * mr + r, u * LANES + v] = hb[t % 2, bt * mr + r, u * LANES + v]
+                            y[t, bt * mr + r, u * LANES + v] = T.float32(0)
 
     @T.prim_func(private=True)
     def lstm_recurrence_cpu(var_xw: T.handle, rp: T.Buffer((UB, HP, 4, LANES), "float32"),
@@ -154,39 +189,11 @@ def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
             for j0 in T.serial(HP):
                 hb[0, b0, j0] = T.if_then_else(j0 < H, h0[b0, T.min(j0, H - 1)], T.float32(0))
                 cn[b0, j0] = T.if_then_else(j0 < H, c0[b0, T.min(j0, H - 1)], T.float32(0))
-        n_tiles = T.meta_var((n_b + MR - 1) // MR)
         for t in T.serial(n_t):
-            for w in T.parallel(n_tiles * UB):
-                acc = T.alloc_buffer((MR, 4, LANES), "float32", scope="local")
-                bt: T.let[T.int64] = tile(w, n_tiles)
-                u: T.let[T.int64] = unit(w, n_tiles)
-                for r in T.unroll(MR):
-                    for g in T.unroll(4):
-                        for v in T.vectorized(LANES):
-                            acc[r, g, v] = xw[step(t, m.seq_len(lens[T.min(bt * MR + r, n_b - 1)], n_t), n_t),
-                                              T.min(bt * MR + r, n_b - 1), u * (4 * LANES) + g * LANES + v]
-                for k in T.serial(HP):
-                    for r in T.unroll(MR):
-                        for g in T.unroll(4):
-                            for v in T.vectorized(LANES):
-                                acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * MR + r, n_b - 1), k] * rp[u, k, g, v]
-                for r in T.unroll(MR):
-                    if bt * MR + r < n_b:
-                        if t < m.seq_len(lens[bt * MR + r], n_t):
-                            for v in T.vectorized(LANES):
-                                cn[bt * MR + r, u * LANES + v] = m.cell_c(
-                                    acc[r, 0, v], acc[r, 2, v], acc[r, 3, v], p[0, u * LANES + v],
-                                    p[2, u * LANES + v], cn[bt * MR + r, u * LANES + v])
-                            for v in T.vectorized(LANES):
-                                hb[1 - t % 2, bt * MR + r, u * LANES + v] = m.cell_h(
-                                    acc[r, 1, v], p[1, u * LANES + v], cn[bt * MR + r, u * LANES + v])
-                            for v in T.vectorized(LANES):
-                                y[step(t, m.seq_len(lens[bt * MR + r], n_t), n_t), bt * MR + r, u * LANES + v] = \
-                                    hb[1 - t % 2, bt * MR + r, u * LANES + v]
-                        else:
-                            for v in T.vectorized(LANES):
-                                hb[1 - t % 2, bt * MR + r, u * LANES + v] = hb[t % 2, bt * MR + r, u * LANES + v]
-                                y[t, bt * MR + r, u * LANES + v] = T.float32(0)
+            if n_b >= MR:  # register tiles of MR batch rows share each load of R
+                step(MR, t, n_t, n_b, xw, rp, p, lens, y, cn, hb)
+            else:  # small batches (serving): one row per tile, no wasted FMAs
+                step(1, t, n_t, n_b, xw, rp, p, lens, y, cn, hb)
         for b1 in T.serial(n_b):
             for j1 in T.serial(HP):
                 hn[b1, j1] = hb[n_t % 2, b1, j1]

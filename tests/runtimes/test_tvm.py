@@ -63,16 +63,22 @@ def lstm_model(D=1, layout=0, optional=("B", "sequence_lens", "initial_h", "init
         g.initializer.append(zero)
         adds = [helper.make_node("Add", [n + "_raw", "zero"], [n]) for n in ("W", "R", "B", "P")
                 if n in ("W", "R") or n in optional]
-        g.node[:] = adds + list(g.node)
+        lstm_node = list(g.node)
+        del g.node[:]
+        g.node.extend(adds + lstm_node)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
 
 
+def _lstm_node(model):
+    return next(n for n in model.graph.node if n.op_type == "LSTM")
+
+
 def feeds_for(model, T, B, seed):
     rng = np.random.default_rng(seed)
-    layout = next((a.i for a in model.graph.node[0].attribute if a.name == "layout"), 0)
-    D = 2 if any(a.name == "direction" and a.s == b"bidirectional" for a in model.graph.node[0].attribute) else 1
+    layout = next((a.i for a in _lstm_node(model).attribute if a.name == "layout"), 0)
+    D = 2 if any(a.name == "direction" and a.s == b"bidirectional" for a in _lstm_node(model).attribute) else 1
     feeds = {}
     for vi in model.graph.input:
         if vi.name == "X":
@@ -86,11 +92,11 @@ def feeds_for(model, T, B, seed):
 
 def ort_oracle(model, feeds):
     """ONNX Runtime's outputs; for layout 1 (ORT refuses it) the same node at layout 0 on transposed data."""
-    layout = next((a.i for a in model.graph.node[0].attribute if a.name == "layout"), 0)
+    layout = next((a.i for a in _lstm_node(model).attribute if a.name == "layout"), 0)
     if layout == 1:
         m0 = onnx.ModelProto()
         m0.CopyFrom(model)
-        for a in m0.graph.node[0].attribute:
+        for a in _lstm_node(m0).attribute:
             if a.name == "layout":
                 a.i = 0
         for vi in m0.graph.input:  # shapes become time-major / direction-major
