@@ -136,28 +136,40 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False)
         h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
     if c0 is not None and layout == 1:
         c0 = bb.emit(relax.op.permute_dims(c0, [1, 0, 2]))
-    zeros_state = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None or c0 is None else None
-    # Without sequence_lens every sequence runs all T steps; the loop ignores the (zero) lens tensor.
-    lens = (bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None
-            else bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32")))
-
     weights = [_const(W), _const(R)] + [_const(v) for v in (B, P) if v is not None]
     fast_cpu = not cuda and I is not None and all(w is not None for w in weights)
+    # The fast CPU kernel starts from zero itself and ignores absent lengths: no kernels for those.
+    need_zeros = (h0 is None or c0 is None) and not (fast_cpu and h0 is None and c0 is None)
+    zeros_state = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if need_zeros else None
+    if seq_lens is not None:
+        lens = bb.emit(relax.op.astype(seq_lens, "int32"))
+    elif fast_cpu:
+        lens = relax.const(np.zeros(1, np.int32))
+    else:  # every sequence runs all T steps; the portable loop ignores the (zero) lens tensor
+        lens = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32"))
+
     ys, hs, cs = [], [], []
     for d, spec in enumerate(specs):
         h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros_state
         c_d = bb.emit(_direction(c0, d)) if c0 is not None else zeros_state
+        if fast_cpu and h_d is None:  # no initial state: (1, H) placeholders the kernel never reads
+            h_d = c_d = relax.const(np.zeros((1, H), np.float32))
         if fast_cpu:  # constant weights: packed once here, at import time
-            y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None, h_d, c_d, lens,
-                                          n_t, n_b, I)
+            y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None,
+                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I)
         else:
             y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
         ys.append(y)
         hs.append(h)
         cs.append(c)
-    Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
-    Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
-    Y_c = bb.emit(relax.op.stack(cs, axis=0))
+    if D == 1:  # a reshape is free; stack would copy
+        Y = bb.emit(relax.op.reshape(ys[0], relax.ShapeExpr([n_t, 1, n_b, H])))  # (T, 1, B, H)
+        Y_h = bb.emit(relax.op.reshape(hs[0], relax.ShapeExpr([1, n_b, H])))
+        Y_c = bb.emit(relax.op.reshape(cs[0], relax.ShapeExpr([1, n_b, H])))
+    else:
+        Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
+        Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
+        Y_c = bb.emit(relax.op.stack(cs, axis=0))
     if layout == 1:
         Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
         Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
@@ -188,7 +200,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
-def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, h_d, c_d, lens, n_t, n_b, I):
+def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I):
     """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
     from . import cpu
     H = spec.hidden
@@ -204,7 +216,7 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, h_d, c_d, lens, n
     xw = bb.emit(relax.call_tir(proj, [x2, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H))],
                                 relax.TensorType([n_t * n_b, NP], "float32")))
     xw = bb.emit(relax.op.reshape(xw, relax.ShapeExpr([n_t, n_b, NP])))
-    rec = bb.add_func(cpu.make_cpu_recurrence(spec, batch_parallel=False),
+    rec = bb.add_func(cpu.make_cpu_recurrence(spec, has_state=has_state),
                       f"lstm_recurrence_cpu_{'rev' if spec.reverse else 'fwd'}")
     out = bb.emit(relax.call_tir(rec, [xw, relax.const(cpu.pack_gates(r, H, k_pad=HP)), relax.const(p), h_d, c_d, lens],
                                  [relax.TensorType([n_t, n_b, HP], "float32"), relax.TensorType([n_b, HP], "float32"),

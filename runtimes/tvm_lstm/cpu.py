@@ -21,7 +21,7 @@ from tvm.script import tirx as T
 from .recurrence import CellSpec, GateMath
 
 LANES = 16
-MR = 4  # batch rows per register tile
+MR = 6  # batch rows per register tile (6 x 4 gates = 24 of the 32 AVX-512 registers)
 
 
 def padded(h: int) -> int:
@@ -114,11 +114,13 @@ def make_projection(k_dim: int, hidden: int):
     return lstm_projection
 
 
-def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
+def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool = False, has_state: bool = True):
     """PrimFunc(xw (T, B, NP), rp (UB, HP, 4, LANES), p (3, HP), h0, c0 (B, H), lens (B,))
     -> y (T, B, HP), hn (B, HP), cn (B, HP); the caller slices the padding off.
 
     `batch_parallel`: parallelise over batch tiles (large batches) instead of unit blocks.
+    Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
+    zero; without sequence lengths lens is a (1,) placeholder. Neither costs a kernel launch.
     """
     H = spec.hidden
     HP = padded(H)
@@ -131,6 +133,17 @@ def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
 
     def unit(w, n_tiles):
         return w % UB if batch_parallel else w // n_tiles
+
+    def state_dims(n_b):
+        return (n_b, H) if has_state else (1, H)
+
+    def lens_dims(n_b):
+        return (n_b,) if spec.has_lens else (1,)
+
+    def initial(buf, b, j):
+        if not has_state:
+            return tirx.const(0.0, "float32")
+        return tirx.if_then_else(j < H, buf[b, tirx.min(j, H - 1)], tirx.const(0.0, "float32"))
 
     def step_of(t, length, n_t):
         return tirx.min(tirx.max(m.step_index(t, length), tirx.const(0, "int64")), n_t - 1)
@@ -178,17 +191,17 @@ def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool):
         n_t = T.int64()
         n_b = T.int64()
         xw = T.match_buffer(var_xw, (n_t, n_b, NP), "float32")
-        h0 = T.match_buffer(var_h0, (n_b, H), "float32")
-        c0 = T.match_buffer(var_c0, (n_b, H), "float32")
-        lens = T.match_buffer(var_lens, (n_b,), "int32")
+        h0 = T.match_buffer(var_h0, state_dims(n_b), "float32")
+        c0 = T.match_buffer(var_c0, state_dims(n_b), "float32")
+        lens = T.match_buffer(var_lens, lens_dims(n_b), "int32")
         y = T.match_buffer(var_y, (n_t, n_b, HP), "float32")
         hn = T.match_buffer(var_hn, (n_b, HP), "float32")
         cn = T.match_buffer(var_cn, (n_b, HP), "float32")
         hb = T.alloc_buffer((2, n_b, HP), "float32")  # double-buffered h: read [t % 2], write the other
         for b0 in T.serial(n_b):
             for j0 in T.serial(HP):
-                hb[0, b0, j0] = T.if_then_else(j0 < H, h0[b0, T.min(j0, H - 1)], T.float32(0))
-                cn[b0, j0] = T.if_then_else(j0 < H, c0[b0, T.min(j0, H - 1)], T.float32(0))
+                hb[0, b0, j0] = initial(h0, b0, j0)
+                cn[b0, j0] = initial(c0, b0, j0)
         for t in T.serial(n_t):
             if n_b >= MR:  # register tiles of MR batch rows share each load of R
                 step(MR, t, n_t, n_b, xw, rp, p, lens, y, cn, hb)
