@@ -37,6 +37,7 @@ def add_commands(sub) -> None:
     p.add_argument("--min-s", type=float, default=1.0, help="seconds of timed runs per entry, at least")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
+    p.add_argument("--markdown", default=None, help="write the table as markdown here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("runtimes", help="list runtimes and whether they can run here")
@@ -121,6 +122,11 @@ def cmd_bench(args) -> int:
         report.to_json(args.json)
     if args.plot:
         plot(report, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(f"Machine: {report.machine}, {report.threads} threads, float32, median of "
+                                       f"repeated runs after warm-up; ratio = median / best peer's median "
+                                       f"(peers: torch.nn.LSTM, ort-cpu native, openvino native).\n\n"
+                                       f"{report.markdown()}\n")
     return 0
 
 

@@ -97,6 +97,16 @@ class BenchReport:
     def to_json(self, path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
+    def markdown(self) -> str:
+        rows = ["| shape | runtime | median ms | p90 ms | p99 ms | GFLOP/s | vs best peer | status |",
+                "|---|---|---|---|---|---|---|---|"]
+        f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+        for t in self.timings:
+            name = f"**{t.entry}**" if t.entry.startswith("tvm") else t.entry
+            rows.append(f"| {t.shape} | {name} | {f(t.median_ms, '.3f')} | {f(t.p90_ms, '.3f')} | {f(t.p99_ms, '.3f')} | "
+                        f"{f(t.gflops, '.1f')} | {f(t.ratio_to_best_peer, '.2f')} | {t.status} |")
+        return "\n".join(rows)
+
     def table(self) -> str:
         rows = [f"{'shape':<32}{'runtime':<22}{'median ms':>10}{'p90':>9}{'p99':>9}{'GFLOP/s':>9}{'vs best peer':>13}  status"]
         for t in self.timings:
@@ -211,6 +221,8 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                     t.status = f"unavailable: {e}"
                 except UserError as e:
                     t.status = f"error: {e}"
+                except Exception as e:  # one broken entry must not lose the others' numbers
+                    t.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 done.append(t)
                 bar.update(1)
             peers = [t.median_ms for t in done if t.entry in PEERS and t.median_ms is not None]

@@ -48,11 +48,10 @@ class TorchRuntime(Runtime):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
-        from lstm_export.charlm import CharLM
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
         state = (t["h_0"], t["c_0"]) if "h_0" in t else None
         with torch.inference_mode():
-            if isinstance(self.module, CharLM):
+            if "tokens" in t:  # a char LM (the module may be wrapped, e.g. by torch.compile)
                 y, (h, c) = self.module(t["tokens"], state)
                 first = "logits"
             else:

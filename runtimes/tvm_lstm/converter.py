@@ -26,7 +26,7 @@ def _static_shape(expr) -> list:
     shape = expr.ty.shape
     if shape is None:
         return []
-    return [int(d) if isinstance(d, (int,)) or hasattr(d, "value") else None for d in shape.values]
+    return [int(d.value) if hasattr(d, "value") else None for d in shape.values]  # IntImm or symbolic
 
 
 def _const(expr) -> np.ndarray | None:
@@ -121,9 +121,8 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False)
         raise UserError(f"LSTM node {node!r}: W has shape {w_shape}, expected [num_directions={D}, 4*hidden_size="
                         f"{4 * H}, input_size={I}]")
     if len(r_shape) != 3 or r_shape[0] not in (D, None) or r_shape[1] not in (4 * H, None) or r_shape[2] not in (H, None):
-        raise UserError(f"LSTM node {node!r}: R has shape {r_shape}, expected [{D}, {4 * H}, {H}] "
-                        f"(hidden_size={H} disagrees with R)" if len(r_shape) == 3 and r_shape[2] != H else
-                        f"LSTM node {node!r}: R has shape {r_shape}, expected [{D}, {4 * H}, {H}]")
+        raise UserError(f"LSTM node {node!r}: R has shape {r_shape}, expected [num_directions={D}, "
+                        f"4*hidden_size={4 * H}, hidden_size={H}]")
     if B is not None and _static_shape(B) not in ([D, 8 * H], [None, 8 * H], [D, None], [None, None]):
         raise UserError(f"LSTM node {node!r}: B has shape {_static_shape(B)}, expected [{D}, {8 * H}]")
     if P is not None and _static_shape(P) not in ([D, 3 * H], [None, 3 * H]):

@@ -99,3 +99,16 @@ def test_feature_models_and_refusals(tmp_path):
     native = export_onnx(m, tmp_path / "n.onnx", "native")
     with pytest.raises(UserError, match="not a streaming graph"):
         StreamingSession(native)
+
+
+def test_streaming_on_tvm_llvm_equals_ort(lm_streaming):
+    pytest.importorskip("tvm", reason="apache-tvm is not installed")
+    _, path = lm_streaming
+    ids = np.random.default_rng(3).integers(0, 12, 25)
+    outs = {}
+    for runtime in ("ort-cpu", "tvm-llvm"):
+        with StreamingSession(path, runtime=runtime) as s:
+            a, b = s.open(), s.open()
+            outs[runtime] = [s.feed(a, ids[:10])["logits"], s.feed(b, ids[:4])["logits"], s.feed(a, ids[10:])["logits"]]
+    for x, y in zip(outs["ort-cpu"], outs["tvm-llvm"]):
+        np.testing.assert_allclose(x, y, atol=1e-5)

@@ -337,3 +337,25 @@ def test_cuda_compile_without_nvcc_says_so(cli, tmp_path):
     path = export_onnx(m, tmp_path / "n.onnx", "native")
     r = cli("compile", path, "--target", "cuda", "--out", tmp_path / "c", env={"PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "needs nvcc" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("bidirectional,lengths", [(False, False), (True, True)])
+def test_tvm_against_the_float64_reference(tmp_path, bidirectional, lengths):
+    """Our exported native graph on tvm-llvm against lstm_export.reference (float64 numpy)."""
+    from runtimes.numpy_reference import NumpyReferenceRuntime
+    m = LSTM(I, 20, 2, bidirectional=bidirectional).eval()  # 20: padded to 32 units inside the kernel
+    path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=lengths)
+    D = 2 if bidirectional else 1
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.standard_normal((40, 5, I)).astype(np.float32),
+             "h_0": rng.standard_normal((2 * D, 5, 20)).astype(np.float32),
+             "c_0": rng.standard_normal((2 * D, 5, 20)).astype(np.float32)}
+    if lengths:
+        feeds["lengths"] = np.array([40, 3, 17, 1, 40], np.int32)
+    ref = NumpyReferenceRuntime(model=m)
+    ref.prepare()
+    expected = ref.run(feeds)
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    for k, v in rt.run(feeds).items():
+        np.testing.assert_allclose(v, expected[k], atol=2e-5, err_msg=k)
