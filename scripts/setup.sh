@@ -10,13 +10,16 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+# pip's own status survives the filter (pipefail); the filter drops this machine's noise about
+# configured local indexes that do not exist.
+quiet() { "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 
 # CPU torch first: with 2.13.0 installed, later requirements that admit it install nothing more.
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
   echo "setup: installing torch 2.13.0 (CPU build)"
-  "${PIP[@]}" "torch==2.13.0"
+  quiet "${PIP[@]}" "torch==2.13.0"
 fi
 
 echo "setup: installing lstm-export and its CPU dependencies"
-"${PIP[@]}" -e ".[dev]"
+quiet "${PIP[@]}" -e ".[dev]"
 echo "setup: done; try .venv/bin/lstm-export --help"
