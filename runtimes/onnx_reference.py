@@ -9,6 +9,24 @@ from .base import Availability, Runtime
 from .model_io import load_onnx
 
 
+def _ignored_rnn_features(node) -> list[str]:
+    """What onnx's reference RNN kernels silently ignore (checked against ONNX Runtime): a model using
+    any of these would get wrong numbers, so the runtime refuses it instead."""
+    if node.op_type not in ("LSTM", "GRU", "RNN"):
+        return []
+    found = []
+    if len(node.input) > 4 and node.input[4]:
+        found.append("sequence_lens")
+    for a in node.attribute:
+        if a.name == "clip":
+            found.append("clip")
+        elif a.name == "input_forget" and a.i:
+            found.append("input_forget")
+        elif a.name == "activations" and any(x.decode().lower() not in ("sigmoid", "tanh") for x in a.strings):
+            found.append("activations")
+    return found
+
+
 class ReferenceRuntime(Runtime):
     name = "onnx-reference"
 
@@ -26,10 +44,11 @@ class ReferenceRuntime(Runtime):
     def prepare(self, model) -> None:
         from onnx.reference import ReferenceEvaluator
         proto = load_onnx(model)
-        for node in proto.graph.node:  # its RNN kernels ignore sequence_lens: refuse rather than be wrong
-            if node.op_type in ("LSTM", "GRU", "RNN") and len(node.input) > 4 and node.input[4]:
-                raise UserError(f"onnx-reference ignores {node.op_type} sequence_lens (node {node.name!r}) and would "
-                                "return wrong numbers; run variable-length models on ort-cpu or torch")
+        for node in proto.graph.node:
+            ignored = _ignored_rnn_features(node)
+            if ignored:
+                raise UserError(f"onnx-reference ignores {node.op_type} {' and '.join(ignored)} (node {node.name!r}) "
+                                "and would return wrong numbers; run this model on ort-cpu")
         try:
             self.evaluator = ReferenceEvaluator(proto)
         except Exception as e:

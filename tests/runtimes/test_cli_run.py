@@ -105,6 +105,24 @@ def test_reference_evaluator_refuses_sequence_lens(cli, tmp_path):
                  "ignores LSTM sequence_lens")
 
 
+@pytest.mark.parametrize("attrs,named", [({"clip": 0.3}, "clip"), ({"input_forget": 1}, "input_forget"),
+                                         ({"activations": ["HardSigmoid", "Tanh", "Tanh"]}, "activations")])
+def test_reference_evaluator_refuses_what_it_would_ignore(tmp_path, attrs, named):
+    """onnx's reference LSTM ignores these attributes (its numbers differ from ORT's by up to 0.27)."""
+    from lstm_export import UserError
+    from runtimes.onnx_reference import ReferenceRuntime
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="n", hidden_size=2, **attrs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 1, 2])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 1, 1, 2])],
+                          [onnx.numpy_helper.from_array(np.zeros((1, 8, 2), np.float32), "W"),
+                           onnx.numpy_helper.from_array(np.zeros((1, 8, 2), np.float32), "R")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "m.onnx")
+    with pytest.raises(UserError, match=f"ignores LSTM {named}"):
+        ReferenceRuntime().prepare(tmp_path / "m.onnx")
+
+
 def test_compare_passes_and_writes_report_and_plot(cli, native, tmp_path):
     _, path, _ = native
     r = cli("compare", path, "--runtimes", "ort-cpu,onnx-reference", "--dim", "time=12", "--seed", "4",
