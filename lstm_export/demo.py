@@ -52,4 +52,27 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
         report = compare(path, rts, feeds, atol=1e-4, rtol=1e-4, seed=0)
         print(f"\n[{mode}]\n{report.table()}")
         ok = ok and report.passed
+
+    if list_runtimes()["tvm-llvm"]:
+        from runtimes.tvm_lstm.compile import compile_onnx
+        _step("compile: the native graph with TVM for this CPU -> model.so (loads with the TVM runtime alone)")
+        lib = compile_onnx(paths["native"], out / "tvm", "llvm")
+        print(f"{lib} ({lib.stat().st_size / 1e6:.2f} MB)")
+
+    _step("serve: two interleaved streams on one micro-batched session, then one generated line")
+    from runtimes.streaming import StreamingSession
+    with StreamingSession(paths["streaming"]) as session:
+        a, b = session.open(), session.open()
+        for text in ("def main(", "class Foo", "):\n    ", ":\n    "):
+            session.feed_text(a if text[0] in "d)" else b, text)
+        print(f"fed 4 chunks to 2 streams in {session.stats.batches} batched runs")
+    print(sample(model, ck.vocab, "import ", 60, 0.5, seed=1).splitlines()[0])
+
+    if list_runtimes()["tvm-llvm"]:
+        from runtimes.bench import Shape, bench
+        _step("bench: this model at T=64, batch 1 (median ms; the full benchmark is scripts/bench.sh)")
+        cfg = ck.model_config
+        shape = Shape(64, 1, cfg.vocab_size, cfg.hidden, cfg.layers, lm=True)
+        report = bench([shape], ["torch.nn.LSTM", "ort-cpu native", "tvm-llvm native"], min_s=0.3, progress=False)
+        print(report.table())
     return 0 if ok else 1

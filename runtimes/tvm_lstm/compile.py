@@ -54,6 +54,13 @@ def compile_module(mod, target):
             raise UserError("compiling for cuda needs nvcc on PATH (install the CUDA toolkit)")
         from .cuda import schedule_for_cuda
         mod = schedule_for_cuda(mod, target)
+    else:
+        from tvm.relax.backend.cpu_generic import legalize_passes
+
+        from .cpu_schedule import schedule_generic_cpu_kernels
+        with target:
+            mod = tvm.transform.Sequential(legalize_passes(target))(mod)
+        mod = schedule_generic_cpu_kernels(mod)
     return tvm.compile(mod, target=target)
 
 

@@ -359,3 +359,24 @@ def test_tvm_against_the_float64_reference(tmp_path, bidirectional, lengths):
     rt.prepare(path)
     for k, v in rt.run(feeds).items():
         np.testing.assert_allclose(v, expected[k], atol=2e-5, err_msg=k)
+
+
+def test_generic_cpu_kernels_get_a_schedule():
+    """The char LM's head (MatMul + Add) is scheduled on the CPU instead of left as a plain loop nest."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import legalize_passes
+
+    from lstm_export.charlm import CharLM
+    from lstm_export.config import ModelConfig
+    from lstm_export.export import build_onnx
+    from runtimes.tvm_lstm.compile import host_target, import_onnx
+    from runtimes.tvm_lstm.cpu_schedule import schedule_generic_cpu_kernels
+    for vocab in (160, 163):  # a multiple of 16 (vectorized) and not (reordered + parallel)
+        mod = import_onnx(build_onnx(CharLM(ModelConfig(vocab_size=vocab, embed=8, hidden=16, layers=1)).eval(),
+                                     "native"))
+        target = host_target()
+        with target:
+            mod = tvm.transform.Sequential(legalize_passes(target))(mod)
+        mod = schedule_generic_cpu_kernels(mod)
+        heads = [f for gv, f in mod.functions.items() if "matmul" in gv.name_hint]
+        assert heads and all("tirx.is_scheduled" in f.attrs for f in heads)
