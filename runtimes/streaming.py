@@ -118,7 +118,9 @@ class StreamingSession:
 
     @property
     def open_streams(self) -> int:
+        """Streams open now (idle ones past the timeout are expired first, so metrics never count them)."""
         with self._lock:
+            self._expire_locked()
             return len(self._streams)
 
     def _expire_locked(self) -> None:
