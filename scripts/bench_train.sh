@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quality benchmark: the char-base model (2 layers) on tinyshakespeare for at most 20 minutes;
-# writes benchmarks/train_tinyshakespeare.{json,png}. Goal: validation loss <= 1.60 nats/char.
+# writes benchmarks/train_charlm_shakespeare.{json,png}. Goal: validation loss <= 1.60 nats/char.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TEXT=${TEXT:-../shared/data/tinyshakespeare.txt}
@@ -9,4 +9,4 @@ OUT=${OUT:-runs/tinyshakespeare}
 rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
 CMD=".venv/bin/lstm-export train --config char-base --text $TEXT --out $OUT"
 $CMD 2>&1 | tee "$OUT.log" | tr '\r' '\n' | grep -v '^train:' || true
-.venv/bin/python -m lstm_export.report "$OUT/ckpt.pt" benchmarks/train_tinyshakespeare "$CMD" "$OUT.log"
+.venv/bin/python -m lstm_export.report "$OUT/ckpt.pt" benchmarks/train_charlm_shakespeare "$CMD" "$OUT.log"
