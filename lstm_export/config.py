@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import UserError
@@ -41,11 +41,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at `steps`
 
 
-# Hyper-parameters whose change makes a checkpoint unresumable (the others, like steps or minutes,
-# may change between runs).
-FROZEN_TRAIN_FIELDS = ("bptt", "batch", "seed", "val_fraction")
-
-
 def load_preset(name: str) -> dict:
     """A named config from models/NAME.json as {"model": {...}, "train": {...}}."""
     path = MODELS_DIR / f"{name}.json"
@@ -64,6 +59,3 @@ def _check_keys(d: dict, cls, path: Path) -> None:
     if unknown:
         raise UserError(f"{path}: unknown {cls.__name__} keys {sorted(unknown)}; known keys are {sorted(known)}")
 
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)

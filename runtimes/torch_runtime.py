@@ -89,7 +89,6 @@ class TorchNNRuntime(TorchRuntime):
         return ref
 
     def _call_lstm(self, x, state, lengths):
-        import torch
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
         if lengths is None:
             return self.module(x, state)

@@ -48,7 +48,6 @@ def import_onnx(model, cuda: bool = False):
 
 def compile_module(mod, target):
     import tvm
-    from tvm import relax
     if target.kind.name == "cuda":
         if shutil.which("nvcc") is None:
             raise UserError("compiling for cuda needs nvcc on PATH (install the CUDA toolkit)")

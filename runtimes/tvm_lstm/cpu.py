@@ -114,11 +114,11 @@ def make_projection(k_dim: int, hidden: int):
     return lstm_projection
 
 
-def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool = False, has_state: bool = True):
+def make_cpu_recurrence(spec: CellSpec, has_state: bool = True):
     """PrimFunc(xw (T, B, NP), rp (UB, HP, 4, LANES), p (3, HP), h0, c0 (B, H), lens (B,))
     -> y (T, B, HP), hn (B, HP), cn (B, HP); the caller slices the padding off.
 
-    `batch_parallel`: parallelise over batch tiles (large batches) instead of unit blocks.
+    Work items run unit-block-major, so each thread streams its own share of R from its cache.
     Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
     zero; without sequence lengths lens is a (1,) placeholder. Neither costs a kernel launch.
     """
@@ -129,10 +129,10 @@ def make_cpu_recurrence(spec: CellSpec, batch_parallel: bool = False, has_state:
     m = FastGateMath(spec)
 
     def tile(w, n_tiles):
-        return w // UB if batch_parallel else w % n_tiles
+        return w % n_tiles
 
     def unit(w, n_tiles):
-        return w % UB if batch_parallel else w // n_tiles
+        return w // n_tiles
 
     def state_dims(n_b):
         return (n_b, H) if has_state else (1, H)

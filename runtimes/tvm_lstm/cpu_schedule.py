@@ -54,7 +54,6 @@ def _is_reduction(sch, block) -> bool:
 
 def schedule_generic_cpu_kernels(mod):
     """Schedules what it can of the legalized, fused module's unscheduled PrimFuncs (see above)."""
-    import tvm
     from tvm import tirx
     updates = {}
     for gv, func in mod.functions.items():

@@ -1,5 +1,4 @@
 """The HTTP server: every route, every limit as a clean 4xx, and the server keeps serving after faults."""
-import json
 import socket
 import threading
 import time
