@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -92,7 +93,7 @@ def cmd_train(args) -> int:
     text = read_text(args.text) if args.text else default_corpus()
     res = train(text, model_cfg, train_cfg, out, resume=resume, progress=not args.quiet,
                 save_all_ranks=args.save_all_ranks)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         state = "interrupted" if res.interrupted else "done"
         print(f"{state}: step {res.step}, {res.elapsed_s:.1f} s, train {res.train_loss:.4f} nats/char, "
               f"val {res.val_loss:.4f} nats/char ({res.val_bpc:.3f} bits/char), {res.chars_per_s:,.0f} chars/s; "

@@ -21,6 +21,7 @@ from . import checkpoint as ckpt_io
 from .charlm import CharLM
 from .config import ModelConfig, TrainConfig
 from .data import Corpus, StreamBatcher
+from .errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -138,7 +139,6 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
     corpus = Corpus.from_text(text, cfg.val_fraction, vocab)
     model_cfg.vocab_size = len(corpus.vocab)
     if cfg.batch % dist_.world:
-        from .errors import UserError
         raise UserError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_.world})")
     batcher = StreamBatcher(corpus.train, cfg.batch, cfg.bptt)
     share = cfg.batch // dist_.world
@@ -237,7 +237,6 @@ def _agree_to_stop(local: bool, d: _Dist) -> bool:
 def sample(model: CharLM, vocab, prime: str, chars: int, temperature: float = 1.0, seed: int | None = None) -> str:
     """Continues `prime` by `chars` characters; temperature 0 picks the most likely character."""
     if temperature < 0:
-        from .errors import UserError
         raise UserError(f"--temperature must be >= 0, got {temperature}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     model.eval()

@@ -26,10 +26,8 @@ class LoadResult:
     p99_ms: float
 
 
-def reference_logits(model_path: str | Path, ids: np.ndarray) -> np.ndarray:
-    """One stream alone, in one call, from a zero state."""
-    import onnxruntime as ort
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+def reference_logits(sess, ids: np.ndarray) -> np.ndarray:
+    """One stream alone, in one call, from a zero state, on an ONNX Runtime session."""
     shape = sess.get_inputs()[1].shape  # h_0: (layers, batch, hidden)
     z = np.zeros((shape[0], 1, shape[2]), np.float32)
     return sess.run(None, {"tokens": ids[None, :].astype(np.int64), "h_0": z, "c_0": z})[0][0]
@@ -72,10 +70,12 @@ def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int
     for t in threads:
         t.join()
     seconds = time.perf_counter() - t0
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     mismatches = 0
     for k in range(clients):
         got = outputs.get(k, [])
-        ref = reference_logits(model_path, seqs[k])
+        ref = reference_logits(sess, seqs[k])
         if len(got) != chunks or not np.allclose(np.concatenate(got), ref, atol=1e-4, rtol=1e-4):
             mismatches += 1
     lat = np.array(latencies) * 1000

@@ -90,15 +90,18 @@ def create_app(model_path: str, cfg: ServerConfig | None = None):
     def metrics():
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
+    from .model_io import input_specs, load_onnx, output_specs
+    proto = load_onnx(model_path)  # described once: the file does not change while we serve it
+    description = {
+        "path": str(model_path), "runtime": session.runtime.name,
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in input_specs(proto)],
+        "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in output_specs(proto)],
+        "metadata": {k: v for k, v in session.metadata.items() if k != "lstm_export.vocab"},
+        "vocab": session.vocab, "limits": vars(cfg)}
+
     @app.get("/v1/model")
     def model_info():
-        from .model_io import input_specs, load_onnx, output_specs
-        proto = load_onnx(model_path)
-        meta = {k: v for k, v in session.metadata.items() if k != "lstm_export.vocab"}
-        return {"path": str(model_path), "runtime": session.runtime.name,
-                "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in input_specs(proto)],
-                "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in output_specs(proto)],
-                "metadata": meta, "vocab": session.vocab, "limits": vars(cfg)}
+        return description
 
     @app.post("/v1/streams", status_code=201)
     def open_stream():
