@@ -54,11 +54,28 @@ class TvmLlvmRuntime(Runtime):
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tvm
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n]), self.dev) for n in self.input_names]
+        args = [self._tensor(feeds[n]) for n in self.input_names]
         out = self.vm["main"](*args)
         outs = list(out) if not hasattr(out, "numpy") else [out]
-        return {n: o.numpy() for n, o in zip(self.output_names, outs)}
+        return {n: self._array(o) for n, o in zip(self.output_names, outs)}
+
+    def _tensor(self, a: np.ndarray):
+        """A device tensor for `a`. On the CPU an aligned array is shared, not copied (12 us -> 0.4 us
+        per call at one streaming step): Relax functions never write their inputs."""
+        import tvm
+        a = np.ascontiguousarray(a)
+        if self.target == "llvm" and a.ctypes.data % 64 == 0 and a.flags.writeable:
+            try:
+                return tvm.runtime.from_dlpack(a)
+            except (RuntimeError, BufferError, TypeError):
+                pass  # e.g. a dtype DLPack cannot carry: copy it instead
+        return tvm.runtime.tensor(a, self.dev)
+
+    def _array(self, t) -> np.ndarray:
+        """A NumPy copy of an output (a copy: an output may be a constant or an input of the VM)."""
+        if self.target == "llvm":
+            return np.array(np.from_dlpack(t))
+        return t.numpy()
 
     def release(self) -> None:
         self.vm = None

@@ -81,10 +81,35 @@ class FastGateMath(GateMath):
 
 
 def make_projection(k_dim: int, hidden: int):
-    """PrimFunc(x (M, K), wp (UB, K, 4, LANES), bias (NP,)) -> xw (M, NP), M symbolic."""
+    """PrimFunc(x (M, K), wp (UB, K, 4, LANES), bias (NP,)) -> xw (M, NP), M symbolic.
+
+    Work items run unit-block-major (w = u * row_tiles + row_tile), so each thread streams its own
+    share of the packed weights, and a single row (a one-step call) still spreads over every core.
+    """
     UB = padded(hidden) // LANES
     NP = UB * 4 * LANES
     K = k_dim
+
+    @T.macro
+    def tiles(mr, m, x, wp, bias, xw):
+        for w in T.parallel(UB * ((m + mr - 1) // mr)):
+            acc = T.alloc_buffer((mr, 4, LANES), "float32", scope="local")
+            mt: T.let[T.int64] = w % ((m + mr - 1) // mr)
+            u: T.let[T.int64] = w // ((m + mr - 1) // mr)
+            for r in T.unroll(mr):
+                for g in T.unroll(4):
+                    for v in T.vectorized(LANES):
+                        acc[r, g, v] = bias[u * 4 * LANES + g * LANES + v]
+            for k in T.serial(K):
+                for r in T.unroll(mr):
+                    for g in T.unroll(4):
+                        for v in T.vectorized(LANES):
+                            acc[r, g, v] = acc[r, g, v] + x[T.min(mt * mr + r, m - 1), k] * wp[u, k, g, v]
+            for r in T.unroll(mr):
+                if mt * mr + r < m:
+                    for g in T.unroll(4):
+                        for v in T.vectorized(LANES):
+                            xw[mt * mr + r, u * 4 * LANES + g * LANES + v] = acc[r, g, v]
 
     @T.prim_func(private=True)
     def lstm_projection(var_x: T.handle, wp: T.Buffer((UB, K, 4, LANES), "float32"),
@@ -93,23 +118,10 @@ def make_projection(k_dim: int, hidden: int):
         m = T.int64()
         x = T.match_buffer(var_x, (m, K), "float32")
         xw = T.match_buffer(var_xw, (m, NP), "float32")
-        for mt in T.parallel((m + MR - 1) // MR):
-            acc = T.alloc_buffer((MR, 4, LANES), "float32", scope="local")
-            for u in T.serial(UB):
-                for r in T.unroll(MR):
-                    for g in T.unroll(4):
-                        for v in T.vectorized(LANES):
-                            acc[r, g, v] = bias[u * 4 * LANES + g * LANES + v]
-                for k in T.serial(K):
-                    for r in T.unroll(MR):
-                        for g in T.unroll(4):
-                            for v in T.vectorized(LANES):
-                                acc[r, g, v] = acc[r, g, v] + x[T.min(mt * MR + r, m - 1), k] * wp[u, k, g, v]
-                for r in T.unroll(MR):
-                    if mt * MR + r < m:
-                        for g in T.unroll(4):
-                            for v in T.vectorized(LANES):
-                                xw[mt * MR + r, u * 4 * LANES + g * LANES + v] = acc[r, g, v]
+        if m >= MR:
+            tiles(MR, m, x, wp, bias, xw)
+        else:  # fewer rows than a register tile (serving): one row per tile, no wasted FMAs
+            tiles(1, m, x, wp, bias, xw)
 
     return lstm_projection
 
@@ -127,6 +139,7 @@ def make_cpu_recurrence(spec: CellSpec, has_state: bool = True):
     UB = HP // LANES
     NP = UB * 4 * LANES
     m = FastGateMath(spec)
+    first_product = tirx.const(0 if has_state else 1, "int64")
 
     def tile(w, n_tiles):
         return w % n_tiles
@@ -160,11 +173,12 @@ def make_cpu_recurrence(spec: CellSpec, has_state: bool = True):
                     for v in T.vectorized(LANES):
                         acc[r, g, v] = xw[step_of(t, m.seq_len(lens[T.min(bt * mr + r, n_b - 1)], n_t), n_t),
                                           T.min(bt * mr + r, n_b - 1), u * (4 * LANES) + g * LANES + v]
-            for k in T.serial(HP):
-                for r in T.unroll(mr):
-                    for g in T.unroll(4):
-                        for v in T.vectorized(LANES):
-                            acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * mr + r, n_b - 1), k] * rp[u, k, g, v]
+            if t >= first_product:  # without an initial state, h is zero at the first step: skip h @ R
+                for k in T.serial(HP):
+                    for r in T.unroll(mr):
+                        for g in T.unroll(4):
+                            for v in T.vectorized(LANES):
+                                acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * mr + r, n_b - 1), k] * rp[u, k, g, v]
             for r in T.unroll(mr):
                 if bt * mr + r < n_b:
                     if t < m.seq_len(lens[bt * mr + r], n_t):

@@ -144,6 +144,13 @@ def test_each_optional_input_alone(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path)
 
 
+@pytest.mark.parametrize("optional", [("B",), ALL_OPTIONAL], ids=["zero-state", "given-state"])
+def test_fast_cpu_tiles_at_one_step_and_wide_batches(tmp_path, optional):
+    """The fast CPU kernels change tiling below MR rows (one streaming step: T*B = 1) and skip h @ R
+    at the first step when there is no initial state; a batch of 7 mixes full and partial MR tiles."""
+    check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)))
+
+
 ACTIVATIONS = [
     {"activations": ["HardSigmoid", "Elu", "Softsign"], "activation_alpha": [0.3, 0.9], "activation_beta": [0.4]},
     {"activations": ["Sigmoid", "Affine", "ScaledTanh"], "activation_alpha": [0.7, 1.1], "activation_beta": [0.2, 0.8]},
