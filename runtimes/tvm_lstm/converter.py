@@ -204,28 +204,18 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     from . import cpu
     H = spec.hidden
     HP = cpu.padded(H)
-    NP = HP // cpu.LANES * 4 * cpu.LANES
     w, r = weights[0][d], weights[1][d]
     bias = weights[2][d][:4 * H] + weights[2][d][4 * H:] if has_b else np.zeros(4 * H, np.float32)
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    proj = bb.add_func(cpu.make_projection(int(I), H), "lstm_projection")
-    x2 = bb.emit(relax.op.reshape(X, relax.ShapeExpr([n_t * n_b, I])))
-    xw = bb.emit(relax.call_tir(proj, [x2, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H))],
-                                relax.TensorType([n_t * n_b, NP], "float32")))
-    xw = bb.emit(relax.op.reshape(xw, relax.ShapeExpr([n_t, n_b, NP])))
-    rec = bb.add_func(cpu.make_cpu_recurrence(spec, has_state=has_state),
-                      f"lstm_recurrence_cpu_{'rev' if spec.reverse else 'fwd'}")
-    out = bb.emit(relax.call_tir(rec, [xw, relax.const(cpu.pack_gates(r, H, k_pad=HP)), relax.const(p), h_d, c_d, lens],
-                                 [relax.TensorType([n_t, n_b, HP], "float32"), relax.TensorType([n_b, HP], "float32"),
-                                  relax.TensorType([n_b, HP], "float32")]))
-    y, h, c = (bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
-    if HP != H:  # drop the padded units
-        y = bb.emit(relax.op.strided_slice(y, axes=[2], begin=[0], end=[H]))
-        h = bb.emit(relax.op.strided_slice(h, axes=[1], begin=[0], end=[H]))
-        c = bb.emit(relax.op.strided_slice(c, axes=[1], begin=[0], end=[H]))
-    return y, h, c
+    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state),
+                        f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
+    out = bb.emit(relax.call_tir(layer, [X, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H)),
+                                         relax.const(cpu.pack_gates(r, H, k_pad=HP)), relax.const(p), h_d, c_d, lens],
+                                 [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
+                                  relax.TensorType([n_b, H], "float32")]))
+    return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
 @contextlib.contextmanager
