@@ -151,6 +151,14 @@ def test_fast_cpu_tiles_at_one_step_and_wide_batches(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)))
 
 
+@pytest.mark.parametrize("hidden", [20, 24, 32])
+def test_fast_cpu_unit_blocks_full_and_narrow(tmp_path, monkeypatch, hidden):
+    """Hidden sizes that mix full 16-unit blocks with a narrower last block (4 or 8 real units) or
+    none, on both the batched (fused projection) and the small-batch path."""
+    monkeypatch.setitem(globals(), "H", hidden)
+    check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path, shapes=((3, 7), (4, 2)))
+
+
 ACTIVATIONS = [
     {"activations": ["HardSigmoid", "Elu", "Softsign"], "activation_alpha": [0.3, 0.9], "activation_beta": [0.4]},
     {"activations": ["Sigmoid", "Affine", "ScaledTanh"], "activation_alpha": [0.7, 1.1], "activation_beta": [0.2, 0.8]},
