@@ -21,7 +21,7 @@ class TvmLlvmRuntime(Runtime):
 
     def __init__(self, threads: int | None = None, arch: str = "sm_90"):
         self.threads, self.arch = threads, arch
-        self.vm = None
+        self.vm = self._main = None
         self._tmp = None
         self._staging = {}
 
@@ -53,10 +53,11 @@ class TvmLlvmRuntime(Runtime):
         self.output_names = [o["name"] for o in meta["outputs"]]
         self.dev = self._device()
         self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        self._main = self.vm["main"]  # looked up once, not per call
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [self._tensor(feeds[n], n) for n in self.input_names]
-        out = self.vm["main"](*args)
+        out = self._main(*args)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return {n: self._array(o) for n, o in zip(self.output_names, outs)}
 
@@ -87,7 +88,7 @@ class TvmLlvmRuntime(Runtime):
         return t.numpy()
 
     def release(self) -> None:
-        self.vm = None
+        self.vm = self._main = None
         self._staging = {}
         if self._tmp is not None:
             self._tmp.cleanup()
