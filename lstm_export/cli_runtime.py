@@ -26,6 +26,12 @@ def add_commands(sub) -> None:
     p.add_argument("--arch", default="sm_90", help="CUDA architecture (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="cores the llvm target uses (default: all)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tune", action="store_true",
+                   help="first tune this model's generic kernels with MetaSchedule into the tuning database")
+    p.add_argument("--trials", type=int, default=64, help="measured candidates in all, with --tune (default: %(default)s)")
+    p.add_argument("--tuning-db", default=None, metavar="DIR",
+                   help="MetaSchedule database folder (default: the committed one for this CPU and core count; "
+                        "'none' compiles without one)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("bench", help="time every runtime on LSTM shapes (outputs checked equal first)")
@@ -101,10 +107,26 @@ def cmd_compile(args) -> int:
         from runtimes.tvm_lstm.compile import compile_onnx
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
-    lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads)
+    if args.trials < 1:
+        raise UserError(f"--trials must be at least 1, got {args.trials}")
+    lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
+                       tune_trials=args.trials if args.tune else 0)
     meta = json.loads((lib.parent / "meta.json").read_text())
+    tuning = meta.get("tuning")
+    if tuning:
+        print(f"tuned {len(tuning['tasks'])} kernel(s) with {tuning['trials']} trials in {tuning['seconds']:.0f} s "
+              f"into {meta['tuning_db']}")
+        for name in tuning["tasks"]:
+            d, b = tuning["before_ms"].get(name), tuning["best_ms"].get(name)
+            if d and b:
+                print(f"  {name[:60]:<60} {d:9.4f} ms -> {b:9.4f} ms  ({d / b:.2f}x)")
+        for name, why in tuning.get("skipped", {}).items():
+            print(f"  {name[:60]:<60} not tuned: {why}")
     print(f"{args.target}: {lib} ({lib.stat().st_size / 1e6:.2f} MB) in {meta['compile_s']:.1f} s; "
           f"main({', '.join(i['name'] for i in meta['inputs'])}) -> {', '.join(o['name'] for o in meta['outputs'])}")
+    if args.target == "llvm":
+        print(f"kernels from the tuning database: {meta['kernels_from_db']}"
+              + (f" ({meta['tuning_db']})" if meta["tuning_db"] else " (none for this CPU; --tune makes one)"))
     return 0
 
 

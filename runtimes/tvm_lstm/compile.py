@@ -46,25 +46,37 @@ def import_onnx(model, cuda: bool = False):
         raise UserError(f"TVM cannot import this model: no converter for operator(s) {ops}") from None
 
 
-def compile_module(mod, target):
+def legalize_cpu(mod, target):
+    """Relax ops lowered to fused PrimFuncs (TVM's CPU pipeline up to scheduling): what tuning sees."""
     import tvm
+    from tvm.relax.backend.cpu_generic import legalize_passes
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+
+def compile_module(mod, target, database=None):
+    """(executable, number of kernels scheduled from `database`). On llvm, kernels the database knows
+    take its fastest record; the rest get cpu_schedule's default; our LSTM kernels come scheduled."""
+    import tvm
+    from_db = 0
     if target.kind.name == "cuda":
         if shutil.which("nvcc") is None:
             raise UserError("compiling for cuda needs nvcc on PATH (install the CUDA toolkit)")
         from .cuda import schedule_for_cuda
         mod = schedule_for_cuda(mod, target)
     else:
-        from tvm.relax.backend.cpu_generic import legalize_passes
-
         from .cpu_schedule import schedule_generic_cpu_kernels
-        with target:
-            mod = tvm.transform.Sequential(legalize_passes(target))(mod)
+        mod = legalize_cpu(mod, target)
+        if database is not None:
+            from .tuning import apply_database
+            mod, from_db = apply_database(mod, target, database)
         mod = schedule_generic_cpu_kernels(mod)
-    return tvm.compile(mod, target=target)
+    return tvm.compile(mod, target=target), from_db
 
 
 def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llvm", arch: str = "sm_90",
-                 threads: int | None = None) -> Path:
+                 threads: int | None = None, tuning_db: str | Path | None = None, tune_trials: int = 0,
+                 progress: bool = True) -> Path:
     """Compiles an ONNX file; writes OUT/model.so and OUT/meta.json; returns OUT/model.so.
 
     Args:
@@ -73,6 +85,9 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
         target: "llvm" (this CPU's features and cores) or "cuda".
         arch: CUDA architecture for target="cuda".
         threads: cores the llvm target assumes (default: all).
+        tuning_db: MetaSchedule database folder for llvm (default: the committed one for this CPU and
+            core count, when there is one; see tuning.py). "none" compiles without one.
+        tune_trials: > 0 first tunes this model's kernels into tuning_db with that many trials.
     """
     import tvm
     model = load_onnx(model_path)
@@ -81,7 +96,20 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     tgt = host_target(threads) if target == "llvm" else cuda_target(arch)
     t0 = time.perf_counter()
     mod = import_onnx(model, cuda=target == "cuda")
-    ex = compile_module(mod, tgt)
+    db, db_dir, tuned = None, None, None
+    if target == "llvm" and str(tuning_db) != "none":
+        from .tuning import default_db_dir, open_database, tune
+        db_dir = Path(tuning_db) if tuning_db else default_db_dir(tgt)
+        if tune_trials > 0:
+            tuned = tune(legalize_cpu(mod, tgt), tgt, db_dir, tune_trials, progress=progress)
+            t0 = time.perf_counter()  # compile time is what a deployment pays, without the tuning
+        elif tuning_db and open_database(db_dir) is None:
+            raise UserError(f"--tuning-db {db_dir} holds no MetaSchedule database; make one with "
+                            f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
+        db = open_database(db_dir)
+    elif tune_trials > 0:
+        raise UserError("--tune works with --target llvm only (CUDA kernels are scheduled by dlight)")
+    ex, from_db = compile_module(mod, tgt, db)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib = out / "model.so"
@@ -90,7 +118,11 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     tmp.replace(lib)
     meta = {"inputs": [_spec(s) for s in input_specs(model)], "outputs": [_spec(s) for s in output_specs(model)],
             "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt), "target_kind": target,
-            "tvm_version": tvm.__version__, "source": str(model_path), "compile_s": round(time.perf_counter() - t0, 3)}
+            "tvm_version": tvm.__version__, "source": str(model_path), "compile_s": round(time.perf_counter() - t0, 3),
+            "tuning_db": str(db_dir) if db is not None else None, "kernels_from_db": from_db}
+    if tuned is not None:
+        meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
+                          "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return lib
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 LANES = 16
 
 
-def _schedule_reduction(func):
+def default_schedule(func):
+    """The traced s_tir.Schedule of `func` (global_symbol "main") that compile uses without a tuning
+    database, or None where this pass leaves the plain loop nest. The trace seeds the database."""
     from tvm import s_tir
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root") if _has_root(sch) else None
@@ -37,7 +39,12 @@ def _schedule_reduction(func):
     if vector:
         sch.vectorize(ji)  # before decompose_reduction: afterwards the block is no longer complete
     sch.decompose_reduction(block, k)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return sch
+
+
+def _schedule_reduction(func):
+    sch = default_schedule(func)
+    return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
 def _has_root(sch) -> bool:
