@@ -132,8 +132,9 @@ def tune(mod, target, db_dir: str | Path, trials: int, progress: bool = True, se
         return report
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as work:
-        # Tune into a copy, then keep the best record per kernel and swap the files in: an interrupted
-        # run leaves the old database as it was, and the committed one stays small.
+        # Tune into a copy, then write the best record per kernel to a new folder and swap it in
+        # (_replace_database): an interrupted run leaves the old database as it was, and the
+        # committed one stays small.
         scratch = Path(work) / "db"
         scratch.mkdir()
         for f in _DB_FILES:
