@@ -103,10 +103,10 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
         if tune_trials > 0:
             tuned = tune(legalize_cpu(mod, tgt), tgt, db_dir, tune_trials, progress=progress)
             t0 = time.perf_counter()  # compile time is what a deployment pays, without the tuning
-        elif tuning_db and open_database(db_dir) is None:
+        db = open_database(db_dir)
+        if db is None and tuning_db and not tune_trials:  # asked for one that is not there
             raise UserError(f"--tuning-db {db_dir} holds no MetaSchedule database; make one with "
                             f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
-        db = open_database(db_dir)
     elif tune_trials > 0:
         raise UserError("--tune works with --target llvm only (CUDA kernels are scheduled by dlight)")
     ex, from_db = compile_module(mod, tgt, db)

@@ -137,9 +137,10 @@ def tune(mod, target, db_dir: str | Path, trials: int, progress: bool = True, se
         # committed one stays small.
         scratch = Path(work) / "db"
         scratch.mkdir()
+        current = _recovered(Path(db_dir))
         for f in _DB_FILES:
-            if (_recovered(Path(db_dir)) / f).is_file():
-                shutil.copyfile(Path(db_dir) / f, scratch / f)
+            if (current / f).is_file():
+                shutil.copyfile(current / f, scratch / f)
         db = open_database(scratch, create=True)
         builder, runner = ms.builder.LocalBuilder(f_build=build_candidate), ms.runner.LocalRunner()
         _seed_defaults(tasks, target, db, builder, runner, report)
