@@ -209,10 +209,10 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state),
+    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state, has_peepholes=has_p),
                         f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
     out = bb.emit(relax.call_tir(layer, [X, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H)),
-                                         relax.const(cpu.pack_gates(r, H, k_pad=HP)), relax.const(p), h_d, c_d, lens],
+                                         relax.const(cpu.pack_gates(r, H)), relax.const(p), h_d, c_d, lens],
                                  [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
                                   relax.TensorType([n_b, H], "float32")]))
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))

@@ -1,9 +1,10 @@
 """The fast CPU path: packed weights, a register-blocked projection GEMM and a fused recurrent step.
 
 Layout: hidden units are grouped in blocks of LANES (16 floats = one AVX-512 register); for unit
-block u the four ONNX gates i, o, f, c sit next to each other, so column n of the packed weights is
-u*4*LANES + gate*LANES + lane. H is padded to a multiple of LANES with zero weights: padded units
-never feed real ones (their rows of R are zero) and are never written out.
+block u the four ONNX gates i, o, f, c sit next to each other, so a row of the packed weights is
+[i of 16 units | o | f | c]. The last block is only as wide as its real units rounded up to 4
+(`tail_width`), so H=100 computes 104 units, not 112; past the real units the weights are zero.
+Padded units never feed real ones (rows of R past H are never read) and are never written out.
 
 - `make_cpu_layer`: one PrimFunc per layer and direction. Per step, one parallel loop over
   (batch tile of MR rows, unit block) computes bias + x_t @ W + h @ R for its tile in registers and
@@ -29,22 +30,40 @@ def padded(h: int) -> int:
     return (h + LANES - 1) // LANES * LANES
 
 
-def pack_gates(w: np.ndarray, hidden: int, k_pad: int | None = None) -> np.ndarray:
-    """ONNX-ordered (4H, K) weights -> (UB, K', 4, LANES) packed, zero-padded to UB*LANES units
-    (and to K' = k_pad rows, for R whose K is the padded hidden size)."""
-    hp = padded(hidden)
-    k = k_pad or w.shape[1]
-    out = np.zeros((4, hp, k), np.float32)
-    out[:, :hidden, :w.shape[1]] = w.reshape(4, hidden, w.shape[1])
-    return np.ascontiguousarray(out.reshape(4, hp // LANES, LANES, k).transpose(1, 3, 0, 2))
+def tail_width(hidden: int) -> int:
+    """Lanes of the last unit block: its real units rounded up to 4, so that its 4 gates fill
+    4*width/16 whole registers (a 100-unit layer computes 100 + 4 units, not 112)."""
+    last = hidden - (padded(hidden) // LANES - 1) * LANES
+    return (last + 3) // 4 * 4
+
+
+def packed_size(hidden: int, rows: int) -> int:
+    """Floats in the packed form of a (4*hidden, rows) weight: full blocks, then the tail block."""
+    ub = padded(hidden) // LANES
+    return (ub - 1) * rows * 4 * LANES + rows * 4 * tail_width(hidden)
+
+
+def pack_gates(w: np.ndarray, hidden: int) -> np.ndarray:
+    """ONNX-ordered (4H, K) weights -> flat float32: unit block u (LANES wide, the last one
+    tail_width wide: bw) is a (K, 4, bw) slab at offset u*K*4*LANES, gates in ONNX order i, o, f, c
+    side by side for each row k, zero past the real units."""
+    k = w.shape[1]
+    ub = padded(hidden) // LANES
+    tw = tail_width(hidden)
+    gates = w.reshape(4, hidden, k)
+    out = np.zeros(packed_size(hidden, k), np.float32)
+    for u in range(ub):
+        bw = LANES if u < ub - 1 else tw
+        n = min(bw, hidden - u * LANES)
+        slab = np.zeros((k, 4, bw), np.float32)
+        slab[:, :, :n] = gates[:, u * LANES:u * LANES + n, :].transpose(2, 0, 1)
+        out[u * k * 4 * LANES:u * k * 4 * LANES + k * 4 * bw] = slab.ravel()
+    return out
 
 
 def pack_bias(b: np.ndarray, hidden: int) -> np.ndarray:
-    """(4H,) -> (UB*4*LANES,) in the packed column order."""
-    hp = padded(hidden)
-    out = np.zeros((4, hp), np.float32)
-    out[:, :hidden] = b.reshape(4, hidden)
-    return np.ascontiguousarray(out.reshape(4, hp // LANES, LANES).transpose(1, 0, 2).reshape(-1))
+    """(4H,) -> flat, in the packed column order (one row of pack_gates)."""
+    return pack_gates(np.asarray(b, np.float32).reshape(4 * hidden, 1), hidden)
 
 
 # Rational tanh approximation for float32 (Eigen's generic_fast_tanh_float coefficients).
@@ -103,8 +122,8 @@ class FastGateMath(GateMath):
     def cell_c(self, xi, xf, xc, pi, pf, c_prev):
         if not self.shared_division:
             return super().cell_c(xi, xf, xc, pi, pf, c_prev)
-        ni, qi = sigmoid_parts(self.clip(xi + pi * c_prev))
-        nf, qf = sigmoid_parts(self.clip(xf + pf * c_prev))
+        ni, qi = sigmoid_parts(self.clip(self.peephole(xi, pi, c_prev)))
+        nf, qf = sigmoid_parts(self.clip(self.peephole(xf, pf, c_prev)))
         ng, qg = tanh_parts(self.clip(xc))
         # f * c + i * g = (nf/qf) c + (ni/qi)(ng/qg)
         return (nf * c_prev * (qi * qg) + ni * ng * qf) / (qf * (qi * qg))
@@ -112,42 +131,46 @@ class FastGateMath(GateMath):
     def cell_h(self, xo, po, c_new):
         if not self.shared_division:
             return super().cell_h(xo, po, c_new)
-        no, qo = sigmoid_parts(self.clip(xo + po * c_new))
+        no, qo = sigmoid_parts(self.clip(self.peephole(xo, po, c_new)))
         nc, qc = tanh_parts(c_new)
         return (no * nc) / (qo * qc)
 
 
-def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True):
+def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peepholes: bool = True):
     """One direction of one layer, projection included:
-    PrimFunc(x (T, B, K), wp (UB, K, 4, LANES), bias (NP,), rp (UB, HP, 4, LANES), p (3, HP),
-    h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn (B, H), cn (B, H).
+    PrimFunc(x (T, B, K), wp (packed K rows), bias (packed), rp (packed H rows), p (3, HP),
+    h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn (B, H), cn (B, H); the packed forms are
+    pack_gates' and pack_bias'.
+
+    The whole sequence is one parallel launch: every thread runs the time loop and takes its share
+    of each step's work items, then waits at a barrier (a launch per step cost 1-8 us per step).
 
     With B >= MR the input projection is fused into each step: a work item's register tile starts
     from bias + x_t @ W for its rows and unit block, then adds h @ R, so the T*B*4H projection is
     never written to memory and read back (it was 11 MB at T50 B128 H100, and evicted R from L2).
+    A tile is MR batch rows (the last one repeats the batch's last row where the batch runs out)
+    by one unit block. The narrow last unit block (tail_width lanes: 4 for H=100, not 16) packs
+    its 4 gates into 4*width/16 registers; see fused_step for how its cheaper items are placed.
     With B < MR (serving) one x_t row per step would stream all of W per step, so the projection
     runs first over all T*B rows into a scratch buffer, spread over the cores, as one GEMM.
     The padded units live only in the kernel's own state buffers; y is written unpadded.
 
     Work items run unit-block-major, so each thread streams its own share of R from its cache.
     Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
-    zero; without sequence lengths lens is a (1,) placeholder. Neither costs a kernel launch.
+    zero; without sequence lengths lens is a (1,) placeholder; without `has_peepholes` p is never
+    read. None of them costs a kernel launch.
     """
     H = spec.hidden
     HP = padded(H)
     UB = HP // LANES
-    NP = UB * 4 * LANES
+    TW = tail_width(H)
+    FULL = UB if TW == LANES else UB - 1  # unit blocks of full width; a narrower last one is the tail
+    LAST = H - (UB - 1) * LANES  # real units in the last unit block
+    NP = packed_size(H, 1)
+    K = k_dim
     m = FastGateMath(spec)
     first_product = tirx.const(0 if has_state else 1, "int64")
-    LAST = H - (UB - 1) * LANES  # real units in the last unit block
-    K = k_dim
     unit_major = K * NP * 4 > UNIT_MAJOR_BYTES
-
-    def tile(w, n_tiles):
-        return w % n_tiles
-
-    def unit(w, n_tiles):
-        return w // n_tiles
 
     def state_dims(n_b):
         return (n_b, H) if has_state else (1, H)
@@ -163,95 +186,149 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True):
     def step_of(t, length, n_t):
         return tirx.min(tirx.max(m.step_index(t, length), tirx.const(0, "int64")), n_t - 1)
 
+    def peep(p, i, u, v):
+        return p[i, u * LANES + v] if has_peepholes else None
+
+    def n_tiles(n_b):  # batch tiles of MR rows (the last one repeats the last row as needed)
+        return (n_b + MR - 1) // MR
+
+    def tail_from(n_b):  # where the tail block's items start in a step's list: see fused_step
+        return FULL * n_tiles(n_b) // 2
+
     @T.macro
-    def x_times_w(mr, acc, rt, rb, u, x, wp, bias):
-        """acc[r] = bias + x[rt[r], rb[r]] @ W for unit block u: the projection's register tile."""
+    def finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
+        """The cell update of rows r0.. (those inside the batch) of unit block u from the gate
+        pre-activations in acc (mr, 4*bw): gate g of unit v at acc[r, g*bw + v]."""
         for r in T.unroll(mr):
-            for g in T.unroll(4):
+            if r0 + r < n_b:
+                if t < m.seq_len(lens[r0 + r], n_t):
+                    for v in T.vectorized(bw):
+                        cs[r0 + r, u * LANES + v] = m.cell_c(
+                            acc[r, v], acc[r, 2 * bw + v], acc[r, 3 * bw + v], peep(p, 0, u, v), peep(p, 2, u, v),
+                            cs[r0 + r, u * LANES + v])
+                    for v in T.vectorized(bw):
+                        hb[1 - t % 2, r0 + r, u * LANES + v] = m.cell_h(
+                            acc[r, bw + v], peep(p, 1, u, v), cs[r0 + r, u * LANES + v])
+                    if bw < LANES or u == UB - 1:  # the last block holds LAST real units
+                        for v in T.vectorized(LAST):
+                            y[step_of(t, m.seq_len(lens[r0 + r], n_t), n_t), r0 + r, u * LANES + v] = \
+                                hb[1 - t % 2, r0 + r, u * LANES + v]
+                    else:
+                        for v in T.vectorized(LANES):
+                            y[step_of(t, m.seq_len(lens[r0 + r], n_t), n_t), r0 + r, u * LANES + v] = \
+                                hb[1 - t % 2, r0 + r, u * LANES + v]
+                else:
+                    for v in T.vectorized(bw):
+                        hb[1 - t % 2, r0 + r, u * LANES + v] = hb[t % 2, r0 + r, u * LANES + v]
+                    if bw < LANES or u == UB - 1:
+                        for v in T.vectorized(LAST):
+                            y[t, r0 + r, u * LANES + v] = T.float32(0)
+                    else:
+                        for v in T.vectorized(LANES):
+                            y[t, r0 + r, u * LANES + v] = T.float32(0)
+
+    @T.macro
+    def tile(mr, bw, u, r0, t, n_t, n_b, fused, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """Rows r0 .. r0+mr-1 of unit block u (bw lanes wide): gates in registers, then the cell
+        update. Rows past the batch (only in the tail block's tiles) repeat the last row and are
+        not written."""
+        acc = T.alloc_buffer((mr, 4 * bw), "float32", scope="local")
+        rb = T.alloc_buffer((mr,), "int64", scope="local")  # each row's batch index
+        rt = T.alloc_buffer((mr,), "int64", scope="local")  # and the time index it reads at step t
+        for r in T.unroll(mr):
+            rb[r] = T.min(r0 + r, n_b - 1)
+            rt[r] = step_of(t, m.seq_len(lens[T.min(r0 + r, n_b - 1)], n_t), n_t)
+        if fused:
+            for r in T.unroll(mr):
+                for c in T.unroll(4 * bw // LANES):
+                    for v in T.vectorized(LANES):
+                        acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
+            for k in T.serial(K):
+                for r in T.unroll(mr):
+                    for c in T.unroll(4 * bw // LANES):
+                        for v in T.vectorized(LANES):
+                            acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
+                                wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+        else:
+            for r in T.unroll(mr):
+                for c in T.unroll(4 * bw // LANES):
+                    for v in T.vectorized(LANES):
+                        acc[r, c * LANES + v] = xw[rt[r], rb[r], u * 4 * LANES + c * LANES + v]
+        if t >= first_product:  # without an initial state, h is zero at the first step: skip h @ R
+            for k in T.serial(H):
+                for r in T.unroll(mr):
+                    for c in T.unroll(4 * bw // LANES):
+                        for v in T.vectorized(LANES):
+                            acc[r, c * LANES + v] = acc[r, c * LANES + v] + hb[t % 2, rb[r], k] * \
+                                rp[u * H * 4 * LANES + k * 4 * bw + c * LANES + v]
+        finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb)
+
+    @T.macro
+    def fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """One step, B >= MR: every (batch tile, unit block), unit-block-major. The tail block's
+        items cost about a quarter of the others, so they sit in the middle of the list: two
+        threads, each given half the list, then get the same work."""
+        for w in T.parallel((FULL + (1 if FULL < UB else 0)) * n_tiles(n_b)):
+            if FULL < UB and w >= tail_from(n_b) and w < tail_from(n_b) + n_tiles(n_b):
+                tile(MR, TW, UB - 1, (w - tail_from(n_b)) * MR, t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y,
+                     cs, hb)
+            else:
+                full: T.let[T.int64] = w - n_tiles(n_b) if FULL < UB and w >= tail_from(n_b) else w
+                tile(MR, LANES, full // n_tiles(n_b), full % n_tiles(n_b) * MR, t, n_t, n_b, True, x, wp, bias, xw,
+                     rp, p, lens, y, cs, hb)
+
+    @T.macro
+    def row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """One step, B < MR: one row per work item, the projection read from xw."""
+        for w in T.parallel(n_b * UB):
+            if FULL == UB:
+                tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+            elif w // n_b < FULL:
+                tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+            else:
+                tile(1, TW, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+
+    @T.macro
+    def project_block(mr, bw, u, mt, n_t, n_b, x, wp, bias, xw):
+        """xw[rows mt*mr.., block u] = bias + x @ W for `mr` of the T*B rows."""
+        acc = T.alloc_buffer((mr, 4 * bw), "float32", scope="local")
+        rt = T.alloc_buffer((mr,), "int64", scope="local")  # each row's (t, b)
+        rb = T.alloc_buffer((mr,), "int64", scope="local")
+        for r in T.unroll(mr):
+            rt[r] = T.min(mt * mr + r, n_t * n_b - 1) // n_b
+            rb[r] = T.min(mt * mr + r, n_t * n_b - 1) % n_b
+        for r in T.unroll(mr):
+            for c in T.unroll(4 * bw // LANES):
                 for v in T.vectorized(LANES):
-                    acc[r, g, v] = bias[u * 4 * LANES + g * LANES + v]
+                    acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
         for k in T.serial(K):
             for r in T.unroll(mr):
-                for g in T.unroll(4):
+                for c in T.unroll(4 * bw // LANES):
                     for v in T.vectorized(LANES):
-                        acc[r, g, v] = acc[r, g, v] + x[rt[r], rb[r], k] * wp[u, k, g, v]
+                        acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
+                            wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+        for r in T.unroll(mr):
+            if mt * mr + r < n_t * n_b:
+                for c in T.unroll(4 * bw // LANES):
+                    for v in T.vectorized(LANES):
+                        xw[rt[r], rb[r], u * 4 * LANES + c * LANES + v] = acc[r, c * LANES + v]
 
     @T.macro
     def project_rows(mr, n_t, n_b, x, wp, bias, xw):
         """xw[t, b] = bias + x[t, b] @ W for every row; a work item is `mr` rows x one unit block."""
         for w in T.parallel(((n_t * n_b + mr - 1) // mr) * UB):
-            acc = T.alloc_buffer((mr, 4, LANES), "float32", scope="local")
-            rt = T.alloc_buffer((mr,), "int64", scope="local")  # each row's (t, b)
-            rb = T.alloc_buffer((mr,), "int64", scope="local")
             mt: T.let[T.int64] = w % ((n_t * n_b + mr - 1) // mr) if unit_major else w // UB
             u: T.let[T.int64] = w // ((n_t * n_b + mr - 1) // mr) if unit_major else w % UB
-            for r in T.unroll(mr):
-                rt[r] = T.min(mt * mr + r, n_t * n_b - 1) // n_b
-                rb[r] = T.min(mt * mr + r, n_t * n_b - 1) % n_b
-            x_times_w(mr, acc, rt, rb, u, x, wp, bias)
-            for r in T.unroll(mr):
-                if mt * mr + r < n_t * n_b:
-                    for g in T.unroll(4):
-                        for v in T.vectorized(LANES):
-                            xw[rt[r], rb[r], u * 4 * LANES + g * LANES + v] = acc[r, g, v]
-
-    @T.macro
-    def step(mr, fused, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
-        """One time step over every (batch tile of `mr` rows, unit block)."""
-        for w in T.parallel(((n_b + mr - 1) // mr) * UB):
-            acc = T.alloc_buffer((mr, 4, LANES), "float32", scope="local")
-            bt: T.let[T.int64] = tile(w, (n_b + mr - 1) // mr)
-            u: T.let[T.int64] = unit(w, (n_b + mr - 1) // mr)
-            if fused:
-                ts = T.alloc_buffer((mr,), "int64", scope="local")  # each row's (time index, batch row)
-                tb = T.alloc_buffer((mr,), "int64", scope="local")
-                for r in T.unroll(mr):
-                    ts[r] = step_of(t, m.seq_len(lens[T.min(bt * mr + r, n_b - 1)], n_t), n_t)
-                    tb[r] = T.min(bt * mr + r, n_b - 1)
-                x_times_w(mr, acc, ts, tb, u, x, wp, bias)
+            if FULL == UB:
+                project_block(mr, LANES, u, mt, n_t, n_b, x, wp, bias, xw)
+            elif u < FULL:
+                project_block(mr, LANES, u, mt, n_t, n_b, x, wp, bias, xw)
             else:
-                for r in T.unroll(mr):
-                    for g in T.unroll(4):
-                        for v in T.vectorized(LANES):
-                            acc[r, g, v] = xw[step_of(t, m.seq_len(lens[T.min(bt * mr + r, n_b - 1)], n_t), n_t),
-                                              T.min(bt * mr + r, n_b - 1), u * (4 * LANES) + g * LANES + v]
-            if t >= first_product:  # without an initial state, h is zero at the first step: skip h @ R
-                for k in T.serial(H):  # rows of R past H meet zero h: skipped
-                    for r in T.unroll(mr):
-                        for g in T.unroll(4):
-                            for v in T.vectorized(LANES):
-                                acc[r, g, v] = acc[r, g, v] + hb[t % 2, T.min(bt * mr + r, n_b - 1), k] * rp[u, k, g, v]
-            for r in T.unroll(mr):
-                if bt * mr + r < n_b:
-                    if t < m.seq_len(lens[bt * mr + r], n_t):
-                        for v in T.vectorized(LANES):
-                            cs[bt * mr + r, u * LANES + v] = m.cell_c(
-                                acc[r, 0, v], acc[r, 2, v], acc[r, 3, v], p[0, u * LANES + v],
-                                p[2, u * LANES + v], cs[bt * mr + r, u * LANES + v])
-                        for v in T.vectorized(LANES):
-                            hb[1 - t % 2, bt * mr + r, u * LANES + v] = m.cell_h(
-                                acc[r, 1, v], p[1, u * LANES + v], cs[bt * mr + r, u * LANES + v])
-                        if u < UB - 1:
-                            for v in T.vectorized(LANES):
-                                y[step_of(t, m.seq_len(lens[bt * mr + r], n_t), n_t), bt * mr + r, u * LANES + v] = \
-                                    hb[1 - t % 2, bt * mr + r, u * LANES + v]
-                        else:
-                            for v in T.vectorized(LAST):
-                                y[step_of(t, m.seq_len(lens[bt * mr + r], n_t), n_t), bt * mr + r, u * LANES + v] = \
-                                    hb[1 - t % 2, bt * mr + r, u * LANES + v]
-                    else:
-                        for v in T.vectorized(LANES):
-                            hb[1 - t % 2, bt * mr + r, u * LANES + v] = hb[t % 2, bt * mr + r, u * LANES + v]
-                        if u < UB - 1:
-                            for v in T.vectorized(LANES):
-                                y[t, bt * mr + r, u * LANES + v] = T.float32(0)
-                        else:
-                            for v in T.vectorized(LAST):
-                                y[t, bt * mr + r, u * LANES + v] = T.float32(0)
+                project_block(mr, TW, u, mt, n_t, n_b, x, wp, bias, xw)
 
     @T.prim_func(private=True)
-    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((UB, K, 4, LANES), "float32"), bias: T.Buffer((NP,), "float32"),
-                       rp: T.Buffer((UB, HP, 4, LANES), "float32"), p: T.Buffer((3, HP), "float32"),
+    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(H, K),), "float32"), bias: T.Buffer((NP,), "float32"),
+                       rp: T.Buffer((packed_size(H, H),), "float32"), p: T.Buffer((3, HP), "float32"),
                        var_h0: T.handle, var_c0: T.handle, var_lens: T.handle,
                        var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -272,16 +349,22 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True):
             for j0 in T.serial(HP):
                 hb[0, b0, j0] = initial(h0, b0, j0)
                 cs[b0, j0] = initial(c0, b0, j0)
-        if n_b >= MR:  # register tiles of MR batch rows share each load of W and R
-            for t in T.serial(n_t):
-                step(MR, True, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-        else:  # small batches (serving): the projection as one GEMM first, then one row per tile
-            if n_t * n_b >= MR:
-                project_rows(MR, n_t, n_b, x, wp, bias, xw)
-            else:
-                project_rows(1, n_t, n_b, x, wp, bias, xw)
-            for t in T.serial(n_t):
-                step(1, False, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        # One launch for the whole sequence: each thread runs this block, takes its share of every
+        # parallel loop, and meets the others at the barrier after it.
+        with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
+            if n_b >= MR:  # register tiles of several batch rows share each load of W and R
+                for t in T.serial(n_t):
+                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
+                        fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+            else:  # small batches (serving): the projection as one GEMM first, then one row per item
+                with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
+                    if n_t * n_b >= MR:
+                        project_rows(MR, n_t, n_b, x, wp, bias, xw)
+                    else:
+                        project_rows(1, n_t, n_b, x, wp, bias, xw)
+                for t in T.serial(n_t):
+                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
+                        row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
         for b1 in T.serial(n_b):
             for j1 in T.serial(H):
                 hn[b1, j1] = hb[n_t % 2, b1, j1]

@@ -95,18 +95,23 @@ class GateMath:
         """The time index iteration t handles: reverse starts at the sequence's own last valid step."""
         return length - 1 - t if self.spec.reverse else t
 
+    @staticmethod
+    def peephole(x, p, c):
+        """x + p (.) c; p None means no peepholes (the term is left out, not multiplied by zero)."""
+        return x if p is None else x + p * c
+
     def cell_c(self, xi, xf, xc, pi, pf, c_prev):
         """The new cell from gate pre-activations (projection + recurrent) i, f, c."""
-        it = self.f(self.clip(xi + pi * c_prev))
+        it = self.f(self.clip(self.peephole(xi, pi, c_prev)))
         if self.spec.input_forget:
             ft = tirx.const(1.0, "float32") - it
         else:
-            ft = self.f(self.clip(xf + pf * c_prev))
+            ft = self.f(self.clip(self.peephole(xf, pf, c_prev)))
         return ft * c_prev + it * self.g(self.clip(xc))
 
     def cell_h(self, xo, po, c_new):
         """The new hidden state from the o pre-activation and the new cell."""
-        return self.f(self.clip(xo + po * c_new)) * self.h(c_new)
+        return self.f(self.clip(self.peephole(xo, po, c_new))) * self.h(c_new)
 
     def cell(self, xi, xo, xf, xc, ri, ro, rf, rc, pi, po, pf, c_prev):
         """Gate inputs x* (projection), r* (recurrent), p* (peepholes) in ONNX order; returns (h, c)."""

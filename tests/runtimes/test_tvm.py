@@ -151,12 +151,34 @@ def test_fast_cpu_tiles_at_one_step_and_wide_batches(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)))
 
 
-@pytest.mark.parametrize("hidden", [20, 24, 32])
+@pytest.mark.parametrize("hidden", [20, 24, 28, 30, 32, 49])
 def test_fast_cpu_unit_blocks_full_and_narrow(tmp_path, monkeypatch, hidden):
-    """Hidden sizes that mix full 16-unit blocks with a narrower last block (4 or 8 real units) or
-    none, on both the batched (fused projection) and the small-batch path."""
+    """Hidden sizes whose last unit block packs 4, 8, 12 or 16 lanes (20, 24, 28, 30: 4, 8, 12
+    and 14 real units) or is a full block (32), or is one unit after three full blocks (49), on the
+    batched path (7 rows: one tile and a partial one; 13 rows: three tiles, so the narrow block's
+    items sit between full ones) and on the small-batch path."""
     monkeypatch.setitem(globals(), "H", hidden)
-    check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path, shapes=((3, 7), (4, 2)))
+    check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path, shapes=((3, 7), (2, 13), (4, 2)))
+
+
+def test_fast_cpu_packing_puts_every_weight_in_its_lane():
+    """pack_gates against a direct loop over (gate, unit, row): block u holds a (K, 4, width) slab
+    at u*K*4*LANES; every real weight lands once and everything else is zero."""
+    from runtimes.tvm_lstm import cpu
+    for hidden in (20, 28, 30, 33):
+        k = 3
+        w = np.random.default_rng(hidden).standard_normal((4 * hidden, k)).astype(np.float32)
+        packed = cpu.pack_gates(w, hidden)
+        expected = np.zeros_like(packed)
+        last_block = (hidden - 1) // cpu.LANES
+        for g in range(4):
+            for j in range(hidden):
+                u, v = divmod(j, cpu.LANES)
+                bw = cpu.tail_width(hidden) if u == last_block else cpu.LANES
+                for row in range(k):
+                    expected[u * k * 4 * cpu.LANES + row * 4 * bw + g * bw + v] = w[g * hidden + j, row]
+        np.testing.assert_array_equal(packed, expected)
+        assert packed.size == cpu.packed_size(hidden, k)
 
 
 ACTIVATIONS = [
