@@ -8,8 +8,9 @@ Padded units never feed real ones (rows of R past H are never read) and are neve
 
 - `make_cpu_layer`: one PrimFunc per layer and direction. Per step, one parallel loop over
   (batch tile of MR rows, unit block) computes bias + x_t @ W + h @ R for its tile in registers and
-  the cell update with the gates still there; h is double-buffered, so the parallel loop's end is
-  the only barrier per step. Below MR batch rows the projection runs first as one GEMM.
+  the cell update with the gates still there; h is double-buffered, so one barrier per step is
+  the only synchronisation, and the whole sequence is one parallel launch. Below MR batch rows the
+  projection runs first as one GEMM.
 sigmoid and tanh use a rational approximation (as Eigen and ONNX Runtime's MLAS do) that
 vectorizes; other activations use TVM's exact intrinsics.
 """
