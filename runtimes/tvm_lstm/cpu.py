@@ -198,6 +198,20 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         return FULL * n_tiles(n_b) // 2
 
     @T.macro
+    def x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias):
+        """acc[r] = bias + x[rt[r], rb[r]] @ W for unit block u (bw lanes): the projection's register tile."""
+        for r in T.unroll(mr):
+            for c in T.unroll(4 * bw // LANES):
+                for v in T.vectorized(LANES):
+                    acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
+        for k in T.serial(K):
+            for r in T.unroll(mr):
+                for c in T.unroll(4 * bw // LANES):
+                    for v in T.vectorized(LANES):
+                        acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
+                            wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+
+    @T.macro
     def finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
         """The cell update of rows r0.. (those inside the batch) of unit block u from the gate
         pre-activations in acc (mr, 4*bw): gate g of unit v at acc[r, g*bw + v]."""
@@ -241,16 +255,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
             rb[r] = T.min(r0 + r, n_b - 1)
             rt[r] = step_of(t, m.seq_len(lens[T.min(r0 + r, n_b - 1)], n_t), n_t)
         if fused:
-            for r in T.unroll(mr):
-                for c in T.unroll(4 * bw // LANES):
-                    for v in T.vectorized(LANES):
-                        acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
-            for k in T.serial(K):
-                for r in T.unroll(mr):
-                    for c in T.unroll(4 * bw // LANES):
-                        for v in T.vectorized(LANES):
-                            acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
-                                wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+            x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias)
         else:
             for r in T.unroll(mr):
                 for c in T.unroll(4 * bw // LANES):
@@ -283,9 +288,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     def row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
         """One step, B < MR: one row per work item, the projection read from xw."""
         for w in T.parallel(n_b * UB):
-            if FULL == UB:
-                tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-            elif w // n_b < FULL:
+            if FULL == UB or w // n_b < FULL:  # a Python True when there is no tail: one branch emitted
                 tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
             else:
                 tile(1, TW, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
@@ -299,16 +302,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         for r in T.unroll(mr):
             rt[r] = T.min(mt * mr + r, n_t * n_b - 1) // n_b
             rb[r] = T.min(mt * mr + r, n_t * n_b - 1) % n_b
-        for r in T.unroll(mr):
-            for c in T.unroll(4 * bw // LANES):
-                for v in T.vectorized(LANES):
-                    acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
-        for k in T.serial(K):
-            for r in T.unroll(mr):
-                for c in T.unroll(4 * bw // LANES):
-                    for v in T.vectorized(LANES):
-                        acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
-                            wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+        x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias)
         for r in T.unroll(mr):
             if mt * mr + r < n_t * n_b:
                 for c in T.unroll(4 * bw // LANES):
@@ -321,9 +315,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         for w in T.parallel(((n_t * n_b + mr - 1) // mr) * UB):
             mt: T.let[T.int64] = w % ((n_t * n_b + mr - 1) // mr) if unit_major else w // UB
             u: T.let[T.int64] = w // ((n_t * n_b + mr - 1) // mr) if unit_major else w % UB
-            if FULL == UB:
-                project_block(mr, LANES, u, mt, n_t, n_b, x, wp, bias, xw)
-            elif u < FULL:
+            if FULL == UB or u < FULL:
                 project_block(mr, LANES, u, mt, n_t, n_b, x, wp, bias, xw)
             else:
                 project_block(mr, TW, u, mt, n_t, n_b, x, wp, bias, xw)
