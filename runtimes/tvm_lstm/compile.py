@@ -32,14 +32,15 @@ def cuda_target(arch: str = "sm_90"):
     return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
 
 
-def import_onnx(model, cuda: bool = False):
-    """Relax IRModule from an ONNX ModelProto, with our LSTM converter registered."""
+def import_onnx(model, cuda: bool = False, threads: int = 1):
+    """Relax IRModule from an ONNX ModelProto, with our LSTM converter registered (its CPU kernels
+    made for `threads` cores: the llvm target's num-cores)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     from .converter import lstm_registered
     try:
-        with lstm_registered(cuda):
+        with lstm_registered(cuda, threads):
             return from_onnx(model, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:
         ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
@@ -95,7 +96,7 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
         raise UserError(f"--target {target!r} must be llvm or cuda")
     tgt = host_target(threads) if target == "llvm" else cuda_target(arch)
     t0 = time.perf_counter()
-    mod = import_onnx(model, cuda=target == "cuda")
+    mod = import_onnx(model, cuda=target == "cuda", threads=int(tgt.attrs.get("num-cores", 1)) if target == "llvm" else 1)
     db, db_dir, tuned = None, None, None
     if target == "llvm" and str(tuning_db) != "none":
         from .tuning import default_db_dir, open_database, tune

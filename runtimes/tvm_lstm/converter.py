@@ -78,17 +78,18 @@ class LSTM(onnx_frontend.OnnxOpConverter):
     """ONNX LSTM -> one GEMM for every step's input projection, then a TIR time loop per direction."""
 
     cuda = False  # emit the persistent CUDA kernel instead of the CPU loop
+    threads = 1  # cores the CPU kernel is made for
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.threads)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.threads)
 
 
-def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False):
+def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, threads: int = 1):
     node = attr.get("tvm_custom", {}).get("name", "LSTM")
     unknown = set(attr) - KNOWN_ATTRS
     if unknown:
@@ -155,7 +156,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False)
             h_d = c_d = relax.const(np.zeros((1, H), np.float32))
         if fast_cpu:  # constant weights: packed once here, at import time
             y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None,
-                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I)
+                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, threads)
         else:
             y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
         ys.append(y)
@@ -199,7 +200,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
-def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I):
+def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, threads):
     """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
     from . import cpu
     H = spec.hidden
@@ -209,7 +210,8 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state, has_peepholes=has_p),
+    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state, has_peepholes=has_p,
+                                            threads=threads),
                         f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
     out = bb.emit(relax.call_tir(layer, [X, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H)),
                                          relax.const(cpu.pack_gates(r, H)), relax.const(p), h_d, c_d, lens],
@@ -219,10 +221,11 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
 
 
 @contextlib.contextmanager
-def lstm_registered(cuda: bool = False):
-    """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched)."""
+def lstm_registered(cuda: bool = False, threads: int = 1):
+    """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched); CPU kernels
+    are made for `threads` cores."""
     original = onnx_frontend._get_convert_map
-    converter = type("LSTM", (LSTM,), {"cuda": cuda})
+    converter = type("LSTM", (LSTM,), {"cuda": cuda, "threads": threads})
 
     def with_lstm():
         table = dict(original())

@@ -137,7 +137,8 @@ class FastGateMath(GateMath):
         return (no * nc) / (qo * qc)
 
 
-def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peepholes: bool = True):
+def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peepholes: bool = True,
+                   threads: int = 1):
     """One direction of one layer, projection included:
     PrimFunc(x (T, B, K), wp (packed K rows), bias (packed), rp (packed H rows), p (3, HP),
     h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn (B, H), cn (B, H); the packed forms are
@@ -158,6 +159,9 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     The padded units live only in the kernel's own state buffers; y is written unpadded.
 
     Work items run unit-block-major, so each thread streams its own share of R from its cache.
+    `threads` is the core count the code is made for (the target's num-cores): below MR rows each
+    thread keeps a fixed share of R (see row_step). Run on more threads, the extra ones idle; on
+    fewer, a thread takes several shares. Either way the results are the same.
     Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
     zero; without sequence lengths lens is a (1,) placeholder; without `has_peepholes` p is never
     read. None of them costs a kernel launch.
@@ -284,14 +288,34 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
                 tile(MR, LANES, full // n_tiles(n_b), full % n_tiles(n_b) * MR, t, n_t, n_b, True, x, wp, bias, xw,
                      rp, p, lens, y, cs, hb)
 
+    def share(n_b):  # row_step's items per thread
+        return (n_b * UB + threads - 1) // threads
+
+    @T.macro
+    def row_item(w, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """Work item w of a row step: batch row w % n_b of unit block w // n_b."""
+        if FULL == UB or w // n_b < FULL:  # a Python True when there is no tail: one branch emitted
+            tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        else:
+            tile(1, TW, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+
     @T.macro
     def row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
-        """One step, B < MR: one row per work item, the projection read from xw."""
-        for w in T.parallel(n_b * UB):
-            if FULL == UB or w // n_b < FULL:  # a Python True when there is no tail: one branch emitted
-                tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-            else:
-                tile(1, TW, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        """One step, B < MR: one row per work item, the projection read from xw. Thread i always
+        takes the same contiguous share of the items (so the same unit blocks of R), walked forward
+        on even steps and backward on odd ones: the blocks it read last, still in its L2, come first.
+        Walked forward every step, a share as large as L2 (2 MB of R per core at H=512) is evicted
+        just before it is read again, and every step streams it from L3."""
+        for i in T.parallel(T.int64(threads)):
+            for j in T.serial(share(n_b)):
+                if i * share(n_b) + j < n_b * UB:
+                    # j, or at odd steps its mirror in the share; held in a local so that the tile
+                    # sees one opaque index (as an expression, simplifying its copies at every use
+                    # made compiling 30% slower)
+                    w = T.alloc_buffer((1,), "int64", scope="local")
+                    w[0] = i * share(n_b) + T.if_then_else(t % 2 == 0, j,
+                                                           T.min(share(n_b), n_b * UB - i * share(n_b)) - 1 - j)
+                    row_item(w[0], t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
 
     @T.macro
     def project_block(mr, bw, u, mt, n_t, n_b, x, wp, bias, xw):

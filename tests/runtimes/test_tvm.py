@@ -112,11 +112,12 @@ def ort_oracle(model, feeds):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def check(model, tmp_path, shapes=((5, 3), (9, 2))):
-    """Compiles once (symbolic T and B) and checks every requested output at two shapes."""
+def check(model, tmp_path, shapes=((5, 3), (9, 2)), threads=None):
+    """Compiles once (symbolic T and B; for `threads` cores) and checks every requested output at
+    each shape."""
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    rt = TvmLlvmRuntime()
+    rt = TvmLlvmRuntime(threads=threads)
     rt.prepare(path)
     for k, (T, B) in enumerate(shapes):
         feeds = feeds_for(model, T, B, seed=k)
@@ -159,6 +160,17 @@ def test_fast_cpu_unit_blocks_full_and_narrow(tmp_path, monkeypatch, hidden):
     items sit between full ones) and on the small-batch path."""
     monkeypatch.setitem(globals(), "H", hidden)
     check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path, shapes=((3, 7), (2, 13), (4, 2)))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_fast_cpu_small_batch_shares_for_any_core_count(tmp_path, monkeypatch, threads):
+    """Below MR rows each of the `threads` cores the kernel is made for keeps one share of the
+    (row, unit block) items, walked backward at odd steps. 49 units (3 full blocks and a narrow
+    one) at batch 1, 2 and 5 give 4, 8 and 20 items: shares that divide evenly, a short last one,
+    and (5 cores, 4 items) a core with none. The process runs 2 threads whatever the kernel
+    assumed; sequence lengths stop rows at odd and even steps."""
+    monkeypatch.setitem(globals(), "H", 49)
+    check(lstm_model(1, 0, ALL_OPTIONAL), tmp_path, shapes=((5, 1), (6, 2), (7, 5)), threads=threads)
 
 
 def test_fast_cpu_packing_puts_every_weight_in_its_lane():
