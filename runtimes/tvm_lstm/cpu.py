@@ -24,6 +24,11 @@ from .recurrence import CellSpec, GateMath
 
 LANES = 16
 MR = 6  # batch rows per register tile (6 x 4 gates = 24 of the 32 AVX-512 registers)
+# A work item's register tile and index arrays are "global" buffers under 1024 bytes: TVM puts
+# those on the stack (where LLVM keeps them in registers) and lowers every other buffer, "local"
+# ones included, to a TVMBackendAllocWorkspace call, which per work item cost T50 B128 about 10%.
+# So a tile of MR rows is held in two buffers: rows < RA (3 x 64 floats = 768 bytes) and the rest.
+RA = 3
 UNIT_MAJOR_BYTES = 256 * 1024  # projection weights above this are split between cores, not shared
 
 
@@ -201,19 +206,48 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     def tail_from(n_b):  # where the tail block's items start in a step's list: see fused_step
         return FULL * n_tiles(n_b) // 2
 
+    def lo(mr):  # rows of a register tile held in its first buffer
+        return min(mr, RA)
+
+    def hi(mr):  # and in its second
+        return mr - lo(mr)
+
     @T.macro
-    def x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias):
-        """acc[r] = bias + x[rt[r], rb[r]] @ W for unit block u (bw lanes): the projection's register tile."""
-        for r in T.unroll(mr):
+    def add_x_w(n, off, bw, acc, rt, rb, u, k, x, wp):
+        """acc[r] += x[rt[off+r], rb[off+r], k] * W[k] for r < n (unit block u, bw lanes)."""
+        for r in T.unroll(n):
+            for c in T.unroll(4 * bw // LANES):
+                for v in T.vectorized(LANES):
+                    acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[off + r], rb[off + r], k] * \
+                        wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+
+    @T.macro
+    def add_h_r(n, off, bw, acc, rb, u, k, t, hb, rp):
+        """acc[r] += h[rb[off+r], k] * R[k] for r < n (unit block u, bw lanes)."""
+        for r in T.unroll(n):
+            for c in T.unroll(4 * bw // LANES):
+                for v in T.vectorized(LANES):
+                    acc[r, c * LANES + v] = acc[r, c * LANES + v] + hb[t % 2, rb[off + r], k] * \
+                        rp[u * H * 4 * LANES + k * 4 * bw + c * LANES + v]
+
+    @T.macro
+    def x_times_w(mr, bw, acc, acc2, rt, rb, u, x, wp, bias):
+        """Rows r of the register tile (acc: rows < RA, acc2: the rest) = bias + x[rt[r], rb[r]] @ W
+        for unit block u (bw lanes): the projection's register tile. Both buffers' FMAs sit in
+        one k loop, so each vector of W is loaded once for all rows."""
+        for r in T.unroll(lo(mr)):
             for c in T.unroll(4 * bw // LANES):
                 for v in T.vectorized(LANES):
                     acc[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
-        for k in T.serial(K):
-            for r in T.unroll(mr):
+        if mr > RA:
+            for r in T.unroll(hi(mr)):
                 for c in T.unroll(4 * bw // LANES):
                     for v in T.vectorized(LANES):
-                        acc[r, c * LANES + v] = acc[r, c * LANES + v] + x[rt[r], rb[r], k] * \
-                            wp[u * K * 4 * LANES + k * 4 * bw + c * LANES + v]
+                        acc2[r, c * LANES + v] = bias[u * 4 * LANES + c * LANES + v]
+        for k in T.serial(K):
+            add_x_w(lo(mr), 0, bw, acc, rt, rb, u, k, x, wp)
+            if mr > RA:
+                add_x_w(hi(mr), RA, bw, acc2, rt, rb, u, k, x, wp)
 
     @T.macro
     def finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
@@ -252,27 +286,27 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         """Rows r0 .. r0+mr-1 of unit block u (bw lanes wide): gates in registers, then the cell
         update. Rows past the batch (in a block's last tile) repeat the batch's last row and are
         not written."""
-        acc = T.alloc_buffer((mr, 4 * bw), "float32", scope="local")
-        rb = T.alloc_buffer((mr,), "int64", scope="local")  # each row's batch index
-        rt = T.alloc_buffer((mr,), "int64", scope="local")  # and the time index it reads at step t
+        acc = T.alloc_buffer((lo(mr), 4 * bw), "float32", scope="global")  # rows < RA
+        acc2 = T.alloc_buffer((max(hi(mr), 1), 4 * bw), "float32", scope="global")  # the rest
+        rb = T.alloc_buffer((mr,), "int64", scope="global")  # each row's batch index
+        rt = T.alloc_buffer((mr,), "int64", scope="global")  # and the time index it reads at step t
         for r in T.unroll(mr):
             rb[r] = T.min(r0 + r, n_b - 1)
             rt[r] = step_of(t, m.seq_len(lens[T.min(r0 + r, n_b - 1)], n_t), n_t)
         if fused:
-            x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias)
-        else:
-            for r in T.unroll(mr):
-                for c in T.unroll(4 * bw // LANES):
-                    for v in T.vectorized(LANES):
-                        acc[r, c * LANES + v] = xw[rt[r], rb[r], u * 4 * LANES + c * LANES + v]
+            x_times_w(mr, bw, acc, acc2, rt, rb, u, x, wp, bias)
+        else:  # one row (B < MR)
+            for c in T.unroll(4 * bw // LANES):
+                for v in T.vectorized(LANES):
+                    acc[0, c * LANES + v] = xw[rt[0], rb[0], u * 4 * LANES + c * LANES + v]
         if t >= first_product:  # without an initial state, h is zero at the first step: skip h @ R
             for k in T.serial(H):
-                for r in T.unroll(mr):
-                    for c in T.unroll(4 * bw // LANES):
-                        for v in T.vectorized(LANES):
-                            acc[r, c * LANES + v] = acc[r, c * LANES + v] + hb[t % 2, rb[r], k] * \
-                                rp[u * H * 4 * LANES + k * 4 * bw + c * LANES + v]
-        finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb)
+                add_h_r(lo(mr), 0, bw, acc, rb, u, k, t, hb, rp)
+                if mr > RA:
+                    add_h_r(hi(mr), RA, bw, acc2, rb, u, k, t, hb, rp)
+        finish(lo(mr), bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb)
+        if mr > RA:
+            finish(hi(mr), bw, acc2, r0 + RA, u, t, n_t, n_b, p, lens, y, cs, hb)
 
     @T.macro
     def fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
@@ -312,7 +346,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
                     # j, or at odd steps its mirror in the share; held in a local so that the tile
                     # sees one opaque index (as an expression, simplifying its copies at every use
                     # made compiling 30% slower)
-                    w = T.alloc_buffer((1,), "int64", scope="local")
+                    w = T.alloc_buffer((1,), "int64", scope="global")
                     w[0] = i * share(n_b) + T.if_then_else(t % 2 == 0, j,
                                                            T.min(share(n_b), n_b * UB - i * share(n_b)) - 1 - j)
                     row_item(w[0], t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
@@ -320,18 +354,25 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     @T.macro
     def project_block(mr, bw, u, mt, n_t, n_b, x, wp, bias, xw):
         """xw[rows mt*mr.., block u] = bias + x @ W for `mr` of the T*B rows."""
-        acc = T.alloc_buffer((mr, 4 * bw), "float32", scope="local")
-        rt = T.alloc_buffer((mr,), "int64", scope="local")  # each row's (t, b)
-        rb = T.alloc_buffer((mr,), "int64", scope="local")
+        acc = T.alloc_buffer((lo(mr), 4 * bw), "float32", scope="global")
+        acc2 = T.alloc_buffer((max(hi(mr), 1), 4 * bw), "float32", scope="global")
+        rt = T.alloc_buffer((mr,), "int64", scope="global")  # each row's (t, b)
+        rb = T.alloc_buffer((mr,), "int64", scope="global")
         for r in T.unroll(mr):
             rt[r] = T.min(mt * mr + r, n_t * n_b - 1) // n_b
             rb[r] = T.min(mt * mr + r, n_t * n_b - 1) % n_b
-        x_times_w(mr, bw, acc, rt, rb, u, x, wp, bias)
-        for r in T.unroll(mr):
+        x_times_w(mr, bw, acc, acc2, rt, rb, u, x, wp, bias)
+        for r in T.unroll(lo(mr)):
             if mt * mr + r < n_t * n_b:
                 for c in T.unroll(4 * bw // LANES):
                     for v in T.vectorized(LANES):
                         xw[rt[r], rb[r], u * 4 * LANES + c * LANES + v] = acc[r, c * LANES + v]
+        if mr > RA:
+            for r in T.unroll(hi(mr)):
+                if mt * mr + RA + r < n_t * n_b:
+                    for c in T.unroll(4 * bw // LANES):
+                        for v in T.vectorized(LANES):
+                            xw[rt[RA + r], rb[RA + r], u * 4 * LANES + c * LANES + v] = acc2[r, c * LANES + v]
 
     @T.macro
     def project_rows(mr, n_t, n_b, x, wp, bias, xw):

@@ -193,6 +193,31 @@ def test_fast_cpu_packing_puts_every_weight_in_its_lane():
         assert packed.size == cpu.packed_size(hidden, k)
 
 
+def test_fast_cpu_kernel_allocates_only_its_state_per_call():
+    """Per work item the kernel needs a register tile and index arrays; TVM lowers any buffer it
+    does not put on the stack to a TVMBackendAllocWorkspace call, which inside the time loop runs
+    once per item and step (it cost T50 B128 about 10%). The lowered layer may allocate only its
+    three per-call buffers (h, c and the projection's scratch), on both paths."""
+    import tvm
+    from runtimes.tvm_lstm import cpu
+    from runtimes.tvm_lstm.compile import host_target
+    from runtimes.tvm_lstm.recurrence import CellSpec
+    lowered = []
+
+    @tvm.instrument.pass_instrument
+    class Keep:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.LowerTVMBuiltin":
+                lowered.append(str(mod))
+
+    spec = CellSpec(100, ("Sigmoid", None, None), ("Tanh", None, None), ("Tanh", None, None))
+    f = cpu.make_cpu_layer(spec, 20, threads=2).with_attr("global_symbol", "layer")
+    with tvm.transform.PassContext(instruments=[Keep()]):
+        tvm.compile(tvm.IRModule({"layer": f}), target=host_target(2))
+    assert lowered and "pragma_parallel_launch_point" in lowered[-1]
+    assert lowered[-1].count("TVMBackendAllocWorkspace(") == 3, "a work item allocates from the workspace pool"
+
+
 ACTIVATIONS = [
     {"activations": ["HardSigmoid", "Elu", "Softsign"], "activation_alpha": [0.3, 0.9], "activation_beta": [0.4]},
     {"activations": ["Sigmoid", "Affine", "ScaledTanh"], "activation_alpha": [0.7, 1.1], "activation_beta": [0.2, 0.8]},
