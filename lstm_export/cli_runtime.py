@@ -41,6 +41,8 @@ def add_commands(sub) -> None:
     p.add_argument("--entries", default=None, help="comma-separated entry labels (default: every CPU entry)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
     p.add_argument("--min-s", type=float, default=1.0, help="seconds of timed runs per entry, at least")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -137,7 +139,7 @@ def cmd_bench(args) -> int:
         raise UserError("--only-shapes needs at least one --shape")
     shapes = extra if args.only_shapes else DEFAULT_SHAPES + extra
     entries = [e.strip() for e in args.entries.split(",")] if args.entries else None
-    report = bench(shapes, entries, args.threads, min_s=args.min_s)
+    report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds)
     print(f"machine: {report.machine}, threads: {report.threads}")
     print(report.table())
     if args.json:
@@ -146,7 +148,7 @@ def cmd_bench(args) -> int:
         plot(report, args.plot)
     if args.markdown:
         Path(args.markdown).write_text(f"Machine: {report.machine}, {report.threads} threads, float32, median of "
-                                       f"repeated runs after warm-up; ratio = median / best peer's median "
+                                       f"repeated runs after warm-up, in {args.rounds} interleaved rounds; ratio = median / best peer's median "
                                        f"(peers: torch.nn.LSTM, ort-cpu native, openvino native).\n\n"
                                        f"{report.markdown()}\n")
     return 0

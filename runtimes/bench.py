@@ -4,9 +4,13 @@ Each entry is a runtime on a graph (native or unrolled ONNX, or a torch model). 
 outputs are compared with torch.nn.LSTM first (a fast wrong answer is a failure, not a timing),
 then warm-up, then repeated runs until at least `min_runs` and `min_s` seconds; median, p90, p99,
 GFLOP/s, and the ratio of the median to the best peer's median measured in the same run.
+Every entry of a shape is prepared first and then timed in `rounds` interleaved rounds (A B C A B C
+...), so that a slow drift of the machine (another tenant, the clock) moves every entry's samples
+alike instead of landing on whichever entry ran at the time.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -156,6 +160,19 @@ class _Unavailable(Exception):
     pass
 
 
+@contextlib.contextmanager
+def _recorded(t: Timing):
+    """Runs the block; a failure becomes t's status (one broken entry must not lose the others' numbers)."""
+    try:
+        yield
+    except _Unavailable as e:
+        t.status = f"unavailable: {e}"
+    except UserError as e:
+        t.status = f"error: {e}"
+    except Exception as e:
+        t.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
 def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_runs: int = 500,
               max_s: float = 20.0) -> np.ndarray:
     """Seconds per call after `warmup` calls: at least min_runs and min_s, at most max_runs or max_s."""
@@ -173,8 +190,9 @@ def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_r
 
 
 def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1e-4, min_s: float = 1.0,
-          progress: bool = True) -> BenchReport:
-    """Benchmarks `entries` (labels from ENTRIES) on `shapes`; see the module docstring."""
+          rounds: int = 3, progress: bool = True) -> BenchReport:
+    """Benchmarks `entries` (labels from ENTRIES) on `shapes`, each timed for `min_s` seconds in all,
+    split over `rounds` interleaved rounds; see the module docstring."""
     from tqdm import tqdm
 
     from lstm_export.export import export_onnx
@@ -187,9 +205,11 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     unknown = [e for e in labels if e not in table]
     if unknown:
         raise UserError(f"unknown bench entries {unknown}; choose from {list(table)}")
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds} must be at least 1")
     report = BenchReport(cpu_name(), threads)
     jobs = [(s, e) for s in shapes for e in labels]
-    bar = tqdm(total=len(jobs), disable=not progress, desc="bench", unit="run")
+    bar = tqdm(total=len(jobs) * (1 + rounds), disable=not progress, desc="bench", unit="step")
     with tempfile.TemporaryDirectory(prefix="lstm-export-bench-") as tmp:
         for shape in shapes:
             model, feeds = _model(shape), _feeds(shape)
@@ -198,33 +218,39 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                                               "unrolled", seq_len=shape.T, batch_size=shape.B)}
             reference = _run_once("torch-nn", model, threads, None, feeds)
             first = next(iter(reference))
-            done = []
+            done, ready = [], []  # every entry's Timing; those checked equal, with their runtime
             for label in labels:
                 rt_name, graph = table[label]
                 bar.set_postfix_str(f"{shape.name}: {label}")
                 t = Timing(label, shape.name)
-                try:
+                with _recorded(t):
                     rt = _runtime(rt_name, model, threads)
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
                     t.max_err = float(np.abs(out[first] - reference[first]).max())
-                    if not t.max_err <= atol:
-                        t.status = "mismatch"
+                    if t.max_err <= atol:
+                        ready.append((t, rt, []))
                     else:
-                        secs = time_runs(lambda: rt.run(feeds), min_s=min_s)
-                        t.median_ms, t.p90_ms, t.p99_ms = (round(float(np.percentile(secs, q)) * 1e3, 4)
-                                                           for q in (50, 90, 99))
-                        t.runs = len(secs)
-                        t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
-                    rt.release()
-                except _Unavailable as e:
-                    t.status = f"unavailable: {e}"
-                except UserError as e:
-                    t.status = f"error: {e}"
-                except Exception as e:  # one broken entry must not lose the others' numbers
-                    t.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                        t.status = "mismatch"
+                        rt.release()
                 done.append(t)
-                bar.update(1)
+                bar.update(1 + (rounds if t.status != "ok" else 0))
+            for r in range(rounds):
+                for t, rt, secs in ready:
+                    bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
+                    if t.status == "ok":
+                        with _recorded(t):
+                            secs.extend(time_runs(lambda: rt.run(feeds), warmup=3 if r == 0 else 1,
+                                                  min_runs=max(1, 10 // rounds), min_s=min_s / rounds,
+                                                  max_s=20.0 / rounds))
+                    bar.update(1)
+            for t, rt, secs in ready:
+                if t.status == "ok":
+                    t.median_ms, t.p90_ms, t.p99_ms = (round(float(np.percentile(secs, q)) * 1e3, 4)
+                                                       for q in (50, 90, 99))
+                    t.runs = len(secs)
+                    t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
+                rt.release()
             peers = [t.median_ms for t in done if t.entry in PEERS and t.median_ms is not None]
             for t in done:
                 if peers and t.median_ms is not None:

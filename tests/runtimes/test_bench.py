@@ -1,0 +1,113 @@
+"""`lstm-export bench`: outputs checked against torch.nn.LSTM before timing, interleaved rounds, the report."""
+import json
+
+import numpy as np
+import pytest
+
+from runtimes import bench as bench_mod
+from runtimes.bench import PEERS, Shape, bench
+
+TINY = Shape(3, 2, 4, 8)  # microseconds per run: the harness, not the speed, is under test
+ENTRIES = ["torch.nn.LSTM", "ort-cpu native", "torch (ours)"]
+
+
+class _Logged:
+    """A runtime whose run calls are logged (and, with `shift`, whose outputs are wrong)."""
+
+    def __init__(self, rt, label, log, shift=0.0):
+        self.rt, self.label, self.log, self.shift = rt, label, log, shift
+
+    def prepare(self, model):
+        self.rt.prepare(model)
+
+    def run(self, feeds):
+        self.log.append(self.label)
+        return {k: v + self.shift for k, v in self.rt.run(feeds).items()}
+
+    def release(self):
+        self.rt.release()
+
+
+def _logging_runtimes(monkeypatch, log, wrong=()):
+    real = bench_mod._runtime
+
+    def logged(name, model, threads):
+        return _Logged(real(name, model, threads), name, log, shift=1e-2 if name in wrong else 0.0)
+
+    monkeypatch.setattr(bench_mod, "_runtime", logged)
+
+
+def test_every_entry_is_checked_against_torch_then_timed_in_interleaved_rounds(monkeypatch):
+    log = []
+    _logging_runtimes(monkeypatch, log)
+    report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=3, progress=False)
+    by = {t.entry: t for t in report.timings}
+    assert list(by) == ENTRIES
+    for t in report.timings:
+        assert t.status == "ok" and t.max_err < 1e-5, t
+        assert t.runs >= 3 and 0 < t.median_ms <= t.p90_ms <= t.p99_ms
+    best = min(by[p].median_ms for p in PEERS if p in by)
+    assert by["torch (ours)"].ratio_to_best_peer == pytest.approx(by["torch (ours)"].median_ms / best, rel=1e-3)
+    # the log: the reference run, each entry's check run, then timing blocks A B C A B C A B C
+    names = ["torch-nn", "ort-cpu", "torch"]
+    timed = log[4:]
+    blocks = [n for i, n in enumerate(timed) if i == 0 or timed[i - 1] != n]
+    assert log[:4] == ["torch-nn"] + names and blocks == names * 3
+
+
+def test_a_wrong_answer_is_a_mismatch_and_is_never_timed(monkeypatch):
+    log = []
+    _logging_runtimes(monkeypatch, log, wrong={"ort-cpu"})
+    report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=2, progress=False)
+    ort = next(t for t in report.timings if t.entry == "ort-cpu native")
+    assert ort.status == "mismatch" and ort.max_err == pytest.approx(1e-2, rel=1e-3)
+    assert ort.median_ms is None and ort.ratio_to_best_peer is None and ort.runs == 0
+    assert log.count("ort-cpu") == 1  # its check run only
+    others = [t for t in report.timings if t.entry != "ort-cpu native"]
+    assert all(t.status == "ok" and t.median_ms for t in others)
+
+
+def test_an_entry_that_fails_mid_timing_keeps_the_others(monkeypatch):
+    real = bench_mod._runtime
+
+    class Flaky(_Logged):
+        def run(self, feeds):
+            self.log.append(1)
+            if len(self.log) > 5:  # the check and the first warm-up runs pass
+                raise RuntimeError("device lost")
+            return self.rt.run(feeds)
+
+    monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads: (
+        Flaky(real(name, model, threads), name, []) if name == "ort-cpu" else real(name, model, threads)))
+    report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=2, progress=False)
+    ort = next(t for t in report.timings if t.entry == "ort-cpu native")
+    assert ort.status == "error: RuntimeError: device lost" and ort.median_ms is None
+    assert all(t.status == "ok" and t.median_ms for t in report.timings if t.entry != "ort-cpu native")
+
+
+def test_cli_writes_json_markdown_and_plot(cli, tmp_path):
+    out = tmp_path / "b"
+    r = cli("bench", "--only-shapes", "--shape", "3,2,4,8", "--entries", "torch.nn.LSTM,ort-cpu native",
+            "--min-s", "0.05", "--rounds", "2", "--threads", "1", "--json", f"{out}.json",
+            "--markdown", f"{out}.md", "--plot", f"{out}.png")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["threads"] == 1 and [t["entry"] for t in report["timings"]] == ["torch.nn.LSTM", "ort-cpu native"]
+    assert all(t["status"] == "ok" and t["runs"] >= 2 for t in report["timings"])
+    assert min(t["ratio_to_best_peer"] for t in report["timings"]) == 1.0
+    md = out.with_suffix(".md").read_text()
+    assert "2 interleaved rounds" in md and "| T3 B2 I4 H8 L1 | ort-cpu native |" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+ONE = ["--only-shapes", "--shape", "2,1,3,4"]
+
+
+@pytest.mark.parametrize("args,needle", [(["--shape", "3,2,x"], "--shape expects T,B,I,H"),
+                                         (ONE + ["--entries", "nope"], "unknown bench entries"),
+                                         (ONE + ["--rounds", "0"], "--rounds 0 must be at least 1"),
+                                         (["--only-shapes"], "--only-shapes needs")])
+def test_bad_bench_arguments_say_what_to_do(cli, args, needle):
+    r = cli("bench", "--min-s", "0.01", *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
