@@ -160,6 +160,12 @@ class _Unavailable(Exception):
     pass
 
 
+def describe(e: Exception) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
+
+
 @contextlib.contextmanager
 def _recorded(t: Timing):
     """Runs the block; a failure becomes t's status (one broken entry must not lose the others' numbers)."""
@@ -170,7 +176,7 @@ def _recorded(t: Timing):
     except UserError as e:
         t.status = f"error: {e}"
     except Exception as e:
-        t.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        t.status = f"error: {describe(e)}"
 
 
 def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_runs: int = 500,

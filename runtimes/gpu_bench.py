@@ -27,6 +27,8 @@ import numpy as np
 
 from lstm_export.errors import UserError
 
+from .bench import describe
+
 HIDDENS = (256, 512, 1024)
 BATCHES = (1, 8, 64)
 STEPS = 64
@@ -153,7 +155,7 @@ def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dic
                                 row["p90_us"] = round(float(np.percentile(secs, 90)) * 1e6, 2)
                                 row["us_per_step"] = round(row["median_us"] / steps, 3)
                     except Exception as e:  # one broken entry must not lose the others' numbers
-                        row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                        row["status"] = f"error: {describe(e)}"
                 rows.append(row)
             best = min((x["median_us"] for x in rows if "median_us" in x and x["entry"] != "tvm-cuda native"),
                        default=None)
@@ -194,7 +196,7 @@ def _tvm_vm(state, d):
     except Exception as e:
         import traceback
         traceback.print_exc()
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return describe(e)
 
 
 def _ort_cuda(model, x):

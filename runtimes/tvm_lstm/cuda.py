@@ -63,9 +63,7 @@ def make_cuda_recurrence(spec: CellSpec):
                                             acc[g] = acc[g] + h_s[k] * rt[k, g * H + jj * NT + tx]
                                     ts: T.let[T.int64] = m.step_index(t, length)
                                     j: T.let[T.int64] = T.Cast("int64", jj * NT + tx)
-                                    # c first, then h from the stored new c (h as one expression
-                                    # of c_prev, evaluated after c_l was overwritten, read the new
-                                    # c as the previous one: every h came out wrong)
+                                    # c first, then h from the stored new c (see GateMath.cell_h)
                                     c_l[jj] = m.cell_c(xw[ts, bx, j] + acc[0], xw[ts, bx, 2 * H + j] + acc[2],
                                                        xw[ts, bx, 3 * H + j] + acc[3], p[j], p[2 * H + j], c_l[jj])
                                     h_l[jj] = m.cell_h(xw[ts, bx, H + j] + acc[1], p[H + j], c_l[jj])

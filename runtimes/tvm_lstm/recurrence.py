@@ -110,13 +110,11 @@ class GateMath:
         return ft * c_prev + it * self.g(self.clip(xc))
 
     def cell_h(self, xo, po, c_new):
-        """The new hidden state from the o pre-activation and the new cell."""
+        """The new hidden state from the o pre-activation and the new cell. Callers store c first
+        and pass the stored value: an h expression built on c_prev and evaluated after c was
+        overwritten would read the new c as the previous one."""
         return self.f(self.clip(self.peephole(xo, po, c_new))) * self.h(c_new)
 
-    def cell(self, xi, xo, xf, xc, ri, ro, rf, rc, pi, po, pf, c_prev):
-        """Gate inputs x* (projection), r* (recurrent), p* (peepholes) in ONNX order; returns (h, c)."""
-        c_new = self.cell_c(xi + ri, xf + rf, xc + rc, pi, pf, c_prev)
-        return self.cell_h(xo + ro, po, c_new), c_new
 
 
 def make_recurrence(spec: CellSpec):
@@ -165,14 +163,13 @@ def make_recurrence(spec: CellSpec):
                         length = T.meta_var(m.seq_len(lens[vb], n_t))
                         tc = T.meta_var(T.max(T.min(m.step_index(vt, length), n_t - 1), T.int64(0)))
                         valid = T.meta_var(vt < length)
-                        h_new, c_new = T.meta_var(m.cell(
-                            xw[tc, vb, vj], xw[tc, vb, H + vj], xw[tc, vb, 2 * H + vj], xw[tc, vb, 3 * H + vj],
-                            gates[vb, vj], gates[vb, H + vj], gates[vb, 2 * H + vj], gates[vb, 3 * H + vj],
-                            p[vj], p[H + vj], p[2 * H + vj], cn[vb, vj]))
-                        if valid:
-                            y[tc, vb, vj] = h_new
-                            hn[vb, vj] = h_new
-                            cn[vb, vj] = c_new
+                        if valid:  # c first; h from the stored new c
+                            cn[vb, vj] = m.cell_c(xw[tc, vb, vj] + gates[vb, vj],
+                                                  xw[tc, vb, 2 * H + vj] + gates[vb, 2 * H + vj],
+                                                  xw[tc, vb, 3 * H + vj] + gates[vb, 3 * H + vj],
+                                                  p[vj], p[2 * H + vj], cn[vb, vj])
+                            hn[vb, vj] = m.cell_h(xw[tc, vb, H + vj] + gates[vb, H + vj], p[H + vj], cn[vb, vj])
+                            y[tc, vb, vj] = hn[vb, vj]
                 for b3, j3 in T.grid(n_b, H):
                     with T.sblock("pad"):
                         vb, vj = T.axis.remap("SS", [b3, j3])
