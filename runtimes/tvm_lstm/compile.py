@@ -56,15 +56,21 @@ def legalize_cpu(mod, target):
 
 
 def compile_module(mod, target, database=None):
-    """(executable, number of kernels scheduled from `database`). On llvm, kernels the database knows
-    take its fastest record; the rest get cpu_schedule's default; our LSTM kernels come scheduled."""
+    """(executable, number of kernels scheduled from `database`, owned outputs). On llvm, kernels the
+    database knows take its fastest record; the rest get cpu_schedule's default; our LSTM kernels
+    come scheduled. Owned outputs: see owned_outputs."""
     import tvm
+    from tvm import relax
     from_db = 0
     if target.kind.name == "cuda":
         if shutil.which("nvcc") is None:
             raise UserError("compiling for cuda needs nvcc on PATH (install the CUDA toolkit)")
         from .cuda import schedule_for_cuda
         mod = schedule_for_cuda(mod, target)
+        try:  # what tvm.compile picks for a GPU target
+            pipeline = relax.get_default_pipeline(target)
+        except (ValueError, AttributeError):
+            pipeline = relax.get_pipeline("default")
     else:
         from .cpu_schedule import schedule_generic_cpu_kernels
         mod = legalize_cpu(mod, target)
@@ -72,7 +78,41 @@ def compile_module(mod, target, database=None):
             from .tuning import apply_database
             mod, from_db = apply_database(mod, target, database)
         mod = schedule_generic_cpu_kernels(mod)
-    return tvm.compile(mod, target=target), from_db
+        pipeline = relax.get_pipeline("default")
+    with target:  # the Relax pipeline run here, not in tvm.compile, to read the lowered main
+        mod = pipeline(mod)
+    return tvm.compile(mod, target=target, relax_pipeline=None), from_db, owned_outputs(mod["main"])
+
+
+def owned_outputs(main) -> list[bool]:
+    """For each output of a lowered Relax `main`, whether it is a tensor the call allocated (possibly
+    reshaped): memory nothing else holds, which a caller may keep without a copy. An output that is
+    (or may be) an input, a constant or anything else is False, and must be copied."""
+    import tvm
+    from tvm import relax
+    bound = {}
+    for block in main.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bound[b.var] = b.value
+
+    def owned(e) -> bool:
+        for _ in range(1000):  # follows a chain of bindings; never loops (SSA)
+            if isinstance(e, relax.Var) and e in bound:
+                e = bound[e]
+            elif isinstance(e, relax.Call) and isinstance(e.op, relax.ExternFunc) and \
+                    e.op.global_symbol == "vm.builtin.reshape":
+                e = e.args[0]  # a view of its first argument
+            elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
+                return e.op.name == "relax.vm.alloc_tensor"
+            else:
+                return False
+        return False
+
+    ret = main.body.body
+    while isinstance(ret, relax.Var) and isinstance(bound.get(ret), relax.Tuple):
+        ret = bound[ret]
+    return [owned(f) for f in ret.fields] if isinstance(ret, relax.Tuple) else [owned(ret)]
 
 
 def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llvm", arch: str = "sm_90",
@@ -110,7 +150,7 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
                             f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
     elif tune_trials > 0:
         raise UserError("--tune works with --target llvm only (CUDA kernels are scheduled by dlight)")
-    ex, from_db = compile_module(mod, tgt, db)
+    ex, from_db, owned = compile_module(mod, tgt, db)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib = out / "model.so"
@@ -120,7 +160,8 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     meta = {"inputs": [_spec(s) for s in input_specs(model)], "outputs": [_spec(s) for s in output_specs(model)],
             "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt), "target_kind": target,
             "tvm_version": tvm.__version__, "source": str(model_path), "compile_s": round(time.perf_counter() - t0, 3),
-            "tuning_db": str(db_dir) if db is not None else None, "kernels_from_db": from_db}
+            "tuning_db": str(db_dir) if db is not None else None, "kernels_from_db": from_db,
+            "owned_outputs": owned}
     if tuned is not None:
         meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
                           "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}

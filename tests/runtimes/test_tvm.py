@@ -486,3 +486,46 @@ def test_inputs_shared_or_staged_never_mix(tmp_path):
             for k, v in placed.items():
                 np.testing.assert_array_equal(v, feeds[k])
     rt.release()
+
+
+def test_outputs_the_call_allocates_are_shared_and_stay_valid(tmp_path):
+    """tvm-llvm hands out the outputs a call allocated without copying them: results kept from one
+    call must survive the next calls and the runtime's release, and two calls never share memory."""
+    model = lstm_model(1, 0, ALL_OPTIONAL)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    assert rt._owned == [True, True, True]
+    kept = [(rt.run(f), ort_oracle(model, f)) for f in (feeds_for(model, 4, 2, seed) for seed in (0, 1, 2))]
+    rt.release()
+    for got, expected in kept:
+        for g, e in zip(got.values(), expected):
+            np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
+    arrays = [a for got, _ in kept for a in got.values()]
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
+
+
+def test_outputs_that_are_inputs_or_constants_are_copied(tmp_path):
+    """An output the VM did not allocate (a graph input passed through, a constant) is copied: the
+    caller can neither alias its own feed through it nor change the model's constant."""
+    const = np.arange(6, dtype=np.float32).reshape(2, 3)
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Add", ["x", "x"], ["twice"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("same", "k", "twice")],
+        [numpy_helper.from_array(const, "k")])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    rt = TvmLlvmRuntime()
+    rt.prepare(path)
+    assert rt._owned == [False, False, True]
+    x = _placed(np.ones((2, 3), np.float32), aligned=True)  # shared with the VM, not staged
+    out = rt.run({"x": x})
+    np.testing.assert_array_equal(out["twice"], 2 * x)
+    assert not np.shares_memory(out["same"], x)
+    out["k"][...] = -1
+    out["same"][...] = -1
+    np.testing.assert_array_equal(x, 1)
+    np.testing.assert_array_equal(rt.run({"x": x})["k"], const)
+    rt.release()
