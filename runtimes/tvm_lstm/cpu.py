@@ -6,10 +6,11 @@ block u the four ONNX gates i, o, f, c sit next to each other, so a row of the p
 (`tail_width`), so H=100 computes 104 units, not 112; past the real units the weights are zero.
 Padded units never feed real ones (rows of R past H are never read) and are never written out.
 
-- `make_cpu_layer`: one PrimFunc per layer and direction. Per step, one parallel loop over
-  (batch tile of MR rows, unit block) computes bias + x_t @ W + h @ R for its tile in registers and
-  the cell update with the gates still there; h is double-buffered, so one barrier per step is
-  the only synchronisation, and the whole sequence is one parallel launch. Below MR batch rows the
+- `make_cpu_layer`: one PrimFunc per layer and direction. A work item (a tile of up to MR batch
+  rows by one unit block) computes bias + x_t @ W + h @ R in registers and the cell update with
+  the gates still there. With small weights each thread runs the whole sequence for its own batch
+  rows, with no synchronisation at all; with large ones the threads split each step's unit blocks
+  and meet at a barrier (h is double-buffered, so one per step). Below MR batch rows the
   projection runs first as one GEMM.
 sigmoid and tanh use a rational approximation (as Eigen and ONNX Runtime's MLAS do) that
 vectorizes; other activations use TVM's exact intrinsics.
@@ -30,6 +31,11 @@ MR = 6  # batch rows per register tile (6 x 4 gates = 24 of the 32 AVX-512 regis
 # So a tile of MR rows is held in two buffers: rows < RA (3 x 64 floats = 768 bytes) and the rest.
 RA = 3
 UNIT_MAJOR_BYTES = 256 * 1024  # projection weights above this are split between cores, not shared
+# With B >= MR, a layer whose packed W and R fit one core's L2 (2 MB here) splits the batch between
+# threads, each reading all the weights; a larger one splits each step's unit blocks, each thread
+# keeping its part of the weights. Same-process A/B, batch split against unit split: 0.70-0.93x
+# at 0.1-0.7 MB of weights, 0.975x at 1.5 MB, 1.09x at 3.1 MB, 1.07x at 6 MB.
+BATCH_SPLIT_BYTES = 2 * 1024 * 1024
 
 
 def padded(h: int) -> int:
@@ -149,24 +155,32 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn (B, H), cn (B, H); the packed forms are
     pack_gates' and pack_bias'.
 
-    The whole sequence is one parallel launch: every thread runs the time loop and takes its share
-    of each step's work items, then waits at a barrier (with a launch per step instead, T32 B1 H256
-    took 0.266 ms against 0.239 ms, and one streaming step 7% longer, in a same-process A/B).
+    The whole sequence is one parallel launch. With B >= MR and packed weights up to
+    BATCH_SPLIT_BYTES, thread i of `threads` takes batch rows [i*B/threads, (i+1)*B/threads) and
+    runs every step of them alone (see share_step): no barrier, and no cache line of h or c moves
+    between cores. Otherwise every thread runs the time loop, takes its share of each step's work
+    items and waits at a barrier (with a launch per step instead, T32 B1 H256 took 0.266 ms against
+    0.239 ms, and one streaming step 7% longer, in a same-process A/B). The step split cost T50 B128
+    H100 15% over one thread's time (2.65 ms against 4.48 / 2): waiting, h crossing cores, and y's
+    rows (400 bytes, not whole cache lines) written by both; the batch split takes 2.20 against 2.58.
 
     With B >= MR the input projection is fused into each step: a work item's register tile starts
     from bias + x_t @ W for its rows and unit block, then adds h @ R, so the T*B*4H projection is
     never written to memory and read back (it was 11 MB at T50 B128 H100, and evicted R from L2).
-    A tile is MR batch rows (the last one repeats the batch's last row where the batch runs out)
-    by one unit block. The narrow last unit block (tail_width lanes: 4 for H=100, not 16) packs
-    its 4 gates into 4*width/16 registers; see fused_step for how its cheaper items are placed.
+    A tile is MR batch rows by one unit block (in the batch split, tiles of 6 and 4 rows cover a
+    share with at most one row to spare; in the step split the last tile repeats the batch's last
+    row where the batch runs out; repeated rows are never written). The narrow last unit block
+    (tail_width lanes: 4 for H=100, not 16) packs its 4 gates into 4*width/16 registers; see
+    fused_step for how its cheaper items are placed in the step split.
     With B < MR (serving) one x_t row per step would stream all of W per step, so the projection
     runs first over all T*B rows into a scratch buffer, spread over the cores, as one GEMM.
     The padded units live only in the kernel's own state buffers; y is written unpadded.
 
-    Work items run unit-block-major, so each thread streams its own share of R from its cache.
-    `threads` is the core count the code is made for (the target's num-cores): below MR rows each
-    thread keeps a fixed share of R (see row_step). Run on more threads, the extra ones idle; on
-    fewer, a thread takes several shares. Either way the results are the same.
+    Work items run unit-block-major, so each block's weights are read once from L2 for all the
+    tiles that use them. `threads` is the core count the code is made for (the target's num-cores):
+    it sets the batch split's shares, and below MR rows each thread keeps a fixed share of R (see
+    row_step). Run on more threads, the extra ones idle; on fewer, a thread takes several shares.
+    Either way the results are the same.
     Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
     zero; without sequence lengths lens is a (1,) placeholder; without `has_peepholes` p is never
     read. None of them costs a kernel launch.
@@ -182,6 +196,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     m = FastGateMath(spec)
     first_product = tirx.const(0 if has_state else 1, "int64")
     unit_major = K * NP * 4 > UNIT_MAJOR_BYTES
+    batch_split = (packed_size(H, K) + packed_size(H, H)) * 4 <= BATCH_SPLIT_BYTES
 
     def state_dims(n_b):
         return (n_b, H) if has_state else (1, H)
@@ -314,13 +329,57 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         items cost about a quarter of the others, so they sit in the middle of the list: two
         threads, each given half the list, then get the same work."""
         for w in T.parallel((FULL + (1 if FULL < UB else 0)) * n_tiles(n_b)):
+            # the item's unit block and first row, held in a local, opaque to the simplifier: as
+            # expressions, the tests' bidirectional H=49 model took 18 s to compile, not 7
+            it = T.alloc_buffer((2,), "int64", scope="global")
             if FULL < UB and w >= tail_from(n_b) and w < tail_from(n_b) + n_tiles(n_b):
-                tile(MR, TW, UB - 1, (w - tail_from(n_b)) * MR, t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y,
-                     cs, hb)
+                it[1] = (w - tail_from(n_b)) * MR
+                tile(MR, TW, UB - 1, it[1], t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
             else:
-                full: T.let[T.int64] = w - n_tiles(n_b) if FULL < UB and w >= tail_from(n_b) else w
-                tile(MR, LANES, full // n_tiles(n_b), full % n_tiles(n_b) * MR, t, n_t, n_b, True, x, wp, bias, xw,
-                     rp, p, lens, y, cs, hb)
+                it[0] = T.if_then_else(FULL < UB and w >= tail_from(n_b), w - n_tiles(n_b), w)
+                it[1] = it[0] % n_tiles(n_b) * MR
+                it[0] = it[0] // n_tiles(n_b)
+                tile(MR, LANES, it[0], it[1], t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+
+    def rows_of(i, n_b):  # batch rows [lo, hi) of share i (of `threads`) in the fused path
+        return i * n_b // threads, (i + 1) * n_b // threads
+
+    def tiles_of(n):
+        """(tiles of MR=6 rows, tiles of 4 rows) covering n rows with at most one row to spare
+        (n = 1 and 2 excepted: one 4-row tile)."""
+        assert MR == 6
+        a, r = n // 6, n % 6
+        two_fours = tirx.all(tirx.any(r == 1, r == 2), a >= 1)
+        n6 = tirx.Select(r == 5, a + 1, tirx.Select(two_fours, a - 1, a))
+        n4 = tirx.Select(tirx.any(r == 0, r == 5), tirx.const(0, "int64"),
+                         tirx.Select(two_fours, tirx.const(2, "int64"), tirx.const(1, "int64")))
+        return n6, n4
+
+    @T.macro
+    def share_tiles(mr, bw, u, hi, first, count, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """`count` tiles of mr rows of unit block u, from row `first` (rows past hi repeat hi - 1)."""
+        for j in T.serial(count):
+            tile(mr, bw, u, first + j * mr, t, n_t, hi, True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+
+    @T.macro
+    def share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """One step of share i's batch rows (B >= MR): every unit block of every tile, unit-block-major,
+        so each block's weights are read once from L2 for all the share's tiles. The rows are the
+        share's alone, h included: no other thread reads or writes them, so steps need no barrier."""
+        # held in a local, opaque to the simplifier: as expressions at every use, the tests'
+        # bidirectional H=49 model took 74 s to compile (CompactBufferAllocation), not 10.6
+        sh = T.alloc_buffer((4,), "int64", scope="global")
+        sh[0] = rows_of(i, n_b)[0]
+        sh[1] = rows_of(i, n_b)[1]
+        sh[2] = tiles_of(sh[1] - sh[0])[0]
+        sh[3] = tiles_of(sh[1] - sh[0])[1]
+        for u in T.serial(FULL):
+            share_tiles(MR, LANES, u, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+            share_tiles(4, LANES, u, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        if FULL < UB:
+            share_tiles(MR, TW, UB - 1, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+            share_tiles(4, TW, UB - 1, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs,
+                        hb)
 
     def share(n_b):  # row_step's items per thread
         return (n_b * UB + threads - 1) // threads
@@ -385,6 +444,19 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
             else:
                 project_block(mr, TW, u, mt, n_t, n_b, x, wp, bias, xw)
 
+    @T.macro
+    def batched(n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """B >= MR: the whole sequence, the batch split between threads or each step's unit blocks."""
+        if batch_split:  # each thread runs the whole sequence for its own share of the batch rows
+            for i in T.parallel(T.int64(threads)):
+                for t in T.serial(n_t):
+                    share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        else:
+            with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
+                for t in T.serial(n_t):
+                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
+                        fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+
     @T.prim_func(private=True)
     def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(H, K),), "float32"), bias: T.Buffer((NP,), "float32"),
                        rp: T.Buffer((packed_size(H, H),), "float32"), p: T.Buffer((3, HP), "float32"),
@@ -408,14 +480,12 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
             for j0 in T.serial(HP):
                 hb[0, b0, j0] = initial(h0, b0, j0)
                 cs[b0, j0] = initial(c0, b0, j0)
-        # One launch for the whole sequence: each thread runs this block, takes its share of every
-        # parallel loop, and meets the others at the barrier after it.
-        with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
-            if n_b >= MR:  # register tiles of several batch rows share each load of W and R
-                for t in T.serial(n_t):
-                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                        fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-            else:  # small batches (serving): the projection as one GEMM first, then one row per item
+        if n_b >= MR:  # register tiles of several batch rows share each load of W and R
+            batched(n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        else:  # small batches (serving): the projection as one GEMM first, then one row per item
+            # One launch for the whole sequence: each thread runs this block, takes its share of
+            # every parallel loop, and meets the others at the barrier after it.
+            with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
                 with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
                     if n_t * n_b >= MR:
                         project_rows(MR, n_t, n_b, x, wp, bias, xw)

@@ -145,21 +145,44 @@ def test_each_optional_input_alone(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path)
 
 
+def _split(monkeypatch, split):
+    """Makes the kernels compiled next split B >= MR rows between threads by batch rows (what
+    small weights get) or by unit blocks within each step (what weights over BATCH_SPLIT_BYTES get)."""
+    from runtimes.tvm_lstm import cpu
+    monkeypatch.setattr(cpu, "BATCH_SPLIT_BYTES", cpu.BATCH_SPLIT_BYTES if split == "batch" else 0)
+
+
+@pytest.mark.parametrize("split", ["batch", "unit"])
 @pytest.mark.parametrize("optional", [("B",), ALL_OPTIONAL], ids=["zero-state", "given-state"])
-def test_fast_cpu_tiles_at_one_step_and_wide_batches(tmp_path, optional):
+def test_fast_cpu_tiles_at_one_step_and_wide_batches(tmp_path, monkeypatch, optional, split):
     """The fast CPU kernels change tiling below MR rows (one streaming step: T*B = 1) and skip h @ R
-    at the first step when there is no initial state; a batch of 7 mixes full and partial MR tiles."""
+    at the first step when there is no initial state; a batch of 7 mixes full and partial tiles."""
+    _split(monkeypatch, split)
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)))
 
 
-@pytest.mark.parametrize("hidden", [20, 24, 28, 30, 32, 49])
-def test_fast_cpu_unit_blocks_full_and_narrow(tmp_path, monkeypatch, hidden):
+@pytest.mark.parametrize("hidden,split", [(h, "batch") for h in (20, 24, 28, 30, 32, 49)] +
+                         [(h, "unit") for h in (20, 32, 49)])
+def test_fast_cpu_unit_blocks_full_and_narrow(tmp_path, monkeypatch, hidden, split):
     """Hidden sizes whose last unit block packs 4, 8, 12 or 16 lanes (20, 24, 28, 30: 4, 8, 12
     and 14 real units) or is a full block (32), or is one unit after three full blocks (49), on the
-    batched path (7 rows: one tile and a partial one; 13 rows: three tiles, so the narrow block's
-    items sit between full ones) and on the small-batch path."""
+    batched paths (7 rows: one tile and a partial one; 13 rows: three tiles, so with the unit split
+    the narrow block's items sit between full ones) and on the small-batch path."""
     monkeypatch.setitem(globals(), "H", hidden)
+    _split(monkeypatch, split)
     check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path, shapes=((3, 7), (2, 13), (4, 2)))
+
+
+@pytest.mark.parametrize("threads,batches", [(1, (7, 13)), (2, (6, 7, 13, 16, 23)), (3, (13, 20)), (5, (7,))])
+def test_fast_cpu_batch_shares_for_any_core_count(tmp_path, monkeypatch, threads, batches):
+    """With B >= MR and small weights each of the `threads` cores the kernel is made for runs the
+    whole sequence for its own share of the batch rows, in tiles of 6 and 4 rows. The batches give
+    shares of 1 to 13 rows: every remainder mod 6, shares smaller than a tile, and shares of
+    different sizes. The process runs 2 threads whatever the kernel assumed; sequence lengths end
+    rows at different steps, in both directions."""
+    monkeypatch.setitem(globals(), "H", 20)
+    check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional"), tmp_path,
+          shapes=tuple((3 + k % 3, b) for k, b in enumerate(batches)), threads=threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
