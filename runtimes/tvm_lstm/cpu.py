@@ -221,6 +221,17 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     def tail_from(n_b):  # where the tail block's items start in a step's list: see fused_step
         return FULL * n_tiles(n_b) // 2
 
+    # Whether unit block u is full width / step-split item w is the tail's: a Python bool where the
+    # layer has only full blocks or only the tail (H <= 16), so that one branch is emitted, not two
+    # (with both, the batch split's tiles took the tests' H=4 model 8.9 s to compile, not 5.6)
+    def is_full(u):
+        return True if FULL == UB else False if FULL == 0 else u < FULL
+
+    def in_tail(w, n_b):
+        if FULL == UB or FULL == 0:
+            return FULL == 0
+        return tirx.all(w >= tail_from(n_b), w < tail_from(n_b) + n_tiles(n_b))
+
     def lo(mr):  # rows of a register tile held in its first buffer
         return min(mr, RA)
 
@@ -332,7 +343,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
             # the item's unit block and first row, held in a local, opaque to the simplifier: as
             # expressions, the tests' bidirectional H=49 model took 18 s to compile, not 7
             it = T.alloc_buffer((2,), "int64", scope="global")
-            if FULL < UB and w >= tail_from(n_b) and w < tail_from(n_b) + n_tiles(n_b):
+            if in_tail(w, n_b):
                 it[1] = (w - tail_from(n_b)) * MR
                 tile(MR, TW, UB - 1, it[1], t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
             else:
@@ -373,9 +384,11 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         sh[1] = rows_of(i, n_b)[1]
         sh[2] = tiles_of(sh[1] - sh[0])[0]
         sh[3] = tiles_of(sh[1] - sh[0])[1]
-        for u in T.serial(FULL):
-            share_tiles(MR, LANES, u, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-            share_tiles(4, LANES, u, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        if FULL > 0:  # (a Python bool: no code at all for a layer of one narrow block)
+            for u in T.serial(FULL):
+                share_tiles(MR, LANES, u, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+                share_tiles(4, LANES, u, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y,
+                            cs, hb)
         if FULL < UB:
             share_tiles(MR, TW, UB - 1, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
             share_tiles(4, TW, UB - 1, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs,
@@ -387,7 +400,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
     @T.macro
     def row_item(w, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
         """Work item w of a row step: batch row w % n_b of unit block w // n_b."""
-        if FULL == UB or w // n_b < FULL:  # a Python True when there is no tail: one branch emitted
+        if is_full(w // n_b):
             tile(1, LANES, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
         else:
             tile(1, TW, w // n_b, w % n_b, t, n_t, n_b, False, x, wp, bias, xw, rp, p, lens, y, cs, hb)
@@ -439,7 +452,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         for w in T.parallel(((n_t * n_b + mr - 1) // mr) * UB):
             mt: T.let[T.int64] = w % ((n_t * n_b + mr - 1) // mr) if unit_major else w // UB
             u: T.let[T.int64] = w // ((n_t * n_b + mr - 1) // mr) if unit_major else w % UB
-            if FULL == UB or u < FULL:
+            if is_full(u):
                 project_block(mr, LANES, u, mt, n_t, n_b, x, wp, bias, xw)
             else:
                 project_block(mr, TW, u, mt, n_t, n_b, x, wp, bias, xw)
