@@ -86,8 +86,9 @@ def compile_module(mod, target, database=None):
 
 def owned_outputs(main) -> list[bool]:
     """For each output of a lowered Relax `main`, whether it is a tensor the call allocated (possibly
-    reshaped): memory nothing else holds, which a caller may keep without a copy. An output that is
-    (or may be) an input, a constant or anything else is False, and must be copied."""
+    reshaped) and no other output shares: memory nothing else holds, which a caller may keep without
+    a copy. An output that is (or may be) an input, a constant, another output's memory or anything
+    else is False, and must be copied."""
     import tvm
     from tvm import relax
     bound = {}
@@ -96,23 +97,26 @@ def owned_outputs(main) -> list[bool]:
             if isinstance(b, relax.VarBinding):
                 bound[b.var] = b.value
 
-    def owned(e) -> bool:
+    def allocation(e):
+        """The variable bound to the vm.alloc_tensor that e is (a view of), else None."""
         for _ in range(1000):  # follows a chain of bindings; never loops (SSA)
             if isinstance(e, relax.Var) and e in bound:
-                e = bound[e]
+                v = bound[e]
+                if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
+                    return e if v.op.name == "relax.vm.alloc_tensor" else None
+                e = v
             elif isinstance(e, relax.Call) and isinstance(e.op, relax.ExternFunc) and \
                     e.op.global_symbol == "vm.builtin.reshape":
                 e = e.args[0]  # a view of its first argument
-            elif isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op):
-                return e.op.name == "relax.vm.alloc_tensor"
             else:
-                return False
-        return False
+                return None
+        return None
 
     ret = main.body.body
     while isinstance(ret, relax.Var) and isinstance(bound.get(ret), relax.Tuple):
         ret = bound[ret]
-    return [owned(f) for f in ret.fields] if isinstance(ret, relax.Tuple) else [owned(ret)]
+    roots = [allocation(f) for f in (ret.fields if isinstance(ret, relax.Tuple) else [ret])]
+    return [r is not None and sum(r.same_as(o) for o in roots if o is not None) == 1 for r in roots]
 
 
 def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llvm", arch: str = "sm_90",

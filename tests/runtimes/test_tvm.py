@@ -530,25 +530,31 @@ def test_outputs_the_call_allocates_are_shared_and_stay_valid(tmp_path):
 
 
 def test_outputs_that_are_inputs_or_constants_are_copied(tmp_path):
-    """An output the VM did not allocate (a graph input passed through, a constant) is copied: the
-    caller can neither alias its own feed through it nor change the model's constant."""
+    """An output the VM did not allocate (a graph input passed through, a constant), or one that two
+    outputs share, is copied: the caller can neither alias its own feed through it nor change the
+    model's constant, and writing one output never changes another."""
     const = np.arange(6, dtype=np.float32).reshape(2, 3)
     g = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Add", ["x", "x"], ["twice"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("same", "k", "twice")],
+        [helper.make_node("Identity", ["x"], ["same"]), helper.make_node("Add", ["x", "x"], ["twice"]),
+         helper.make_node("Mul", ["x", "x"], ["square"]), helper.make_node("Identity", ["square"], ["square2"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3]) for n in ("same", "k", "twice", "square",
+                                                                               "square2")],
         [numpy_helper.from_array(const, "k")])
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     rt = TvmLlvmRuntime()
     rt.prepare(path)
-    assert rt._owned == [False, False, True]
-    x = _placed(np.ones((2, 3), np.float32), aligned=True)  # shared with the VM, not staged
+    assert rt._owned == [False, False, True, False, False]  # square and square2 are one tensor
+    x = _placed(np.full((2, 3), 3, np.float32), aligned=True)  # shared with the VM, not staged
     out = rt.run({"x": x})
     np.testing.assert_array_equal(out["twice"], 2 * x)
     assert not np.shares_memory(out["same"], x)
+    assert not np.shares_memory(out["square"], out["square2"])
     out["k"][...] = -1
     out["same"][...] = -1
-    np.testing.assert_array_equal(x, 1)
+    out["square"][...] = -1
+    np.testing.assert_array_equal(x, 3)
+    np.testing.assert_array_equal(out["square2"], 9)
     np.testing.assert_array_equal(rt.run({"x": x})["k"], const)
     rt.release()
