@@ -367,18 +367,22 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         return n6, n4
 
     @T.macro
-    def share_tiles(mr, bw, u, hi, first, count, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb):
-        """`count` tiles of mr rows of unit block u, from row `first` (rows past hi repeat hi - 1)."""
-        for j in T.serial(count):
-            tile(mr, bw, u, first + j * mr, t, n_t, hi, True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+    def share_block(bw, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb):
+        """Unit block u (bw lanes) of a share's tiles: sh[2] tiles of MR rows from row sh[0], then
+        sh[3] of 4 rows (rows from sh[1] on repeat sh[1] - 1 and are not written)."""
+        for j in T.serial(sh[2]):
+            tile(MR, bw, u, sh[0] + j * MR, t, n_t, sh[1], True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
+        for j in T.serial(sh[3]):
+            tile(4, bw, u, sh[0] + sh[2] * MR + j * 4, t, n_t, sh[1], True, x, wp, bias, xw, rp, p, lens, y, cs, hb)
 
     @T.macro
     def share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
         """One step of share i's batch rows (B >= MR): every unit block of every tile, unit-block-major,
         so each block's weights are read once from L2 for all the share's tiles. The rows are the
         share's alone, h included: no other thread reads or writes them, so steps need no barrier."""
-        # held in a local, opaque to the simplifier: as expressions at every use, the tests'
-        # bidirectional H=49 model took 74 s to compile (CompactBufferAllocation), not 10.6
+        # rows [lo, hi), tiles of 6 and of 4 rows: held in a local, opaque to the simplifier (as
+        # expressions at every use, the tests' bidirectional H=49 model took 74 s to compile, in
+        # CompactBufferAllocation, not 10.6)
         sh = T.alloc_buffer((4,), "int64", scope="global")
         sh[0] = rows_of(i, n_b)[0]
         sh[1] = rows_of(i, n_b)[1]
@@ -386,13 +390,9 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, has_state: bool = True, has_peeph
         sh[3] = tiles_of(sh[1] - sh[0])[1]
         if FULL > 0:  # (a Python bool: no code at all for a layer of one narrow block)
             for u in T.serial(FULL):
-                share_tiles(MR, LANES, u, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-                share_tiles(4, LANES, u, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y,
-                            cs, hb)
+                share_block(LANES, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
         if FULL < UB:
-            share_tiles(MR, TW, UB - 1, sh[1], sh[0], sh[2], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
-            share_tiles(4, TW, UB - 1, sh[1], sh[0] + sh[2] * MR, sh[3], t, n_t, x, wp, bias, xw, rp, p, lens, y, cs,
-                        hb)
+            share_block(TW, UB - 1, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb)
 
     def share(n_b):  # row_step's items per thread
         return (n_b * UB + threads - 1) // threads
