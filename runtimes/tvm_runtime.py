@@ -19,8 +19,11 @@ class TvmLlvmRuntime(Runtime):
     name = "tvm-llvm"
     target = "llvm"
 
-    def __init__(self, threads: int | None = None, arch: str = "sm_90"):
-        self.threads, self.arch = threads, arch
+    def __init__(self, threads: int | None = None, arch: str = "sm_90", target: str | None = None, plan=None):
+        """threads: cores the kernels are laid out for; target: a full TVM target to compile an .onnx
+        for (default: this machine); plan: a cpu_plan.KernelPlan to compile with (tests)."""
+        self.threads, self.arch, self.plan = threads, arch, plan
+        self.compile_target = target or self.target
         self.vm = self._main = None
         self._tmp = None
         self._staging = {}
@@ -41,14 +44,20 @@ class TvmLlvmRuntime(Runtime):
         path = Path(model)
         if path.is_dir():
             lib_path = path / "model.so"
+            if not lib_path.is_file() and (path / "model.tar").is_file():
+                raise UserError(f"{path} was cross-compiled for another machine (model.tar); link and run it there")
             if not lib_path.is_file():
                 raise UserError(f"{path} holds no model.so; make it with `lstm-export compile MODEL.onnx --out {path}`")
             meta = json.loads((path / "meta.json").read_text())
         else:
             from .tvm_lstm.compile import compile_onnx
             self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
-            lib_path = compile_onnx(path, self._tmp.name, self.target, self.arch, self.threads)
+            lib_path = compile_onnx(path, self._tmp.name, self.compile_target, self.arch, self.threads,
+                                    progress=False, plan=self.plan)
             meta = json.loads((Path(self._tmp.name) / "meta.json").read_text())
+            if lib_path.suffix != ".so":
+                raise UserError(f"--target {self.compile_target!r} builds for another machine; "
+                                "`lstm-export compile` it there or link model.tar's objects")
         self.input_names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in meta["outputs"]]
         # outputs the call allocates are handed out without a copy (artifacts from before

@@ -6,41 +6,27 @@ and returns the graph outputs in graph order, and DIR/meta.json describing them.
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from lstm_export.errors import UserError
 
 from ..model_io import input_specs, load_onnx, output_specs
+from .targets import cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
 
-def host_target(threads: int | None = None):
-    """llvm for this CPU: its own -mcpu (AVX-512 here) and its core count."""
-    import tvm
-    from tvm.target import codegen
-    cfg = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "mtriple": codegen.llvm_get_system_triple(),
-           "num-cores": threads or os.cpu_count() or 1}
-    return tvm.target.Target(cfg)
-
-
-def cuda_target(arch: str = "sm_90"):
-    import tvm
-    if not arch.startswith("sm_"):
-        raise UserError(f"--arch {arch!r} must look like sm_90")
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
-
-
-def import_onnx(model, cuda: bool = False, threads: int = 1):
+def import_onnx(model, cuda: bool = False, plan=None):
     """Relax IRModule from an ONNX ModelProto, with our LSTM converter registered (its CPU kernels
-    made for `threads` cores: the llvm target's num-cores)."""
+    laid out by `plan`, a cpu_plan.KernelPlan for the llvm target; None on CUDA)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
     from .converter import lstm_registered
     try:
-        with lstm_registered(cuda, threads):
+        with lstm_registered(cuda, plan):
             return from_onnx(model, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:
         ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
@@ -55,7 +41,7 @@ def legalize_cpu(mod, target):
         return tvm.transform.Sequential(legalize_passes(target))(mod)
 
 
-def compile_module(mod, target, database=None):
+def compile_module(mod, target, database=None, lanes: int = 16):
     """(executable, number of kernels scheduled from `database`, owned outputs). On llvm, kernels the
     database knows take its fastest record; the rest get cpu_schedule's default; our LSTM kernels
     come scheduled. Owned outputs: see owned_outputs."""
@@ -77,7 +63,7 @@ def compile_module(mod, target, database=None):
         if database is not None:
             from .tuning import apply_database
             mod, from_db = apply_database(mod, target, database)
-        mod = schedule_generic_cpu_kernels(mod)
+        mod = schedule_generic_cpu_kernels(mod, lanes)
         pipeline = relax.get_pipeline("default")
     with target:  # the Relax pipeline run here, not in tvm.compile, to read the lowered main
         mod = pipeline(mod)
@@ -121,31 +107,42 @@ def owned_outputs(main) -> list[bool]:
 
 def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llvm", arch: str = "sm_90",
                  threads: int | None = None, tuning_db: str | Path | None = None, tune_trials: int = 0,
-                 progress: bool = True) -> Path:
-    """Compiles an ONNX file; writes OUT/model.so and OUT/meta.json; returns OUT/model.so.
+                 progress: bool = True, plan=None) -> Path:
+    """Compiles an ONNX file; writes OUT/model.so (or, cross-compiled with no linker for that
+    architecture here, OUT/model.tar of objects) and OUT/meta.json; returns the library's path.
 
     Args:
         model_path: any ONNX model whose ops TVM (plus our LSTM converter) supports.
         out_dir: the folder to write.
-        target: "llvm" (this CPU's features and cores) or "cuda".
+        target: "llvm" (this CPU's features and cores), "cuda", or a full TVM target as JSON or in
+            the CLI string form (`llvm -mcpu=haswell -num-cores=4`,
+            `{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}`); see targets.py.
         arch: CUDA architecture for target="cuda".
-        threads: cores the llvm target assumes (default: all).
+        threads: cores the llvm target assumes (default: the target's num-cores, else this machine's).
         tuning_db: MetaSchedule database folder for llvm (default: the committed one for this CPU and
             core count, when there is one; see tuning.py). "none" compiles without one.
         tune_trials: > 0 first tunes this model's kernels into tuning_db with that many trials.
+        plan: the CPU kernel's cpu_plan.KernelPlan (default: plan_for(target)); tests pass their own.
     """
     import tvm
+    from tvm.target import codegen
     model = load_onnx(model_path)
-    if target not in ("llvm", "cuda"):
-        raise UserError(f"--target {target!r} must be llvm or cuda")
-    tgt = host_target(threads) if target == "llvm" else cuda_target(arch)
+    tgt = parse_target(target, threads, arch)
+    kind = tgt.kind.name
+    if kind != "llvm":
+        plan = None
+    elif plan is None:
+        from .cpu_plan import plan_for
+        plan = plan_for(tgt)
     t0 = time.perf_counter()
-    mod = import_onnx(model, cuda=target == "cuda", threads=int(tgt.attrs.get("num-cores", 1)) if target == "llvm" else 1)
+    mod = import_onnx(model, cuda=kind == "cuda", plan=plan)
     db, db_dir, tuned = None, None, None
-    if target == "llvm" and str(tuning_db) != "none":
+    if kind == "llvm" and str(tuning_db) != "none":
         from .tuning import default_db_dir, open_database, tune
         db_dir = Path(tuning_db) if tuning_db else default_db_dir(tgt)
         if tune_trials > 0:
+            if is_cross(tgt):
+                raise UserError("--tune measures on this machine; it cannot tune for another architecture")
             tuned = tune(legalize_cpu(mod, tgt), tgt, db_dir, tune_trials, progress=progress)
             t0 = time.perf_counter()  # compile time is what a deployment pays, without the tuning
         db = open_database(db_dir)
@@ -153,23 +150,55 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
             raise UserError(f"--tuning-db {db_dir} holds no MetaSchedule database; make one with "
                             f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
     elif tune_trials > 0:
-        raise UserError("--tune works with --target llvm only (CUDA kernels are scheduled by dlight)")
-    ex, from_db, owned = compile_module(mod, tgt, db)
+        raise UserError("--tune works with llvm targets only (CUDA kernels are scheduled by dlight)")
+    ex, from_db, owned = compile_module(mod, tgt, db, plan.lanes if plan else 16)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lib = out / "model.so"
-    tmp = out / ".model.so.tmp.so"
-    ex.export_library(str(tmp))
-    tmp.replace(lib)
+    lib = _export(ex, tgt, plan, out)
     meta = {"inputs": [_spec(s) for s in input_specs(model)], "outputs": [_spec(s) for s in output_specs(model)],
-            "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt), "target_kind": target,
+            "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt), "target_kind": kind,
             "tvm_version": tvm.__version__, "source": str(model_path), "compile_s": round(time.perf_counter() - t0, 3),
             "tuning_db": str(db_dir) if db is not None else None, "kernels_from_db": from_db,
-            "owned_outputs": owned}
+            "owned_outputs": owned, "library": lib.name}
+    if plan is not None:
+        meta["num_cores"] = plan.threads
+        meta["cpu"] = plan.info.describe() if plan.info else None
+        meta["kernel_plan"] = {k: v for k, v in asdict(plan).items() if k != "info"}
+        meta["cross_compiled"] = is_cross(tgt) or str(tgt.attrs.get("mcpu", "")) != codegen.llvm_get_system_cpu()
     if tuned is not None:
         meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
                           "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}
     (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return lib
+
+
+def _export(ex, tgt, plan, out: Path) -> Path:
+    """Writes the executable: model.so linked with the thread-pool constructor (thread_pool.py) for
+    an llvm target with a linker for its architecture here; model.tar (objects and the
+    constructor's source) for a cross-compile without one; model.so for CUDA."""
+    from tvm.target import codegen
+
+    from .thread_pool import SOURCE, compiler_for, thread_pool_object
+    if plan is None:  # CUDA: the host side only launches kernels
+        lib = out / "model.so"
+        tmp = out / ".model.so.tmp.so"
+        ex.export_library(str(tmp))
+        tmp.replace(lib)
+        return lib
+    triple = str(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple())
+    cc = compiler_for(triple, codegen.llvm_get_system_triple())
+    with tempfile.TemporaryDirectory(prefix="lstm-export-link-") as work:
+        if cc is None:  # no linker for that architecture here: the objects, to link where it runs
+            src = Path(work) / "lstm_export_threads.c"
+            src.write_text(SOURCE.replace("LSTM_EXPORT_CORES", str(plan.threads)))
+            lib, tmp = out / "model.tar", out / ".model.tar.tmp.tar"
+            ex.export_library(str(tmp), addons=[str(src)])
+        else:
+            obj = thread_pool_object(work, plan.threads, cc)
+            lib, tmp = out / "model.so", out / ".model.so.tmp.so"
+            kwargs = {} if not is_cross(tgt) else {"cc": cc}
+            ex.export_library(str(tmp), addons=[str(obj)], **kwargs)
+        tmp.replace(lib)
     return lib
 
 

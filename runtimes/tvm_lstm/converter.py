@@ -78,18 +78,18 @@ class LSTM(onnx_frontend.OnnxOpConverter):
     """ONNX LSTM -> one GEMM for every step's input projection, then a TIR time loop per direction."""
 
     cuda = False  # emit the persistent CUDA kernel instead of the CPU loop
-    threads = 1  # cores the CPU kernel is made for
+    plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: no fast CPU kernel (CUDA)
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.threads)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.threads)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan)
 
 
-def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, threads: int = 1):
+def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, plan=None):
     node = attr.get("tvm_custom", {}).get("name", "LSTM")
     unknown = set(attr) - KNOWN_ATTRS
     if unknown:
@@ -137,7 +137,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
     if c0 is not None and layout == 1:
         c0 = bb.emit(relax.op.permute_dims(c0, [1, 0, 2]))
     weights = [_const(W), _const(R)] + [_const(v) for v in (B, P) if v is not None]
-    fast_cpu = not cuda and I is not None and all(w is not None for w in weights)
+    fast_cpu = not cuda and plan is not None and I is not None and all(w is not None for w in weights)
     # The fast CPU kernel starts from zero itself and ignores absent lengths: no kernels for those.
     need_zeros = (h0 is None or c0 is None) and not (fast_cpu and h0 is None and c0 is None)
     zeros_state = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if need_zeros else None
@@ -156,7 +156,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
             h_d = c_d = relax.const(np.zeros((1, H), np.float32))
         if fast_cpu:  # constant weights: packed once here, at import time
             y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None,
-                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, threads)
+                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, plan)
         else:
             y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
         ys.append(y)
@@ -200,32 +200,32 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
-def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, threads):
+def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, plan):
     """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
-    from . import cpu
-    H = spec.hidden
-    HP = cpu.padded(H)
+    from . import cpu, packing
+    H, lanes = spec.hidden, plan.lanes
+    HP = packing.padded(H, lanes)
     w, r = weights[0][d], weights[1][d]
     bias = weights[2][d][:4 * H] + weights[2][d][4 * H:] if has_b else np.zeros(4 * H, np.float32)
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), has_state=has_state, has_peepholes=has_p,
-                                            threads=threads),
+    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), plan, has_state=has_state, has_peepholes=has_p),
                         f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
-    out = bb.emit(relax.call_tir(layer, [X, relax.const(cpu.pack_gates(w, H)), relax.const(cpu.pack_bias(bias, H)),
-                                         relax.const(cpu.pack_gates(r, H)), relax.const(p), h_d, c_d, lens],
+    out = bb.emit(relax.call_tir(layer, [X, relax.const(packing.pack_gates(w, H, lanes)),
+                                         relax.const(packing.pack_bias(bias, H, lanes)),
+                                         relax.const(packing.pack_gates(r, H, lanes)), relax.const(p), h_d, c_d, lens],
                                  [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
                                   relax.TensorType([n_b, H], "float32")]))
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
 @contextlib.contextmanager
-def lstm_registered(cuda: bool = False, threads: int = 1):
+def lstm_registered(cuda: bool = False, plan=None):
     """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched); CPU kernels
-    are made for `threads` cores."""
+    are laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only)."""
     original = onnx_frontend._get_convert_map
-    converter = type("LSTM", (LSTM,), {"cuda": cuda, "threads": threads})
+    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
 
     def with_lstm():
         table = dict(original())

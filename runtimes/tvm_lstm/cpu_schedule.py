@@ -2,15 +2,13 @@
 
 TVM's CPU pipeline legalizes Relax ops to plain loop nests and schedules none of them. This pass
 gives every fused function whose main block is a reduction ending in a contiguous spatial axis a
-simple schedule: the last spatial axis split into 16 vector lanes, the reduction moved outside the
+simple schedule: the last spatial axis split into vector lanes (the target's: cpu_plan), the reduction moved outside the
 lanes, the outer spatial loops fused and parallel. Anything it cannot schedule is left as it was.
 """
 from __future__ import annotations
 
-LANES = 16
 
-
-def default_schedule(func):
+def default_schedule(func, lanes: int = 16):
     """The traced s_tir.Schedule of `func` (global_symbol "main") that compile uses without a tuning
     database, or None where this pass leaves the plain loop nest. The trace seeds the database."""
     from tvm import s_tir
@@ -28,9 +26,9 @@ def default_schedule(func):
     j, k = loops[-2], loops[-1]
     outer = list(loops[:-2])
     extent = sch.get(j).extent
-    vector = hasattr(extent, "value") and extent.value % LANES == 0
+    vector = hasattr(extent, "value") and extent.value % lanes == 0
     if vector:
-        jo, ji = sch.split(j, [None, LANES])
+        jo, ji = sch.split(j, [None, lanes])
         sch.reorder(*outer, jo, k, ji)
     else:  # e.g. a vocabulary-sized axis: k outside the contiguous axis, LLVM vectorizes the rest
         sch.reorder(*outer, k, j)
@@ -42,8 +40,8 @@ def default_schedule(func):
     return sch
 
 
-def _schedule_reduction(func):
-    sch = default_schedule(func)
+def _schedule_reduction(func, lanes: int):
+    sch = default_schedule(func, lanes)
     return None if sch is None else sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -59,7 +57,7 @@ def _is_reduction(sch, block) -> bool:
     return any(iv.iter_type == 2 for iv in sch.get(block).iter_vars)
 
 
-def schedule_generic_cpu_kernels(mod):
+def schedule_generic_cpu_kernels(mod, lanes: int = 16):
     """Schedules what it can of the legalized, fused module's unscheduled PrimFuncs (see above)."""
     from tvm import tirx
     updates = {}
@@ -69,7 +67,7 @@ def schedule_generic_cpu_kernels(mod):
         if gv.name_hint.startswith("lstm_"):
             continue  # our own kernels are written scheduled
         try:
-            scheduled = _schedule_reduction(func.with_attr("global_symbol", gv.name_hint))
+            scheduled = _schedule_reduction(func.with_attr("global_symbol", gv.name_hint), lanes)
         except Exception:  # noqa: BLE001 -- unschedulable: keep the plain loop nest
             scheduled = None
         if scheduled is not None:

@@ -198,7 +198,9 @@ def _seed_defaults(tasks, target, db, builder, runner, report: TuneReport) -> No
     from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
+    from .cpu_plan import plan_for
     from .cpu_schedule import default_schedule
+    lanes = plan_for(target).lanes
     todo = []
     for name, func in tasks:
         mod = task_module(func)
@@ -207,7 +209,7 @@ def _seed_defaults(tasks, target, db, builder, runner, report: TuneReport) -> No
         if top:
             report.before_ms[name] = round(_mean(top[0].run_secs) * 1e3, 6)
             continue
-        sch = default_schedule(mod["main"])
+        sch = default_schedule(mod["main"], lanes)
         if sch is None:  # the plain loop nest; a record needs one instruction to count as valid
             sch = s_tir.Schedule(mod)
             sch.get_child_blocks(sch.get_sblock("root"))

@@ -1,0 +1,67 @@
+"""The artifact sizes TVM's thread pool itself, so a plain load runs on the cores it was made for.
+
+TVM's runtime starts its thread pool, on the first parallel launch of each thread, with
+TVM_NUM_THREADS workers, else OMP_NUM_THREADS, else half the logical CPUs: one on a 2-vCPU
+machine, where our kernels are laid out for two. No runtime call can widen a pool once it has
+started (runtime.config_threadpool caps at the size it started with), so every llvm `model.so`
+carries a constructor, run when the library is loaded and so before its first launch, that sets
+TVM_NUM_THREADS to the target's num-cores (at most the CPUs the process may use) unless the user
+set TVM_NUM_THREADS or OMP_NUM_THREADS. A pool a thread had already started keeps its size.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from lstm_export.errors import UserError
+
+SOURCE = r"""
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* the cores this artifact's kernels were laid out for (the target's num-cores) */
+int lstm_export_cores = LSTM_EXPORT_CORES;
+
+__attribute__((constructor)) static void lstm_export_size_thread_pool(void) {
+  if (getenv("TVM_NUM_THREADS") || getenv("OMP_NUM_THREADS")) return; /* the user's choice wins */
+  int n = LSTM_EXPORT_CORES;
+#ifdef CPU_COUNT
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0 && CPU_COUNT(&set) < n)
+    n = CPU_COUNT(&set);
+#endif
+  char text[16];
+  snprintf(text, sizeof(text), "%d", n);
+  setenv("TVM_NUM_THREADS", text, 0);
+}
+"""
+
+
+def compiler_for(triple: str, host_triple: str) -> str | None:
+    """The C compiler that makes objects for `triple`: the host's own for the host's architecture,
+    else `<triple>-gcc` where it is installed; None where there is none."""
+    arch = lambda t: t.split("-")[0]  # noqa: E731
+    if arch(triple) == arch(host_triple):
+        return shutil.which("gcc") or shutil.which("cc")
+    for name in (f"{triple}-gcc", f"{arch(triple)}-linux-gnu-gcc"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def thread_pool_object(workdir: str | Path, cores: int, cc: str) -> Path:
+    """Compiles the constructor for `cores` with `cc`; returns the object file to link in."""
+    src = Path(workdir) / "lstm_export_threads.c"
+    obj = src.with_suffix(".o")
+    src.write_text(SOURCE)
+    proc = subprocess.run([cc, "-c", "-fPIC", "-O2", f"-DLSTM_EXPORT_CORES={int(cores)}", "-o", str(obj), str(src)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
+        raise UserError(f"{cc} could not compile the artifact's thread-pool constructor: {first[0] if first else '?'}")
+    return obj
