@@ -22,9 +22,12 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("compile", help="compile an ONNX model with TVM to DIR/model.so + DIR/meta.json")
     p.add_argument("model", help="MODEL.onnx (native LSTM op or unrolled graph)")
-    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    p.add_argument("--target", default="llvm",
+                   help="llvm (this CPU), cuda, or a full TVM target to cross-compile for, as JSON or "
+                        "'llvm -mcpu=haswell -num-cores=4' (mtriple, mcpu, mattr, num-cores); default: %(default)s")
     p.add_argument("--arch", default="sm_90", help="CUDA architecture (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="cores the llvm target uses (default: all)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="cores the llvm target is laid out for (default: the target's num-cores, else this machine's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
@@ -40,6 +43,9 @@ def add_commands(sub) -> None:
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
     p.add_argument("--entries", default=None, help="comma-separated entry labels (default: every CPU entry)")
     p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--target", default=None,
+                   help="build the tvm-llvm entries for this TVM target (e.g. 'llvm -mcpu=haswell': the AVX2 "
+                        "kernel on an AVX-512 machine; default: this CPU)")
     p.add_argument("--min-s", type=float, default=1.0, help="seconds of timed runs per entry, at least")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
@@ -124,9 +130,12 @@ def cmd_compile(args) -> int:
                 print(f"  {name[:60]:<60} {d:9.4f} ms -> {b:9.4f} ms  ({d / b:.2f}x)")
         for name, why in tuning.get("skipped", {}).items():
             print(f"  {name[:60]:<60} not tuned: {why}")
-    print(f"{args.target}: {lib} ({lib.stat().st_size / 1e6:.2f} MB) in {meta['compile_s']:.1f} s; "
+    print(f"{meta['target_kind']}: {lib} ({lib.stat().st_size / 1e6:.2f} MB) in {meta['compile_s']:.1f} s; "
           f"main({', '.join(i['name'] for i in meta['inputs'])}) -> {', '.join(o['name'] for o in meta['outputs'])}")
-    if args.target == "llvm":
+    if meta.get("cpu"):
+        print(f"CPU kernel: {meta['cpu']}; runs on {meta['num_cores']} threads when loaded"
+              + ("" if lib.suffix == ".so" else f" (cross-compiled: link {lib.name}'s objects where it runs)"))
+    if meta["target_kind"] == "llvm":
         print(f"kernels from the tuning database: {meta['kernels_from_db']}"
               + (f" ({meta['tuning_db']})" if meta["tuning_db"] else " (none for this CPU; --tune makes one)"))
     return 0
@@ -139,17 +148,20 @@ def cmd_bench(args) -> int:
         raise UserError("--only-shapes needs at least one --shape")
     shapes = extra if args.only_shapes else DEFAULT_SHAPES + extra
     entries = [e.strip() for e in args.entries.split(",")] if args.entries else None
-    report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds)
-    print(f"machine: {report.machine}, threads: {report.threads}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds, target=args.target)
+    print(report.header())
     print(report.table())
     if args.json:
         report.to_json(args.json)
     if args.plot:
         plot(report, args.plot)
     if args.markdown:
-        Path(args.markdown).write_text(f"Machine: {report.machine}, {report.threads} threads, float32, median of "
+        Path(args.markdown).write_text(f"{report.header()} {report.threads} threads, float32, median of "
                                        f"repeated runs after warm-up, in {args.rounds} interleaved rounds; ratio = median / best peer's median "
-                                       f"(peers: torch.nn.LSTM, ort-cpu native, openvino native).\n\n"
+                                       f"(peers: torch.nn.LSTM, ort-cpu native, openvino native); % of peak = GFLOP/s / the "
+                                       f"measured FMA peak of the ISA the entry runs.\n\n"
                                        f"{report.markdown()}\n")
     return 0
 

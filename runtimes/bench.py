@@ -11,16 +11,18 @@ alike instead of landing on whichever entry ran at the time.
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib.util
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lstm_export.errors import UserError
+
+from .bench_report import PEERS, BenchReport, Timing, plot  # noqa: F401 (plot, PEERS: the bench's API)
 
 # (label, runtime, graph): graph is "native", "unrolled" or "model" (a torch runtime on our model)
 ENTRIES = [
@@ -31,9 +33,11 @@ ENTRIES = [
     ("ort-cpu unrolled", "ort-cpu", "unrolled"),
     ("openvino native", "openvino", "native"),
     ("tvm-llvm native", "tvm-llvm", "native"),
+    # the compiled artifact loaded in a fresh process with TVM's runtime alone and no environment
+    # variables (runtimes/deployed.py): what a user who deploys model.so gets
+    ("tvm-llvm native (deployed)", "tvm-deployed", "native"),
     ("tvm-llvm unrolled", "tvm-llvm", "unrolled"),
 ]
-PEERS = ("torch.nn.LSTM", "ort-cpu native", "openvino native")  # what TVM has to beat
 GPU_ENTRIES = [("torch.nn.LSTM cuda", "torch-nn-cuda", "model"), ("ort-cuda native", "ort-cuda", "native"),
                ("tvm-cuda native", "tvm-cuda", "native")]
 
@@ -78,48 +82,6 @@ DEFAULT_SHAPES = [Shape(50, 128, 20, 100), Shape(32, 1, 128, 256), Shape(64, 64,
                   Shape(256, 1, 65, 512, 2, lm=True)]
 
 
-@dataclass
-class Timing:
-    entry: str
-    shape: str
-    median_ms: float | None = None
-    p90_ms: float | None = None
-    p99_ms: float | None = None
-    runs: int = 0
-    gflops: float | None = None
-    ratio_to_best_peer: float | None = None
-    max_err: float | None = None
-    status: str = "ok"  # ok | mismatch | unavailable | error
-
-
-@dataclass
-class BenchReport:
-    machine: str
-    threads: int
-    timings: list[Timing] = field(default_factory=list)
-
-    def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-    def markdown(self) -> str:
-        rows = ["| shape | runtime | median ms | p90 ms | p99 ms | GFLOP/s | vs best peer | status |",
-                "|---|---|---|---|---|---|---|---|"]
-        f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
-        for t in self.timings:
-            name = f"**{t.entry}**" if t.entry.startswith("tvm") else t.entry
-            rows.append(f"| {t.shape} | {name} | {f(t.median_ms, '.3f')} | {f(t.p90_ms, '.3f')} | {f(t.p99_ms, '.3f')} | "
-                        f"{f(t.gflops, '.1f')} | {f(t.ratio_to_best_peer, '.2f')} | {t.status} |")
-        return "\n".join(rows)
-
-    def table(self) -> str:
-        rows = [f"{'shape':<32}{'runtime':<22}{'median ms':>10}{'p90':>9}{'p99':>9}{'GFLOP/s':>9}{'vs best peer':>13}  status"]
-        for t in self.timings:
-            f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
-            rows.append(f"{t.shape:<32}{t.entry:<22}{f(t.median_ms, '10.3f')}{f(t.p90_ms, '9.3f')}{f(t.p99_ms, '9.3f')}"
-                        f"{f(t.gflops, '9.1f')}{f(t.ratio_to_best_peer, '13.2f')}  {t.status}")
-        return "\n".join(rows)
-
-
 def _model(shape: Shape):
     import torch
 
@@ -139,8 +101,10 @@ def _feeds(shape: Shape) -> dict[str, np.ndarray]:
     return {"input": rng.standard_normal((shape.T, shape.B, shape.I)).astype(np.float32)}
 
 
-def _runtime(name: str, model, threads: int):
+def _runtime(name: str, model, threads: int, target: str | None = None):
     from .base import get_runtime, runtime_class
+    if name == "tvm-deployed":
+        return _Deployed(threads, target)
     if name == "torch-compile":
         from .torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
@@ -153,7 +117,41 @@ def _runtime(name: str, model, threads: int):
     kwargs = {"model": model} if name in ("torch", "torch-nn") else {}
     if "threads" in cls.__init__.__code__.co_varnames:
         kwargs["threads"] = threads
+    if name == "tvm-llvm" and target:
+        kwargs["target"] = target
     return cls(**kwargs)
+
+
+class _Deployed:
+    """The bench's face of DeployedArtifact: prepare compiles the graph to a folder, then serves it
+    from a fresh process; timing happens there (time_runs)."""
+
+    def __init__(self, threads: int, target: str | None):
+        from .tvm_runtime import TvmLlvmRuntime
+        avail = TvmLlvmRuntime.availability()
+        if not avail:
+            raise _Unavailable(avail.reason)
+        self.threads, self.target = threads, target
+        self._tmp = self.worker = None
+
+    def prepare(self, graph) -> None:
+        from .deployed import DeployedArtifact
+        from .tvm_lstm.compile import compile_onnx
+        self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-deployed-")
+        compile_onnx(graph, self._tmp.name, self.target or "llvm", threads=self.threads, progress=False)
+        self.worker = DeployedArtifact(self._tmp.name)
+
+    def run(self, feeds):
+        return self.worker.run(feeds)
+
+    def time_runs(self, feeds, **kwargs):
+        return self.worker.time_runs(feeds, **kwargs)
+
+    def release(self) -> None:
+        if self.worker is not None:
+            self.worker.release()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 class _Unavailable(Exception):
@@ -195,15 +193,36 @@ def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_r
     return np.array(times)
 
 
+def machine_description(threads: int, target: str | None = None) -> dict:
+    """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
+    FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
+    from .tvm_lstm.cpu_plan import cpu_info
+    from .tvm_lstm.fma_peak import fma_peak
+    from .tvm_lstm.targets import host_target, parse_target
+    host = host_target(threads)
+    built = parse_target(target or "llvm", threads)
+    info, kinfo = cpu_info(host), cpu_info(built)
+    peak = fma_peak(host, threads)
+    kpeak = peak if kinfo.isa == info.isa else fma_peak(built, threads)
+    return {"machine_isa": info.isa, "kernel_isa": kinfo.isa, "target": target or "llvm", "cores": info.cores,
+            "l1d_kb": info.l1d // 1024, "l2_kb": info.l2 // 1024, "l3_mb": info.l3 // (1024 * 1024),
+            "cache_source": info.cache_source, "fma_peak_gflops": peak.gflops, "kernel_peak_gflops": kpeak.gflops}
+
+
 def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1e-4, min_s: float = 1.0,
-          rounds: int = 3, progress: bool = True) -> BenchReport:
+          rounds: int = 3, progress: bool = True, target: str | None = None, describe_machine: bool = True
+          ) -> BenchReport:
     """Benchmarks `entries` (labels from ENTRIES) on `shapes`, each timed for `min_s` seconds in all,
-    split over `rounds` interleaved rounds; see the module docstring."""
+    split over `rounds` interleaved rounds; see the module docstring. `target` builds the tvm-llvm
+    entries for another TVM target (e.g. `llvm -mcpu=haswell` for the AVX2 kernel on an AVX-512
+    machine); `describe_machine` measures the FMA peak for the % of peak column."""
     from tqdm import tqdm
 
     from lstm_export.export import export_onnx
     from lstm_export.report import cpu_name
-    threads = threads or os.cpu_count() or 1
+
+    from .tvm_lstm.targets import usable_cores
+    threads = threads or usable_cores()
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     shapes = shapes or DEFAULT_SHAPES
     table = {label: (rt, graph) for label, rt, graph in ENTRIES + GPU_ENTRIES}
@@ -214,6 +233,9 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     if rounds < 1:
         raise UserError(f"--rounds {rounds} must be at least 1")
     report = BenchReport(cpu_name(), threads)
+    tvm_ok = any(table[e][0].startswith("tvm") for e in labels)
+    if describe_machine and tvm_ok and importlib.util.find_spec("tvm") is not None:
+        report.cpu = machine_description(threads, target)
     jobs = [(s, e) for s in shapes for e in labels]
     bar = tqdm(total=len(jobs) * (1 + rounds), disable=not progress, desc="bench", unit="step")
     with tempfile.TemporaryDirectory(prefix="lstm-export-bench-") as tmp:
@@ -230,7 +252,7 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                 bar.set_postfix_str(f"{shape.name}: {label}")
                 t = Timing(label, shape.name)
                 with _recorded(t):
-                    rt = _runtime(rt_name, model, threads)
+                    rt = _runtime(rt_name, model, threads, target)
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
                     t.max_err = float(np.abs(out[first] - reference[first]).max())
@@ -246,9 +268,9 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                     bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
                     if t.status == "ok":
                         with _recorded(t):
-                            secs.extend(time_runs(lambda: rt.run(feeds), warmup=3 if r == 0 else 1,
-                                                  min_runs=max(1, 10 // rounds), min_s=min_s / rounds,
-                                                  max_s=20.0 / rounds))
+                            timer = getattr(rt, "time_runs", None) or (lambda f, **kw: time_runs(lambda: rt.run(f), **kw))
+                            secs.extend(timer(feeds, warmup=3 if r == 0 else 1, min_runs=max(1, 10 // rounds),
+                                              min_s=min_s / rounds, max_s=20.0 / rounds))
                     bar.update(1)
             for t, rt, secs in ready:
                 if t.status == "ok":
@@ -256,6 +278,10 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                                                        for q in (50, 90, 99))
                     t.runs = len(secs)
                     t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
+                    if report.cpu:  # against the peak of the ISA the entry's code uses
+                        peak = report.cpu["kernel_peak_gflops"] if t.entry.startswith("tvm") else \
+                            report.cpu["fma_peak_gflops"]
+                        t.pct_peak = round(100 * t.gflops / peak, 4)
                 rt.release()
             peers = [t.median_ms for t in done if t.entry in PEERS and t.median_ms is not None]
             for t in done:
@@ -306,26 +332,3 @@ def _run_once(name, model, threads, graph, feeds):
     return out
 
 
-def plot(report: BenchReport, path) -> None:
-    """One panel per shape: median ms per runtime (log scale), the best peer's line dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    shapes = list(dict.fromkeys(t.shape for t in report.timings))
-    fig, axes = plt.subplots(len(shapes), 1, figsize=(8, 2.2 * len(shapes)), dpi=100, squeeze=False)
-    for ax, s in zip(axes[:, 0], shapes):
-        rows = [t for t in report.timings if t.shape == s and t.median_ms is not None]
-        ax.barh([t.entry for t in rows], [t.median_ms for t in rows],
-                color=["tab:orange" if t.entry.startswith("tvm") else
-                       "tab:blue" if t.entry in PEERS else "tab:gray" for t in rows])
-        peers = [t.median_ms for t in rows if t.entry in PEERS]
-        if peers:
-            ax.axvline(min(peers), color="k", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_title(s, fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.invert_yaxis()
-    axes[-1, 0].set_xlabel(f"median ms ({report.threads} threads, {report.machine}); dashed: best peer")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

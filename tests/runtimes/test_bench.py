@@ -31,8 +31,8 @@ class _Logged:
 def _logging_runtimes(monkeypatch, log, wrong=()):
     real = bench_mod._runtime
 
-    def logged(name, model, threads):
-        return _Logged(real(name, model, threads), name, log, shift=1e-2 if name in wrong else 0.0)
+    def logged(name, model, threads, target=None):
+        return _Logged(real(name, model, threads, target), name, log, shift=1e-2 if name in wrong else 0.0)
 
     monkeypatch.setattr(bench_mod, "_runtime", logged)
 
@@ -77,7 +77,7 @@ def test_an_entry_that_fails_mid_timing_keeps_the_others(monkeypatch):
                 raise RuntimeError("device lost")
             return self.rt.run(feeds)
 
-    monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads: (
+    monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads, target=None: (
         Flaky(real(name, model, threads), name, []) if name == "ort-cpu" else real(name, model, threads)))
     report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=2, progress=False)
     ort = next(t for t in report.timings if t.entry == "ort-cpu native")
@@ -111,3 +111,21 @@ def test_bad_bench_arguments_say_what_to_do(cli, args, needle):
     r = cli("bench", "--min-s", "0.01", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr
+
+
+@pytest.mark.tvm
+def test_deployed_artifact_and_machine_description(tmp_path):
+    """The deployed entry compiles the native graph, loads model.so in a fresh process with no
+    TVM_NUM_THREADS (TVM's runtime alone) and times it there: its outputs pass the same check
+    against torch.nn.LSTM and it gets a ratio; the report says where it ran (ISA, caches, the FMA
+    peak measured now) and each TVM entry's % of that peak."""
+    pytest.importorskip("tvm", reason="apache-tvm is not installed")
+    report = bench([TINY], ["torch.nn.LSTM", "tvm-llvm native (deployed)"], threads=2, min_s=0.05, rounds=2,
+                   progress=False)
+    dep = next(t for t in report.timings if t.entry == "tvm-llvm native (deployed)")
+    assert dep.status == "ok" and dep.max_err < 1e-5 and dep.runs >= 2 and dep.ratio_to_best_peer > 0
+    cpu = report.cpu
+    assert cpu["kernel_isa"] == cpu["machine_isa"] and cpu["fma_peak_gflops"] > 1
+    assert cpu["l2_kb"] > 0 and cpu["cores"] >= 1
+    assert dep.pct_peak == pytest.approx(100 * dep.gflops / cpu["kernel_peak_gflops"], rel=1e-2)
+    assert cpu["machine_isa"] in report.header() and "FMA peak" in report.header()
