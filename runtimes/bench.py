@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -237,9 +238,13 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     if describe_machine and tvm_ok and importlib.util.find_spec("tvm") is not None:
         report.cpu = machine_description(threads, target)
     jobs = [(s, e) for s in shapes for e in labels]
-    bar = tqdm(total=len(jobs) * (1 + rounds), disable=not progress, desc="bench", unit="step")
+    # a bar on a terminal; otherwise (a log, CI) one line per shape
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(jobs) * (1 + rounds), disable=not (progress and tty), desc="bench", unit="step")
     with tempfile.TemporaryDirectory(prefix="lstm-export-bench-") as tmp:
-        for shape in shapes:
+        for n_shape, shape in enumerate(shapes):
+            if progress and not tty:
+                print(f"bench: shape {n_shape + 1}/{len(shapes)}: {shape.name}", file=sys.stderr, flush=True)
             model, feeds = _model(shape), _feeds(shape)
             graphs = {"native": export_onnx(model, Path(tmp) / f"{shape.name}.native.onnx".replace(" ", "_"), "native"),
                       "unrolled": export_onnx(model, Path(tmp) / f"{shape.name}.unrolled.onnx".replace(" ", "_"),

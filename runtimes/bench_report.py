@@ -59,7 +59,7 @@ class BenchReport:
         rows = [f"{'shape':<32}{'runtime':<28}{'median ms':>10}{'p90':>9}{'p99':>9}{'GFLOP/s':>9}{'%peak':>6}"
                 f"{'vs best peer':>13}  status"]
         for t in self.timings:
-            f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
+            f = lambda v, fmt: format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
             rows.append(f"{t.shape:<32}{t.entry:<28}{f(t.median_ms, '10.3f')}{f(t.p90_ms, '9.3f')}{f(t.p99_ms, '9.3f')}"
                         f"{f(t.gflops, '9.1f')}{f(t.pct_peak, '6.0f')}{f(t.ratio_to_best_peer, '13.2f')}  {t.status}")
         return "\n".join(rows)
@@ -77,9 +77,9 @@ def plot(report: BenchReport, path, peers=PEERS) -> None:
         ax.barh([t.entry for t in rows], [t.median_ms for t in rows],
                 color=["tab:orange" if t.entry.startswith("tvm") else
                        "tab:blue" if t.entry in peers else "tab:gray" for t in rows])
-        peers = [t.median_ms for t in rows if t.entry in peers]
-        if peers:
-            ax.axvline(min(peers), color="k", linestyle="--", linewidth=1)
+        peer_ms = [t.median_ms for t in rows if t.entry in peers]
+        if peer_ms:
+            ax.axvline(min(peer_ms), color="k", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ax.set_title(s, fontsize=9)
         ax.tick_params(labelsize=8)
@@ -88,3 +88,18 @@ def plot(report: BenchReport, path, peers=PEERS) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def machine_slug(target: str | None = None) -> str:
+    """A results file's name for this machine: CPU model and its ISA, plus the ISA built for when a
+    --target builds another (e.g. intel-xeon-processor-avx512, intel-xeon-processor-avx512-build-avx2)."""
+    import re
+
+    from lstm_export.report import cpu_name
+
+    from .tvm_lstm.cpu_plan import isa_of
+    from .tvm_lstm.targets import host_target, parse_target
+    model = re.sub(r"\(r\)|\(tm\)|\(\d+ cores\)|cpu|@.*", "", cpu_name().lower())
+    slug = "-".join(re.findall(r"[a-z0-9]+", model))
+    isa, built = isa_of(host_target()), isa_of(parse_target(target)) if target else None
+    return f"{slug}-{isa}" + (f"-build-{built}" if built and built != isa else "")
