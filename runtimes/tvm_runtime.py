@@ -44,20 +44,19 @@ class TvmLlvmRuntime(Runtime):
         path = Path(model)
         if path.is_dir():
             lib_path = path / "model.so"
-            if not lib_path.is_file() and (path / "model.tar").is_file():
-                raise UserError(f"{path} was cross-compiled for another machine (model.tar); link and run it there")
+            if not lib_path.is_file() and (path / "model.tar").is_file() and (path / "meta.json").is_file():
+                _check_runs_here(json.loads((path / "meta.json").read_text()), path)
             if not lib_path.is_file():
                 raise UserError(f"{path} holds no model.so; make it with `lstm-export compile MODEL.onnx --out {path}`")
             meta = json.loads((path / "meta.json").read_text())
+            _check_runs_here(meta, path)
         else:
             from .tvm_lstm.compile import compile_onnx
             self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
             lib_path = compile_onnx(path, self._tmp.name, self.compile_target, self.arch, self.threads,
                                     progress=False, plan=self.plan)
             meta = json.loads((Path(self._tmp.name) / "meta.json").read_text())
-            if lib_path.suffix != ".so":
-                raise UserError(f"--target {self.compile_target!r} builds for another machine; "
-                                "`lstm-export compile` it there or link model.tar's objects")
+            _check_runs_here(meta, self.compile_target)
         self.input_names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in meta["outputs"]]
         # outputs the call allocates are handed out without a copy (artifacts from before
@@ -114,6 +113,38 @@ class TvmLlvmRuntime(Runtime):
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+# CPU flags (/proc/cpuinfo) an llvm artifact's kernel ISA needs; running without them is SIGILL
+ISA_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma")}
+
+
+def _check_runs_here(meta: dict, where) -> None:
+    """Refuses, in one line, an llvm artifact this machine cannot run: another architecture, or an
+    ISA this CPU lacks (loading it would fail, running it would die of an illegal instruction)."""
+    import platform
+    if meta.get("target_kind") != "llvm":
+        return
+    arch = meta.get("arch")
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    if meta.get("library", "model.so") != "model.so" or (arch and arch != here):
+        raise UserError(f"{where} was cross-compiled for {arch or 'another machine'}; run it there "
+                        "(or `lstm-export compile MODEL.onnx --target llvm` here)")
+    isa = (meta.get("kernel_plan") or {}).get("isa")
+    missing = [f for f in ISA_FLAGS.get(isa, ()) if f not in _cpu_flags()]
+    if missing and _cpu_flags():
+        raise UserError(f"{where} was built for {isa} and this CPU lacks {', '.join(missing)}; "
+                        "compile it here with `--target llvm`")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 class TvmCudaRuntime(TvmLlvmRuntime):

@@ -165,6 +165,7 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
         meta["cpu"] = plan.info.describe() if plan.info else None
         meta["kernel_plan"] = {k: v for k, v in asdict(plan).items() if k != "info"}
         meta["cross_compiled"] = is_cross(tgt) or str(tgt.attrs.get("mcpu", "")) != codegen.llvm_get_system_cpu()
+        meta["arch"] = str(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple()).split("-")[0]
     if tuned is not None:
         meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
                           "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}

@@ -80,16 +80,26 @@ def test_avx2_build_runs_here(cli, small_native, tmp_path):
         np.testing.assert_allclose(g, e, atol=1e-5)
 
 
-def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path):
+@pytest.mark.parametrize("linker", ["absent", "installed"])
+def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, monkeypatch, linker):
     """What this proves: for `mtriple=aarch64-linux-gnu` the whole model (our NEON-planned LSTM kernel
-    included) compiles here to an aarch64 ELF object, packed with the thread-pool constructor's
-    source for the target's 4 cores (or, where an aarch64 gcc is installed, linked to model.so). It
-    does not run it: there is no aarch64 machine here. The kernel's NEON FMAs are checked in
+    included) compiles here to aarch64 ELF code: without an aarch64 linker, objects packed in
+    model.tar with the thread-pool constructor's source for the target's 4 cores; with Debian's
+    gcc-aarch64-linux-gnu, a linked aarch64 model.so. It does not run it: there is no aarch64
+    machine here. The kernel's NEON FMAs are checked in
     test_tvm_cpu_kernel.py::test_kernel_uses_the_targets_vector_registers."""
+    import shutil
+
+    from runtimes.tvm_lstm import thread_pool
+    if linker == "absent":
+        monkeypatch.setattr(thread_pool, "compiler_for", lambda triple, host: None)
+    elif shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 cross linker (apt-get install gcc-aarch64-linux-gnu)")
     lib = compile_onnx(small_native, tmp_path / "arm", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", '
                        '"mcpu": "neoverse-n1", "num-cores": 4}', progress=False)
     meta = json.loads((tmp_path / "arm" / "meta.json").read_text())
     assert meta["kernel_plan"]["isa"] == "neon" and meta["kernel_plan"]["lanes"] == 4 and meta["num_cores"] == 4
+    assert lib.suffix == (".tar" if linker == "absent" else ".so")
     if lib.suffix == ".so":
         objects = [lib.read_bytes()]
     else:
@@ -105,7 +115,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path):
         assert int.from_bytes(obj[18:20], "little") == em_aarch64
     assert any(b"lstm_layer_cpu_fwd" in obj for obj in objects)
     from runtimes.tvm_runtime import TvmLlvmRuntime
-    with pytest.raises(UserError, match="cross-compiled"):
+    with pytest.raises(UserError, match="cross-compiled for aarch64"):
         TvmLlvmRuntime().prepare(tmp_path / "arm")
 
 
@@ -134,3 +144,17 @@ def test_plain_load_runs_on_the_cores_it_was_compiled_for(small_native, tmp_path
     lib = compile_onnx(small_native, tmp_path / f"c{cores}", "llvm", threads=cores, progress=False)
     assert _threads_in_fresh_process(lib) == min(cores, usable_cores())
     assert _threads_in_fresh_process(lib, TVM_NUM_THREADS="1") == 1
+
+
+def test_an_artifact_for_an_isa_this_cpu_lacks_is_refused(monkeypatch):
+    """An AVX-512 model.so on an AVX2-only CPU would die of an illegal instruction: the runtime
+    refuses it in one line first (the CPU's flags faked as an AMD EPYC's)."""
+    import platform
+
+    from runtimes import tvm_runtime
+    monkeypatch.setattr(tvm_runtime, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
+    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
+    meta = {"target_kind": "llvm", "arch": here, "library": "model.so", "kernel_plan": {"isa": "avx512"}}
+    with pytest.raises(UserError, match="built for avx512 and this CPU lacks avx512f"):
+        tvm_runtime._check_runs_here(meta, "DIR")
+    tvm_runtime._check_runs_here(dict(meta, kernel_plan={"isa": "avx2"}), "DIR")  # runs: no error
