@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .cli_types import SEED, OneLineParser, count, real
 from .errors import UserError
 
 # Flags of `train` that map onto ModelConfig / TrainConfig fields (flag name -> field name).
@@ -25,22 +26,22 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("model (override the config)")
-    g.add_argument("--embed", type=int)
-    g.add_argument("--hidden", type=int)
-    g.add_argument("--layers", type=int)
-    g.add_argument("--dropout", type=float)
+    g.add_argument("--embed", type=count(1, 65536))
+    g.add_argument("--hidden", type=count(1, 65536))
+    g.add_argument("--layers", type=count(1, 64))
+    g.add_argument("--dropout", type=real(0, 1))
     g.add_argument("--cell", choices=["lstm", "layernorm"])
     g = p.add_argument_group("training (override the config)")
-    g.add_argument("--bptt", type=int, help="truncated-BPTT window length")
-    g.add_argument("--batch", type=int, help="number of contiguous streams")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--steps", type=int, help="stop after this many steps")
-    g.add_argument("--minutes", type=float, help="stop after this many minutes (0: no limit)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--eval-every", type=int)
-    g.add_argument("--clip", type=float, help="gradient-norm clip")
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--warmup", type=int)
+    g.add_argument("--bptt", type=count(1, 100_000), help="truncated-BPTT window length")
+    g.add_argument("--batch", type=count(1, 100_000), help="number of contiguous streams")
+    g.add_argument("--lr", type=real(0, 10, low_open=True))
+    g.add_argument("--steps", type=count(1), help="stop after this many steps")
+    g.add_argument("--minutes", type=real(0), help="stop after this many minutes (0: no limit)")
+    g.add_argument("--seed", type=SEED)
+    g.add_argument("--eval-every", type=count(1))
+    g.add_argument("--clip", type=real(0, low_open=True), help="gradient-norm clip")
+    g.add_argument("--weight-decay", type=real(0))
+    g.add_argument("--warmup", type=count(0))
     p.add_argument("--save-all-ranks", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -107,8 +108,6 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from . import checkpoint as ckpt_io
     from .train import sample
-    if args.chars < 0:
-        raise UserError(f"--chars must be >= 0, got {args.chars}")
     ck = ckpt_io.load(args.checkpoint)
     model = ck.build_model()
     prime = args.prime if args.prime is not None else ck.vocab.chars[0]
@@ -124,7 +123,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lstm-export", description=__doc__)
+    parser = OneLineParser(prog="lstm-export", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a char language model with truncated BPTT")
@@ -134,9 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", help="ckpt.pt or the folder that holds it")
     p.add_argument("--prime", default=None, help="text to start from (default: the first vocabulary character)")
-    p.add_argument("--chars", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chars", type=count(0, 1_000_000), default=200)
+    p.add_argument("--temperature", type=real(1e-3, 100), default=0.8, help="from 0.001 to 100 (default: %(default)s)")
+    p.add_argument("--seed", type=SEED, default=None)
     p.set_defaults(func=cmd_sample)
 
     from .cli_runtime import add_commands
@@ -146,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a small model, in a few minutes")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--minutes", type=float, default=1.0, help="training time (default: %(default)s)")
+    p.add_argument("--minutes", type=real(0, 24 * 60, low_open=True), default=1.0,
+                   help="training time (default: %(default)s)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .cli_types import SEED, count, real
 from .errors import UserError
 
 MODES = ("unrolled", "native", "streaming")
@@ -14,9 +15,9 @@ def add_commands(sub) -> None:
     p.add_argument("checkpoint", help="ckpt.pt or its folder")
     p.add_argument("--mode", default="native", choices=[*MODES, "all"])
     p.add_argument("--out", required=True, help="the .onnx file, or a folder with --mode all")
-    p.add_argument("--seq-len", type=int, default=None, help="time steps (required for unrolled)")
-    p.add_argument("--batch-size", type=int, default=None, help="fix the batch axis (default: dynamic)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--seq-len", type=count(1, 1_000_000), default=None, help="time steps (required for unrolled)")
+    p.add_argument("--batch-size", type=count(1, 1_000_000), default=None, help="fix the batch axis (default: dynamic)")
+    p.add_argument("--opset", type=count(7, 99), default=None, help="ONNX opset (default 17)")
     p.add_argument("--initial-state", action="store_true", help="add h_0, c_0 inputs (always on for streaming)")
     p.set_defaults(func=cmd_export)
 
@@ -26,12 +27,12 @@ def add_commands(sub) -> None:
                    help="llvm (this CPU), cuda, or a full TVM target to cross-compile for, as JSON or "
                         "'llvm -mcpu=haswell -num-cores=4' (mtriple, mcpu, mattr, num-cores); default: %(default)s")
     p.add_argument("--arch", default="sm_90", help="CUDA architecture (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=count(1, 4096), default=None,
                    help="cores the llvm target is laid out for (default: the target's num-cores, else this machine's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
-    p.add_argument("--trials", type=int, default=64, help="measured candidates in all, with --tune (default: %(default)s)")
+    p.add_argument("--trials", type=count(1), default=64, help="measured candidates in all, with --tune (default: %(default)s)")
     p.add_argument("--tuning-db", default=None, metavar="DIR",
                    help="MetaSchedule database folder (default: the committed one for this CPU and core count; "
                         "'none' compiles without one)")
@@ -42,12 +43,12 @@ def add_commands(sub) -> None:
                    help="add a shape (repeatable); --only-shapes drops the default ones")
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
     p.add_argument("--entries", default=None, help="comma-separated entry labels (default: every CPU entry)")
-    p.add_argument("--threads", type=int, default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--threads", type=count(1, 4096), default=None, help="threads for every runtime (default: all cores)")
     p.add_argument("--target", default=None,
                    help="build the tvm-llvm entries for this TVM target (e.g. 'llvm -mcpu=haswell': the AVX2 "
                         "kernel on an AVX-512 machine; default: this CPU)")
-    p.add_argument("--min-s", type=float, default=1.0, help="seconds of timed runs per entry, at least")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--min-s", type=real(0, 3600, low_open=True), default=1.0, help="seconds of timed runs per entry, at least")
+    p.add_argument("--rounds", type=count(1, 1000), default=3,
                    help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
@@ -74,19 +75,19 @@ def add_commands(sub) -> None:
                                                      "else the first runtime)")
     p.add_argument("--inputs", default=None, help=".npz of inputs (default: random, see --seed/--dim)")
     _add_random_args(p)
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--atol", type=real(0), default=1e-5)
+    p.add_argument("--rtol", type=real(0), default=1e-4)
     p.add_argument("--tol", action="append", default=[], metavar="OUTPUT=ATOL[:RTOL]", help="per-output tolerance")
     p.add_argument("--report", default=None, help="write the JSON report here")
     p.add_argument("--plot", default=None, help="write a PNG of error against time step here")
-    p.add_argument("--long", type=int, default=0, metavar="T",
+    p.add_argument("--long", type=count(0, 10_000_000), default=0, metavar="T",
                    help="also run T steps in float32 against the float64 reference (needs --checkpoint)")
-    p.add_argument("--long-atol", type=float, default=1e-4)
+    p.add_argument("--long-atol", type=real(0), default=1e-4)
     p.set_defaults(func=cmd_compare)
 
 
 def _add_random_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="seed for random inputs")
+    p.add_argument("--seed", type=SEED, default=0, help="seed for random inputs")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N", help="size of a symbolic dimension")
 
 
@@ -115,8 +116,6 @@ def cmd_compile(args) -> int:
         from runtimes.tvm_lstm.compile import compile_onnx
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1, got {args.trials}")
     lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
                        tune_trials=args.trials if args.tune else 0)
     meta = json.loads((lib.parent / "meta.json").read_text())
@@ -148,8 +147,6 @@ def cmd_bench(args) -> int:
         raise UserError("--only-shapes needs at least one --shape")
     shapes = extra if args.only_shapes else DEFAULT_SHAPES + extra
     entries = [e.strip() for e in args.entries.split(",")] if args.entries else None
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
     report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds, target=args.target)
     print(report.header())
     print(report.table())

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from .cli_types import PORT, count, real
+
+# the rule for each ServerConfig limit: every one positive (a zero batch would spin the batcher)
+LIMITS = {"max_batch": count(1, 4096), "max_wait_ms": real(0, 10_000), "max_streams": count(1, 1_000_000),
+          "idle_timeout_s": real(0, 10**7, low_open=True), "max_chunk": count(1, 10**7),
+          "max_body_bytes": count(1, 10**10), "body_timeout_s": real(0, 3600, low_open=True),
+          "max_generate": count(1, 10**6)}
+
 
 def add_command(sub) -> None:
     from runtimes.server import ServerConfig
     p = sub.add_parser("serve", help="serve a streaming ONNX model over HTTP (JSON, Prometheus metrics)")
     p.add_argument("model", help="MODEL.onnx exported with --mode streaming")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=PORT, default=8000)
     for f in fields(ServerConfig):  # one flag per limit, same name, same default
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=LIMITS.get(f.name, type(f.default)), default=f.default,
                        help=f"(default: {f.default})")
     p.set_defaults(func=cmd_serve)
 

@@ -105,7 +105,7 @@ ONE = ["--only-shapes", "--shape", "2,1,3,4"]
 
 @pytest.mark.parametrize("args,needle", [(["--shape", "3,2,x"], "--shape expects T,B,I,H"),
                                          (ONE + ["--entries", "nope"], "unknown bench entries"),
-                                         (ONE + ["--rounds", "0"], "--rounds 0 must be at least 1"),
+                                         (ONE + ["--rounds", "0"], "argument --rounds: must be an integer from 1 to 1000, got 0"),
                                          (["--only-shapes"], "--only-shapes needs")])
 def test_bad_bench_arguments_say_what_to_do(cli, args, needle):
     r = cli("bench", "--min-s", "0.01", *args)
