@@ -30,6 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threads", type=count(1, 4096), default=None,
                    help="cores the llvm target is laid out for (default: the target's num-cores, else this machine's)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace a compiled model already in --out")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument("--trials", type=count(1), default=64, help="measured candidates in all, with --tune (default: %(default)s)")
@@ -116,6 +117,7 @@ def cmd_compile(args) -> int:
         from runtimes.tvm_lstm.compile import compile_onnx
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
+    _check_artifact_folder(Path(args.out), args.force)
     lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
                        tune_trials=args.trials if args.tune else 0)
     meta = json.loads((lib.parent / "meta.json").read_text())
@@ -138,6 +140,19 @@ def cmd_compile(args) -> int:
         print(f"kernels from the tuning database: {meta['kernels_from_db']}"
               + (f" ({meta['tuning_db']})" if meta["tuning_db"] else " (none for this CPU; --tune makes one)"))
     return 0
+
+
+def _check_artifact_folder(out: Path, force: bool) -> None:
+    """Before any compiling: --out must be a folder we may write, and not hold a compiled model
+    unless --force (compiling for minutes and then failing, or replacing one silently, loses work)."""
+    import os
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder")
+    if not force and any((out / n).exists() for n in ("model.so", "model.tar", "meta.json")):
+        raise UserError(f"--out {out} already holds a compiled model; pass --force to replace it")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; choose another folder")
 
 
 def cmd_bench(args) -> int:

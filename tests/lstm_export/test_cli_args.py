@@ -47,3 +47,20 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(argv, capsys, tmp_path, 
 def test_good_values_at_the_bounds_are_accepted(argv, attr, value):
     from lstm_export.cli import build_parser
     assert getattr(build_parser().parse_args(list(argv)), attr) == value
+
+
+def test_compile_refuses_to_replace_an_artifact_without_force(tmp_path, capsys):
+    """A folder that already holds a compiled model is not overwritten unless --force; a file is
+    not a folder. Both are found before the model is even read (it does not exist here)."""
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "meta.json").write_text("{}")
+    assert main(["compile", str(tmp_path / "none.onnx"), "--out", str(out)]) == 2
+    assert "already holds a compiled model; pass --force" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["compile", str(tmp_path / "none.onnx"), "--out", str(tmp_path / "f")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (out / "meta.json").read_text() == "{}" and (tmp_path / "f").read_text() == "x"
+    # with --force it goes on to the model, which is missing
+    assert main(["compile", str(tmp_path / "none.onnx"), "--out", str(out), "--force"]) == 2
+    assert "does not exist" in capsys.readouterr().err
