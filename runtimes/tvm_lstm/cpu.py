@@ -1,9 +1,7 @@
 """The fast CPU kernel: a register-blocked, fused LSTM layer for constant weights (see cpu_plan).
 
-`make_cpu_layer` emits one PrimFunc per layer and direction, laid out by a `KernelPlan`: unit
-blocks of `plan.lanes` units (packing.py), register tiles of `plan.mr` batch rows, the batch or
-each step split between `plan.threads` cores. A work item (a tile of batch rows by one unit block)
-computes bias + x_t @ W + h @ R in registers and the cell update with the gates still there.
+A work item (a tile of plan.mr batch rows by one unit block of plan.lanes units) computes
+bias + x_t @ W + h @ R in registers and the cell update with the gates still there.
 Measurements behind these choices: docs/cpu_kernel.md.
 """
 from __future__ import annotations
@@ -11,57 +9,30 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .cpu_plan import KernelPlan
+from .cpu_plan import KernelPlan, tile_counts
 from .fast_math import FastGateMath
 from .packing import packed_size, padded, tail_width
 from .recurrence import CellSpec
 
 
-def cover_table(mr: int, ms: int) -> dict[tuple[int, bool], tuple[int, int]]:
-    """How tiles of mr and ms rows cover n = a*mr + r rows: for each remainder r and whether a >= 1,
-    (d, k): a + d tiles of mr rows and k of ms rows, the fewest spare rows first, then the fewest
-    tiles. With mr=6, ms=4 every n > 2 is covered with at most one row to spare."""
-    table = {}
-    for r in range(mr):
-        for full in (True, False):
-            best = None
-            for d in (-1, 0, 1):
-                for k in range(4):
-                    rows = d * mr + k * ms
-                    if rows < r or (d < 0 and not full) or (r == 0 and (d, k) != (0, 0)):
-                        continue
-                    key = (rows - r, d + k, k)
-                    if best is None or key < best[0]:
-                        best = (key, (d, k))
-            table[r, full] = best[1]
-    return table
-
-
 def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool = True,
                    has_peepholes: bool = True):
-    """One direction of one layer, projection included:
-    PrimFunc(x (T, B, K), wp (packed K rows), bias (packed), rp (packed H rows), p (3, HP),
-    h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn (B, H), cn (B, H); the packed forms are
-    packing.pack_gates' and pack_bias' with plan.lanes.
+    """One direction of one layer, projection included: PrimFunc(x (T, B, K), wp, bias, rp (packed
+    by packing.py with plan.lanes), p (3, HP), h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn, cn (B, H).
 
     The whole sequence is one parallel launch.
     - B >= MR, packed W + R up to plan.batch_split_bytes (one core's L2): thread i of plan.threads
-      takes batch rows [i*B/threads, (i+1)*B/threads) and runs every step of them alone (share_step),
-      in tiles of MR and MS rows: no barrier, no cache line of h, c or y shared between cores.
-    - B >= MR, larger weights: every thread runs the time loop, takes its share of each step's work
-      items (fused_step) and waits at a barrier; h is double-buffered, so one barrier per step.
-    - B < MR (serving): the projection runs first over all T*B rows as one GEMM into a scratch
-      buffer, then one row per work item (row_step).
-    With B >= MR the input projection is fused into each step: a tile starts from bias + x_t @ W
-    for its rows and unit block, then adds h @ R, so the T*B*4H projection never goes to memory.
-    Rows past the batch in a tile repeat the last row and are never written; the padded units live
-    only in the kernel's state buffers, and y is written unpadded. Work items run unit-block-major,
-    so each block's weights are read once from L2 for all the tiles that use them.
-    plan.threads sets the shares; run on more threads the extra ones idle, on fewer a thread takes
-    several shares: the results are the same either way.
-    Without `has_state` (no initial_h/c) h0 and c0 are (1, H) placeholders and the state starts at
-    zero; without sequence lengths lens is a (1,) placeholder; without `has_peepholes` p is never
-    read. None of them costs a kernel launch.
+      runs every step of batch rows [i*B/threads, (i+1)*B/threads) alone (share_step), in tiles of
+      MR and MS rows: no barrier, no cache line of h, c or y shared between cores.
+    - B >= MR, larger weights: each step's work items are shared out (fused_step), one barrier per
+      step (h is double-buffered).
+    - B < MR (serving): the projection first, over all T*B rows, then one row per item (row_step).
+    With B >= MR a tile starts from bias + x_t @ W and adds h @ R: the T*B*4H projection never goes
+    to memory. Rows past the batch in a tile repeat the last row and are never written; padded
+    units live only in the state buffers. Work items run unit-block-major, so each block's weights
+    are read from L2 once for all its tiles. plan.threads sets the shares; on more or fewer threads
+    the results are the same. Without `has_state` h0 and c0 are (1, H) placeholders and the state
+    starts at zero; without lengths lens is a (1,) placeholder; without `has_peepholes` p is unread.
     """
     LANES, MR, MS, RA, threads = plan.lanes, plan.mr, plan.ms, plan.ra, plan.threads
     H = spec.hidden
@@ -100,9 +71,8 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
     def tail_from(n_b):  # where the tail block's items start in a step's list: see fused_step
         return FULL * n_tiles(n_b) // 2
 
-    # Whether unit block u is full width / step-split item w is the tail's: a Python bool where the
-    # layer has only full blocks or only the tail (H <= lanes), so that one branch is emitted, not
-    # two (an unreachable branch of tiles still costs its compile time)
+    # Whether block u is full / item w is the tail's: a Python bool where the layer has only full
+    # blocks or only the tail, so that one branch is emitted (a dead one still costs compile time)
     def is_full(u):
         return True if FULL == UB else False if FULL == 0 else u < FULL
 
@@ -236,8 +206,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
     def step_item(i, j, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb):
         """Item j of thread i's share of step t (walked backward at odd steps, see fused_step)."""
         if i * fshare(n_b) + j < n_items(n_b):
-            # the item, its unit block and first row, held in a local, opaque to the simplifier (as
-            # expressions, simplifying them at every use dominates the compile time)
+            # the item, its block and first row, in a local opaque to the simplifier (compile time)
             it = T.alloc_buffer((3,), "int64", scope="global")
             it[2] = i * fshare(n_b) + T.if_then_else(
                 t % 2 == 0, j, T.min(fshare(n_b), n_items(n_b) - i * fshare(n_b)) - 1 - j)
@@ -268,20 +237,8 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
     def rows_of(i, n_b):  # batch rows [lo, hi) of share i (of `threads`) in the fused path
         return i * n_b // threads, (i + 1) * n_b // threads
 
-    cover = cover_table(MR, MS)
-
-    def tiles_of(n):
-        """(tiles of MR rows, tiles of MS rows) covering n rows (see cover_table), as expressions."""
-        a, r = n // MR, n % MR
-        big, small = a, tirx.const(0, "int64")
-        for rem in reversed(range(1, MR)):
-            (d1, k1), (d0, k0) = cover[rem, True], cover[rem, False]
-            d = tirx.const(d1, "int64") if d1 == d0 else tirx.Select(a >= 1, tirx.const(d1, "int64"),
-                                                                        tirx.const(d0, "int64"))
-            k = tirx.const(k1, "int64") if k1 == k0 else tirx.Select(a >= 1, tirx.const(k1, "int64"),
-                                                                        tirx.const(k0, "int64"))
-            big, small = tirx.Select(r == rem, a + d, big), tirx.Select(r == rem, k, small)
-        return big, small
+    def tiles_of(n):  # (tiles of MR rows, tiles of MS rows) covering n rows, as expressions
+        return tile_counts(n, MR, MS)
 
     @T.macro
     def share_block(bw, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb):
@@ -299,8 +256,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
         """One step of share i's batch rows (B >= MR): every unit block of every tile, unit-block-major,
         so each block's weights are read once from L2 for all the share's tiles. The rows are the
         share's alone, h included: no other thread reads or writes them, so steps need no barrier."""
-        # rows [lo, hi), tiles of MR and of MS rows: held in a local, opaque to the simplifier (as
-        # expressions at every use, CompactBufferAllocation dominates the compile time)
+        # rows [lo, hi), tiles of MR and MS rows: in a local opaque to the simplifier (compile time)
         sh = T.alloc_buffer((4,), "int64", scope="global")
         sh[0] = rows_of(i, n_b)[0]
         sh[1] = rows_of(i, n_b)[1]
@@ -333,8 +289,7 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
         for i in T.parallel(T.int64(threads)):
             for j in T.serial(share(n_b)):
                 if i * share(n_b) + j < n_b * UB:
-                    # j, or at odd steps its mirror in the share; held in a local so that the tile
-                    # sees one opaque index (cheaper to compile than the expression at every use)
+                    # j, or at odd steps its mirror in the share: one opaque index (compile time)
                     w = T.alloc_buffer((1,), "int64", scope="global")
                     w[0] = i * share(n_b) + T.if_then_else(t % 2 == 0, j,
                                                            T.min(share(n_b), n_b * UB - i * share(n_b)) - 1 - j)

@@ -181,3 +181,38 @@ def plan_for(target) -> KernelPlan:
     """The kernel plan for an llvm target (its num-cores, or this machine's usable CPUs)."""
     info = cpu_info(target)
     return make_plan(info, info.cores)
+
+
+def cover_table(mr: int, ms: int) -> dict[tuple[int, bool], tuple[int, int]]:
+    """How tiles of mr and ms rows cover n = a*mr + r rows: for each remainder r and whether a >= 1,
+    (d, k): a + d tiles of mr rows and k of ms rows, the fewest spare rows first, then the fewest
+    tiles. With mr=6, ms=4 every n > 2 is covered with at most one row to spare."""
+    table = {}
+    for r in range(mr):
+        for full in (True, False):
+            best = None
+            for d in (-1, 0, 1):
+                for k in range(4):
+                    rows = d * mr + k * ms
+                    if rows < r or (d < 0 and not full) or (r == 0 and (d, k) != (0, 0)):
+                        continue
+                    key = (rows - r, d + k, k)
+                    if best is None or key < best[0]:
+                        best = (key, (d, k))
+            table[r, full] = best[1]
+    return table
+
+
+def tile_counts(n, mr: int, ms: int):
+    """(tiles of mr rows, tiles of ms rows) covering n rows (a TIR expression), per cover_table."""
+    from tvm import tirx
+    cover = cover_table(mr, ms)
+    i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
+    a, r = n // mr, n % mr
+    big, small = a, i64(0)
+    for rem in reversed(range(1, mr)):
+        (d1, k1), (d0, k0) = cover[rem, True], cover[rem, False]
+        d = i64(d1) if d1 == d0 else tirx.Select(a >= 1, i64(d1), i64(d0))
+        k = i64(k1) if k1 == k0 else tirx.Select(a >= 1, i64(k1), i64(k0))
+        big, small = tirx.Select(r == rem, a + d, big), tirx.Select(r == rem, k, small)
+    return big, small

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from runtimes.tvm_lstm.cpu import cover_table  # noqa: E402
+from runtimes.tvm_lstm.cpu_plan import cover_table  # noqa: E402
 from runtimes.tvm_lstm.cpu_plan import CpuInfo, KernelPlan, cpu_info, make_plan, plan_for, sysfs_caches  # noqa: E402
 from runtimes.tvm_lstm.packing import pack_gates, packed_size, tail_width  # noqa: E402
 from runtimes.tvm_lstm.targets import host_target, parse_target  # noqa: E402
