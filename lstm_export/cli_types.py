@@ -22,7 +22,6 @@ def count(low: int = 0, high: int | None = None):
             bound = f"from {low} to {high}" if high is not None else f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {text}")
         return value
-    parse.__name__ = "integer"
     return parse
 
 
@@ -41,7 +40,6 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
             hi = "" if high is None else f"<= {high:g}"
             raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}, got {text}")
         return value
-    parse.__name__ = "number"
     return parse
 
 

@@ -44,12 +44,11 @@ class TvmLlvmRuntime(Runtime):
         path = Path(model)
         if path.is_dir():
             lib_path = path / "model.so"
-            if not lib_path.is_file() and (path / "model.tar").is_file() and (path / "meta.json").is_file():
-                _check_runs_here(json.loads((path / "meta.json").read_text()), path)
-            if not lib_path.is_file():
+            meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else None
+            if meta is not None:  # a cross-compiled folder (model.tar) is named as such, not as missing
+                _check_runs_here(meta, path)
+            if not lib_path.is_file() or meta is None:
                 raise UserError(f"{path} holds no model.so; make it with `lstm-export compile MODEL.onnx --out {path}`")
-            meta = json.loads((path / "meta.json").read_text())
-            _check_runs_here(meta, path)
         else:
             from .tvm_lstm.compile import compile_onnx
             self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
@@ -122,29 +121,24 @@ ISA_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma")}
 def _check_runs_here(meta: dict, where) -> None:
     """Refuses, in one line, an llvm artifact this machine cannot run: another architecture, or an
     ISA this CPU lacks (loading it would fail, running it would die of an illegal instruction)."""
-    import platform
+    from .tvm_lstm.targets import machine_arch
     if meta.get("target_kind") != "llvm":
         return
     arch = meta.get("arch")
-    here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
-    if meta.get("library", "model.so") != "model.so" or (arch and arch != here):
+    if meta.get("library", "model.so") != "model.so" or (arch and arch != machine_arch()):
         raise UserError(f"{where} was cross-compiled for {arch or 'another machine'}; run it there "
                         "(or `lstm-export compile MODEL.onnx --target llvm` here)")
     isa = (meta.get("kernel_plan") or {}).get("isa")
-    missing = [f for f in ISA_FLAGS.get(isa, ()) if f not in _cpu_flags()]
-    if missing and _cpu_flags():
+    flags = _cpu_flags()
+    missing = [f for f in ISA_FLAGS.get(isa, ()) if f not in flags]
+    if missing and flags:
         raise UserError(f"{where} was built for {isa} and this CPU lacks {', '.join(missing)}; "
                         "compile it here with `--target llvm`")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_flags() -> set[str]:  # a seam for tests that fake another CPU
+    from .tvm_lstm.targets import cpu_flags
+    return cpu_flags()
 
 
 class TvmCudaRuntime(TvmLlvmRuntime):

@@ -15,7 +15,7 @@ from pathlib import Path
 from lstm_export.errors import UserError
 
 from ..model_io import input_specs, load_onnx, output_specs
-from .targets import cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
+from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
 
 def import_onnx(model, cuda: bool = False, plan=None):
@@ -165,7 +165,7 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
         meta["cpu"] = plan.info.describe() if plan.info else None
         meta["kernel_plan"] = {k: v for k, v in asdict(plan).items() if k != "info"}
         meta["cross_compiled"] = is_cross(tgt) or str(tgt.attrs.get("mcpu", "")) != codegen.llvm_get_system_cpu()
-        meta["arch"] = str(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple()).split("-")[0]
+        meta["arch"] = arch_of(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple())
     if tuned is not None:
         meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
                           "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}
@@ -179,7 +179,7 @@ def _export(ex, tgt, plan, out: Path) -> Path:
     constructor's source) for a cross-compile without one; model.so for CUDA."""
     from tvm.target import codegen
 
-    from .thread_pool import SOURCE, compiler_for, thread_pool_object
+    from .thread_pool import compiler_for, source, thread_pool_object
     if plan is None:  # CUDA: the host side only launches kernels
         lib = out / "model.so"
         tmp = out / ".model.so.tmp.so"
@@ -191,7 +191,7 @@ def _export(ex, tgt, plan, out: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="lstm-export-link-") as work:
         if cc is None:  # no linker for that architecture here: the objects, to link where it runs
             src = Path(work) / "lstm_export_threads.c"
-            src.write_text(SOURCE.replace("LSTM_EXPORT_CORES", str(plan.threads)))
+            src.write_text(source(plan.threads))
             lib, tmp = out / "model.tar", out / ".model.tar.tmp.tar"
             ex.export_library(str(tmp), addons=[str(src)])
         else:

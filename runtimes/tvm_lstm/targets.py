@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shlex
+from pathlib import Path
 
 from lstm_export.errors import UserError
 
@@ -18,6 +20,28 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def arch_of(triple: str) -> str:
+    """The architecture a target triple names (x86_64-linux-gnu -> x86_64)."""
+    return str(triple).split("-")[0]
+
+
+def machine_arch() -> str:
+    """This machine's architecture in LLVM's spelling."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo), or an empty set where it does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def host_target(threads: int | None = None):
@@ -114,7 +138,4 @@ def is_cross(target) -> bool:
     """Whether an llvm target's code cannot run on this machine's architecture (another triple)."""
     from tvm.target import codegen
     triple = target.attrs.get("mtriple")
-    if triple is None:
-        return False
-    arch = lambda t: str(t).split("-")[0]  # noqa: E731
-    return arch(triple) != arch(codegen.llvm_get_system_triple())
+    return triple is not None and arch_of(triple) != arch_of(codegen.llvm_get_system_triple())

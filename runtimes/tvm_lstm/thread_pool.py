@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lstm_export.errors import UserError
 
-SOURCE = r"""
+_SOURCE = r"""
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
@@ -42,13 +42,18 @@ __attribute__((constructor)) static void lstm_export_size_thread_pool(void) {
 """
 
 
+def source(cores: int) -> str:
+    """The constructor's C source for an artifact made for `cores` cores."""
+    return _SOURCE.replace("LSTM_EXPORT_CORES", str(int(cores)))
+
+
 def compiler_for(triple: str, host_triple: str) -> str | None:
     """The C compiler that makes objects for `triple`: the host's own for the host's architecture,
     else `<triple>-gcc` where it is installed; None where there is none."""
-    arch = lambda t: t.split("-")[0]  # noqa: E731
-    if arch(triple) == arch(host_triple):
+    from .targets import arch_of
+    if arch_of(triple) == arch_of(host_triple):
         return shutil.which("gcc") or shutil.which("cc")
-    for name in (f"{triple}-gcc", f"{arch(triple)}-linux-gnu-gcc"):
+    for name in (f"{triple}-gcc", f"{arch_of(triple)}-linux-gnu-gcc"):
         if shutil.which(name):
             return shutil.which(name)
     return None
@@ -58,8 +63,8 @@ def thread_pool_object(workdir: str | Path, cores: int, cc: str) -> Path:
     """Compiles the constructor for `cores` with `cc`; returns the object file to link in."""
     src = Path(workdir) / "lstm_export_threads.c"
     obj = src.with_suffix(".o")
-    src.write_text(SOURCE)
-    proc = subprocess.run([cc, "-c", "-fPIC", "-O2", f"-DLSTM_EXPORT_CORES={int(cores)}", "-o", str(obj), str(src)],
+    src.write_text(source(cores))
+    proc = subprocess.run([cc, "-c", "-fPIC", "-O2", "-o", str(obj), str(src)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         first = (proc.stderr or proc.stdout).strip().splitlines()[:1]

@@ -2,7 +2,6 @@
 this machine can run, against ONNX Runtime and the float64 reference."""
 import dataclasses
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from lstm_export.export import export_onnx  # noqa: E402
 from runtimes.tvm_lstm.cpu_plan import cover_table  # noqa: E402
 from runtimes.tvm_lstm.cpu_plan import CpuInfo, KernelPlan, cpu_info, make_plan, plan_for, sysfs_caches  # noqa: E402
 from runtimes.tvm_lstm.packing import pack_gates, packed_size, tail_width  # noqa: E402
-from runtimes.tvm_lstm.targets import host_target, parse_target  # noqa: E402
+from runtimes.tvm_lstm.targets import cpu_flags, host_target, parse_target  # noqa: E402
 from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
 from .lstm_cases import ALL_OPTIONAL, check, lstm_model  # noqa: E402
@@ -23,14 +22,7 @@ from .lstm_cases import ALL_OPTIONAL, check, lstm_model  # noqa: E402
 KB, MB = 1024, 1024 * 1024
 
 
-def host_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+host_flags = cpu_flags
 
 
 def host_plan(**changes) -> KernelPlan:
