@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
+
 from .charlm import CharLM
 from .config import ModelConfig, TrainConfig
 from .data import Vocab
-from .errors import UserError
 
 FORMAT = "lstm-export-checkpoint"
 VERSION = 1
@@ -33,14 +34,13 @@ class Checkpoint:
     history: list = field(default_factory=list)  # [{"step", "time_s", "train_loss", "val_loss"}]
 
     def build_model(self) -> CharLM:
-        model = CharLM(self.model_config)
+        model = CharLM(self.model_config, self.vocab)
         try:
             model.load_state_dict(self.model_state)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[1:2] or [str(e)]
             raise UserError(f"checkpoint weights do not match its config {asdict(self.model_config)}: "
                             f"{first[0].strip()}; the file was made by another version or edited") from None
-        model.vocab = self.vocab  # carried into exported metadata and samplers
         return model.eval()
 
 

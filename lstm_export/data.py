@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import UserError
+from common.errors import UserError
 
 DEFAULT_CORPUS_CHARS = 4_000_000  # enough stdlib source for minutes of training, read in a second
 
@@ -62,14 +62,20 @@ class Vocab:
     def __len__(self) -> int:
         return len(self.chars)
 
-    def encode(self, text: str) -> Tensor:
-        index = {ch: i for i, ch in enumerate(self.chars)}
-        unknown = sorted({ch for ch in text if ch not in index})
+    def unknown(self, text: str) -> str:
+        """The characters of `text` not in the vocabulary, sorted, each once."""
+        return "".join(sorted(set(text) - set(self.chars)))
+
+    def ids(self, text: str) -> list[int]:
+        unknown = self.unknown(text)
         if unknown:
-            shown = "".join(unknown[:10])
-            raise UserError(f"{len(unknown)} character(s) not in the model's vocabulary: {shown!r}; "
+            raise UserError(f"{len(unknown)} character(s) not in the model's vocabulary: {unknown[:10]!r}; "
                             f"use only characters from the training text")
-        return torch.tensor([index[ch] for ch in text], dtype=torch.long)
+        index = {ch: i for i, ch in enumerate(self.chars)}
+        return [index[ch] for ch in text]
+
+    def encode(self, text: str) -> Tensor:
+        return torch.tensor(self.ids(text), dtype=torch.long)
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .errors import UserError
+from common.errors import UserError
 
 State = tuple[Tensor, Tensor]
 

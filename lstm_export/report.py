@@ -2,43 +2,27 @@
 from __future__ import annotations
 
 import json
-import platform
 from pathlib import Path
+
+from common.machine import cpu_name
+from common.plotting import figure
 
 from .checkpoint import Checkpoint
 
 
-def cpu_name() -> str:
-    """The CPU model as /proc/cpuinfo names it, with the core count."""
-    import os
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def plot_history(history: list[dict], path: str | Path, title: str = "", target: float | None = None) -> None:
     """Train and validation loss (nats/char) against wall-clock minutes, with an optional goal line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     t = [h["time_s"] / 60 for h in history]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(t, [h["train_loss"] for h in history], label="train (smoothed)")
-    ax.plot(t, [h["val_loss"] for h in history], label="validation", marker="o", markersize=3)
-    if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"goal {target:.2f}")
-    ax.set_xlabel("minutes")
-    ax.set_ylabel("loss (nats/char)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path) as (_, ax):
+        ax.plot(t, [h["train_loss"] for h in history], label="train (smoothed)")
+        ax.plot(t, [h["val_loss"] for h in history], label="validation", marker="o", markersize=3)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"goal {target:.2f}")
+        ax.set_xlabel("minutes")
+        ax.set_ylabel("loss (nats/char)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def write_training_report(ck: Checkpoint, prefix: str | Path, command: str, chars_per_s: float) -> dict:
@@ -54,19 +38,24 @@ def write_training_report(ck: Checkpoint, prefix: str | Path, command: str, char
         "history": ck.history,
     }
     prefix.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
-    plot_history(ck.history, prefix.with_suffix(".png"),
-                 f"char LM {ck.model_config.layers}x{ck.model_config.hidden}: val {last.get('val_loss', 0):.3f} nats/char",
-                 target=1.60)
+    plot_history(
+        ck.history,
+        prefix.with_suffix(".png"),
+        f"char LM {ck.model_config.layers}x{ck.model_config.hidden}: val {last.get('val_loss', 0):.3f} nats/char",
+        target=1.60,
+    )
     return summary
 
 
 def _main(argv: list[str]) -> None:
-    """python -m lstm_export.report CKPT PREFIX COMMAND LOG: report a finished run from its log."""
-    import re
+    """python -m lstm_export.report CKPT PREFIX COMMAND: report a finished run from its checkpoint."""
     from . import checkpoint as ckpt_io
-    ck_path, prefix, command, log = argv
-    rate = re.findall(r"([\d,]+) chars/s; checkpoint", Path(log).read_text())
-    summary = write_training_report(ckpt_io.load(ck_path), prefix, command, float(rate[-1].replace(",", "")))
+    ck_path, prefix, command = argv[:3]
+    ck = ckpt_io.load(ck_path)
+    rates = [h["chars_per_s"] for h in ck.history if "chars_per_s" in h]
+    if not rates:
+        raise SystemExit(f"{ck_path} records no throughput (a checkpoint from before it was saved); retrain")
+    summary = write_training_report(ck, prefix, command, float(rates[-1]))
     print(f"report: val {summary['final_val_loss']:.4f} nats/char after {summary['minutes']} min, "
           f"{summary['chars_per_s']:,} chars/s -> {prefix}.json, {prefix}.png")
 

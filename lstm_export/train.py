@@ -10,18 +10,20 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common.errors import UserError
+
 from . import checkpoint as ckpt_io
-from .charlm import CharLM
+from .charlm import CharLM, sample_id
 from .config import ModelConfig, TrainConfig
 from .data import Corpus, StreamBatcher
-from .errors import UserError
 
 LN2 = math.log(2.0)
 
@@ -137,14 +139,14 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
     torch.manual_seed(cfg.seed)
     vocab = resume.vocab if resume else None
     corpus = Corpus.from_text(text, cfg.val_fraction, vocab)
-    model_cfg.vocab_size = len(corpus.vocab)
+    model_cfg = replace(model_cfg, vocab_size=len(corpus.vocab))  # the caller's config is not changed
     if cfg.batch % dist_.world:
         raise UserError(f"--batch {cfg.batch} must be divisible by the number of processes ({dist_.world})")
     batcher = StreamBatcher(corpus.train, cfg.batch, cfg.bptt)
     share = cfg.batch // dist_.world
     rows = slice(dist_.rank * share, (dist_.rank + 1) * share)
 
-    model = CharLM(model_cfg)
+    model = CharLM(model_cfg, corpus.vocab)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed0, history, hidden = 0, 0.0, [], None
     if resume is not None:
@@ -203,7 +205,8 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
             if dist_.main and (step % cfg.eval_every == 0 or last):
                 val_loss = evaluate(model, corpus.val, cfg.eval_chars)
                 history.append({"step": step, "time_s": round(elapsed, 3), "train_loss": train_loss,
-                                "val_loss": val_loss, "lr": lr})
+                                "val_loss": val_loss, "lr": lr,
+                                "chars_per_s": round(chars_done / max(time.perf_counter() - t0, 1e-9))})
                 ckpt_io.save(snapshot(), out / "ckpt.pt")
             if save_all_ranks and last:
                 torch.save(model.state_dict(), out / f"weights-rank{dist_.rank}.pt")
@@ -238,18 +241,13 @@ def sample(model: CharLM, vocab, prime: str, chars: int, temperature: float = 1.
     """Continues `prime` by `chars` characters; temperature 0 picks the most likely character."""
     if temperature < 0:
         raise UserError(f"--temperature must be >= 0, got {temperature}")
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rng = np.random.default_rng(seed)
     model.eval()
     ids = vocab.encode(prime).unsqueeze(0)  # (1, P)
     logits, state = model(ids)
     out = []
     for _ in range(chars):
-        last = logits[0, -1]  # (V,)
-        if temperature == 0:
-            nxt = int(last.argmax())
-        else:
-            probs = torch.softmax(last / temperature, dim=-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
+        nxt = sample_id(logits[0, -1].numpy(), temperature, rng)  # from the last step's (V,) logits
         out.append(nxt)
         logits, state = model(torch.tensor([[nxt]]), state)
     return prime + vocab.decode(out)

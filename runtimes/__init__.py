@@ -1,4 +1,4 @@
-"""Runtimes: one module per backend behind one small interface, plus the compare harness.
+"""Runtimes: one module per backend behind one small interface, and the TVM compiler (tvm_lstm).
 
 Heavy libraries (onnxruntime, tvm, openvino) are imported inside their backend only.
 """

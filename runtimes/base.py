@@ -1,14 +1,16 @@
 """The runtime interface and registry. Backends are imported only when asked for by name."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
+
+from .model_io import check_feeds
 
 
 @dataclass(frozen=True)
@@ -22,30 +24,96 @@ class Availability:
         return self.ok
 
 
-class Runtime(ABC):
-    """A backend: `prepare(model)` once, `run(feeds)` many times, `release()` at the end.
+class RuntimeFailure(UserError):
+    """A backend failed to load or run a model: names the runtime and the first line of the cause.
+    The one error type every backend's exceptions become, so callers (compare, bench, the CLI)
+    handle one type whatever the backend."""
 
-    Feeds and outputs are dicts of numpy arrays keyed by graph input / output name, outputs in
-    graph order. Construction is cheap; heavy libraries are imported in `prepare`.
+
+def first_line(e: BaseException, limit: int = 240) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0][:limit] if text else "") or type(e).__name__
+
+
+@contextlib.contextmanager
+def _failures_named(runtime: str, doing: str):
+    """UserErrors pass unchanged (they already say what to fix); any other Exception (MemoryError
+    too) becomes one RuntimeFailure naming the runtime. KeyboardInterrupt is not an Exception."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise RuntimeFailure(f"{runtime} {doing}: {type(e).__name__}: {first_line(e)}") from e
+
+
+class Runtime(ABC):
+    """A backend (Polygraphy's runner shape): `prepare(model)` once, `run(feeds)` many times,
+    `release()` at the end.
+
+    The public `prepare`/`run` are the contract: `prepare` takes an .onnx path, a compiled folder
+    or a source.ModelSource, read once; `run` checks the feeds against the model's declared inputs
+    (model_io.check_feeds) and returns outputs keyed by graph output name, in graph order. Any
+    backend exception becomes a RuntimeFailure naming the runtime. Backends implement `_prepare`
+    and `_run` only. Construction is cheap; heavy libraries are imported in `_prepare`.
     """
 
     name: str = ""
+    needs_model = True  # False: runs our model from a checkpoint; the ONNX model then only names feeds
+    source = None  # the prepared model's source.ModelSource (None for a model-less prepare)
+    _prepared = False
+    allow_nonfinite = False  # NaN/Inf inputs are refused unless set (instance attribute or prepare's flag)
 
     @classmethod
     @abstractmethod
     def availability(cls) -> Availability:
         """Can this runtime run on this machine? Never raises."""
 
-    @abstractmethod
-    def prepare(self, model: str | Path) -> None:
-        """Loads (and compiles) the model; raises UserError when the model cannot run here."""
+    def prepare(self, model=None, allow_nonfinite: bool | None = None) -> None:
+        """Loads (and, for compiling runtimes, compiles or takes from the cache) the model."""
+        from .source import open_model
+        if model is None and self.needs_model:
+            raise UserError(f"{self.name} needs a model: an .onnx file or a folder written by `lstm-export compile`")
+        source = None if model is None else open_model(model)
+        if allow_nonfinite is not None:
+            self.allow_nonfinite = allow_nonfinite
+        with _failures_named(self.name, f"cannot load {source.path if source else 'the model'}"):
+            self._prepare(source)
+        self.source, self._prepared = source, True
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Checks `feeds` against the model's inputs, then runs once."""
+        if not self._prepared:
+            raise UserError(f"{self.name}: call prepare(model) before run()")
+        if self.source is not None:
+            check_feeds(self.source.inputs, feeds, self.source.index_bounds, self.allow_nonfinite)
+        return self.run_checked(feeds)
+
+    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs feeds that `run` has already accepted (same names, dtypes and values' ranges): for
+        timing loops, where the check would be timed with the backend."""
+        with _failures_named(self.name, "failed to run"):
+            return self._run(feeds)
+
+    @property
+    def prepared(self) -> bool:
+        return self._prepared
 
     @abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Runs once; returns outputs keyed by name, in graph order."""
+    def _prepare(self, source) -> None:
+        """Loads `source` (a source.ModelSource); raise UserError when it cannot run here."""
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs once on checked feeds."""
 
     def release(self) -> None:
         """Frees sessions and device memory; the runtime may be prepared again."""
+        self.source, self._prepared = None, False
+        self._release()
+
+    def _release(self) -> None:  # noqa: B027 (optional hook: most backends hold nothing to free)
+        """Backend-specific cleanup."""
 
     def __enter__(self):
         return self
@@ -66,7 +134,14 @@ REGISTRY: dict[str, str] = {
     "tvm-cuda": "runtimes.tvm_runtime:TvmCudaRuntime",
     "openvino": "runtimes.openvino_runtime:OpenVinoRuntime",
 }
-ONNX_RUNTIMES = ("onnx-reference", "ort-cpu", "ort-cuda", "tvm-llvm", "tvm-cuda", "openvino")  # run any ONNX file (torch* need a checkpoint)
+ONNX_RUNTIMES = (
+    "onnx-reference",
+    "ort-cpu",
+    "ort-cuda",
+    "tvm-llvm",
+    "tvm-cuda",
+    "openvino",
+)  # run any ONNX file (torch* need a checkpoint)
 
 
 def runtime_class(name: str) -> type[Runtime]:

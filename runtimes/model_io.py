@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 _ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64}
@@ -68,10 +68,15 @@ def metadata(model) -> dict:
     return meta
 
 
-def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> list[str]:
-    """Validates feeds against the graph inputs; raises UserError naming the first problem.
+def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: dict[str, int] | None = None,
+                allow_nonfinite: bool = False) -> None:
+    """The runtime contract's feed check, once per run; raises UserError naming the first problem.
 
-    Returns warnings (NaN or Inf values), which are reported, not fatal.
+    Names, dtypes, ranks, fixed and symbolic dims against the graph's declared inputs; no empty
+    dimension (an empty batch or zero time steps has nothing to compute, and runtimes disagree on
+    what to return: ORT aborts the process, OpenVINO returns uninitialised memory); index inputs
+    within their table (`bounds`: out of range, TVM reads past the table or crashes); no NaN or Inf
+    unless `allow_nonfinite` (runtimes disagree on what NaN state gives: some NaN, some finite).
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in feeds]
@@ -82,9 +87,10 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> list[s
     if extra:
         raise UserError(f"unexpected inputs: {', '.join(extra)}; the model's inputs are {', '.join(names)}")
     bound: dict[str, tuple[int, str]] = {}
-    warnings = []
     for s in specs:
         a = feeds[s.name]
+        if not isinstance(a, np.ndarray):
+            raise UserError(f"input {s.name} is a {type(a).__name__}, expected a numpy array")
         if a.dtype != s.dtype:
             raise UserError(f"input {s.name} has dtype {a.dtype}, expected {np.dtype(s.dtype).name}")
         if a.ndim != len(s.shape):
@@ -92,14 +98,24 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> list[s
                             f"{len(s.shape)} {list(s.shape)}")
         for axis, (got, want) in enumerate(zip(a.shape, s.shape)):
             if isinstance(want, int) and want > 0 and got != want:
-                raise UserError(f"input {s.name} has dimension {axis} = {got}, expected {want} (shape {list(s.shape)})")
+                raise UserError(f"input {s.name} has dimension {axis} = {got}, expected {want} "
+                                f"(shape {list(s.shape)})")
             if isinstance(want, str) and want != "?":
                 if want in bound and bound[want][0] != got:
                     raise UserError(f"dimension {want!r} is {bound[want][0]} in {bound[want][1]} but {got} in {s.name}")
                 bound.setdefault(want, (got, s.name))
-        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-            warnings.append(f"input {s.name} holds {int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} Inf values")
-    return warnings
+        if a.size == 0:
+            raise UserError(f"input {s.name} is empty (shape {list(a.shape)}); every dimension needs at least 1 "
+                            "(an empty batch or zero time steps has nothing to run)")
+        if np.issubdtype(a.dtype, np.floating) and not allow_nonfinite and not np.isfinite(a).all():
+            raise UserError(f"input {s.name} holds {int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} Inf "
+                            "values; fix the input, or pass --allow-nonfinite (allow_nonfinite=True) to run it")
+        n = (bounds or {}).get(s.name)
+        if n is not None and np.issubdtype(a.dtype, np.integer):
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= n:
+                raise UserError(f"input {s.name} holds ids {lo}..{hi}, outside [0, {n}) (the {n} rows of the "
+                                "table it indexes); check the vocabulary the ids came from")
 
 
 def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
@@ -132,21 +148,36 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
     return dims
 
 
-def _index_bound(model, name: str) -> int | None:
-    """If `name` feeds a Gather's indices over a constant table, the table's size on that axis."""
+def index_bounds(model) -> dict[str, int]:
+    """Graph inputs used as a Gather's indices over a constant table -> the table's size on that axis."""
     inits = {i.name: i for i in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input}
+    out = {}
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in inits:
+        if (
+            node.op_type == "Gather"
+            and len(node.input) > 1
+            and node.input[0] in inits
+            and node.input[1] in graph_inputs
+        ):
             axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            return int(inits[node.input[0]].dims[axis])
-    return None
+            dims = inits[node.input[0]].dims
+            out[node.input[1]] = min(int(dims[axis]), out.get(node.input[1], 1 << 62))
+    return out
+
+
+MAX_RANDOM_BYTES = 1 << 31  # random inputs larger than this are surely a typo in --dim
 
 
 def random_feeds(model, seed: int = 0, dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Random inputs of the declared shapes: normal floats, valid indices, lengths in [1, time]."""
+    """Random inputs of the declared shapes: normal floats, valid indices, lengths in [1, time].
+    `model`: an ONNX proto or a source.ModelSource."""
     dims = dict(dims or {})
     rng = np.random.default_rng(seed)
-    specs = input_specs(model)
+    if hasattr(model, "index_bounds"):  # a ModelSource (maybe a compiled folder with no proto)
+        specs, bounds = model.inputs, model.index_bounds
+    else:
+        specs, bounds = input_specs(model), index_bounds(model)
     defaults = {"batch": 2, "time": 8}
     feeds = {}
     for s in specs:
@@ -160,12 +191,15 @@ def random_feeds(model, seed: int = 0, dims: dict[str, int] | None = None) -> di
                 shape.append(dims.setdefault(d, defaults[d]))
             else:
                 raise UserError(f"input {s.name} has symbolic dimension {d!r}; give it a size with --dim {d}=N")
+        if int(np.prod(shape, dtype=object)) * np.dtype(s.dtype).itemsize > MAX_RANDOM_BYTES:
+            raise UserError(f"input {s.name} of shape {shape} would take more than {MAX_RANDOM_BYTES >> 30} GiB; "
+                            "choose smaller --dim sizes")
         if np.issubdtype(s.dtype, np.floating):
             feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
         elif s.name in ("lengths", "sequence_lens"):
             t_max = dims.get("time") or max((x for sp in specs for x in sp.shape if isinstance(x, int)), default=1)
             feeds[s.name] = rng.integers(1, t_max + 1, size=shape).astype(s.dtype)
         else:
-            high = _index_bound(model, s.name) or 2
+            high = bounds.get(s.name, 2)
             feeds[s.name] = rng.integers(0, high, size=shape).astype(s.dtype)
     return feeds

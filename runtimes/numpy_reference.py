@@ -12,10 +12,10 @@ from .torch_runtime import TorchRuntime
 class NumpyReferenceRuntime(TorchRuntime):
     name = "numpy-f64"
 
-    def prepare(self, model=None) -> None:
+    def _prepare(self, source) -> None:
         self.module = self._build().eval()
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from lstm_export.charlm import CharLM
         from lstm_export.reference import lstm_sequence
         lm = self.module if isinstance(self.module, CharLM) else None

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 from .base import Availability, Runtime
-from .model_io import load_onnx
 
 
 def _ignored_rnn_features(node) -> list[str]:
@@ -41,23 +40,20 @@ class ReferenceRuntime(Runtime):
             return Availability(False, "onnx is not installed")
         return Availability(True)
 
-    def prepare(self, model) -> None:
+    def _prepare(self, source) -> None:
         from onnx.reference import ReferenceEvaluator
-        proto = load_onnx(model)
+        proto = source.onnx()
         for node in proto.graph.node:
             ignored = _ignored_rnn_features(node)
             if ignored:
                 raise UserError(f"onnx-reference ignores {node.op_type} {' and '.join(ignored)} (node {node.name!r}) "
                                 "and would return wrong numbers; run this model on ort-cpu")
-        try:
-            self.evaluator = ReferenceEvaluator(proto)
-        except Exception as e:
-            raise UserError(f"onnx-reference cannot load the model: {str(e).strip().splitlines()[0][:200]}") from None
-        self.output_names = [o.name for o in proto.graph.output]
+        self.evaluator = ReferenceEvaluator(proto)
+        self.output_names = source.output_names
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         outs = self.evaluator.run(None, feeds)
         return {n: np.asarray(v) for n, v in zip(self.output_names, outs)}
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.evaluator = None

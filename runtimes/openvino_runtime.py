@@ -5,10 +5,7 @@ import importlib.util
 
 import numpy as np
 
-from lstm_export.errors import UserError
-
-from .base import Availability, Runtime
-from .model_io import load_onnx
+from .base import Availability, Runtime, RuntimeFailure, first_line
 
 
 class OpenVinoRuntime(Runtime):
@@ -24,24 +21,23 @@ class OpenVinoRuntime(Runtime):
             return Availability(False, "openvino is not installed (pip install 'lstm-export[peers]')")
         return Availability(True)
 
-    def prepare(self, model) -> None:
+    def _prepare(self, source) -> None:
         import openvino as ov
-        proto = load_onnx(model)
+        source.onnx()  # a compiled folder without its ONNX is refused here, in one line
         core = ov.Core()
         # f32 throughout: on CPUs with bf16 support OpenVINO otherwise computes in bf16 by default.
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         try:
-            compiled = core.compile_model(core.read_model(str(model)), "CPU", config)
+            compiled = core.compile_model(core.read_model(str(source.onnx_path)), "CPU", config)
         except Exception as e:
-            raise UserError(f"openvino cannot load {model}: {str(e).strip().splitlines()[0][:200]}") from None
+            raise RuntimeFailure(f"openvino cannot load {source.path}: {first_line(e, 200)}") from None
         self.request = compiled.create_infer_request()
-        self.input_names = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-        self.output_names = [o.name for o in proto.graph.output]
+        self.input_names, self.output_names = source.input_names, source.output_names
         self.compiled = compiled
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer({n: feeds[n] for n in self.input_names})
         by_name = {}
         for port, value in results.items():
@@ -49,5 +45,5 @@ class OpenVinoRuntime(Runtime):
                 by_name[n] = value
         return {n: np.asarray(by_name[n]) for n in self.output_names}
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.request = None

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
-from .base import Availability, Runtime
-from .model_io import input_specs, load_onnx
+from .base import Availability, Runtime, RuntimeFailure
 
 
 def ort_message(e: Exception) -> str:
@@ -80,14 +79,14 @@ class OrtCpuRuntime(Runtime):
             so.profile_file_prefix = profile_prefix
         return so
 
-    def prepare(self, model) -> None:
+    def _prepare(self, source) -> None:
         import onnxruntime as ort
-        proto = load_onnx(model)  # clear errors for missing, truncated and non-ONNX files
+        proto = source.onnx()
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), self._options(), providers=self.providers)
         except Exception as e:
-            raise UserError(f"{self.name} cannot load {model}: {ort_message(e)}") from None
-        self._proto, self._specs = proto, input_specs(proto)
+            raise RuntimeFailure(f"{self.name} cannot load {source.path}: {ort_message(e)}") from None
+        self._proto = proto
 
     def profile_placements(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
         """Runs once with profiling on and returns node -> (op, provider) as actually executed."""
@@ -99,16 +98,14 @@ class OrtCpuRuntime(Runtime):
             self.placements = node_placements(sess.end_profiling())
         return self.placements
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.session is None:
-            raise RuntimeError(f"{self.name}: call prepare() first")
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             outs = self.session.run(None, feeds)
         except Exception as e:
-            raise UserError(f"{self.name} failed to run: {ort_message(e)}") from None
+            raise RuntimeFailure(f"{self.name} failed to run: {ort_message(e)}") from None
         return {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.session = None
 
 
@@ -131,10 +128,10 @@ class OrtCudaRuntime(OrtCpuRuntime):
             return Availability(False, "no CUDA device")
         return Availability(True)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self.placements:
             check_on_cuda(self.profile_placements(feeds))
-        return super().run(feeds)
+        return super()._run(feeds)
 
 
 def _cuda_device_present() -> bool:

@@ -10,7 +10,7 @@ import copy
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 from .base import Availability, Runtime
 
@@ -19,6 +19,7 @@ class TorchRuntime(Runtime):
     """Our from-scratch model in eager PyTorch on the CPU (or `device`)."""
 
     name = "torch"
+    needs_model = False
 
     def __init__(self, checkpoint=None, model=None, device: str = "cpu", threads: int | None = None):
         if checkpoint is None and model is None:
@@ -40,13 +41,13 @@ class TorchRuntime(Runtime):
         from lstm_export import checkpoint as ckpt_io
         return ckpt_io.load(self.checkpoint).build_model()
 
-    def prepare(self, model=None) -> None:
+    def _prepare(self, source) -> None:
         import torch
         if self.threads:
             torch.set_num_threads(self.threads)
         self.module = self._build().eval().to(self.device)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
         t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()}
         state = (t["h_0"], t["c_0"]) if "h_0" in t else None
@@ -63,7 +64,7 @@ class TorchRuntime(Runtime):
     def _call_lstm(self, x, state, lengths):
         return self.module(x, state, lengths=lengths)
 
-    def release(self) -> None:
+    def _release(self) -> None:
         self.module = None
 
 
@@ -74,6 +75,7 @@ class TorchNNRuntime(TorchRuntime):
 
     def _build(self):
         import torch
+
         from lstm_export.charlm import CharLM
         from lstm_export.model import LayerNormLSTM
         ours = super()._build()
@@ -104,7 +106,7 @@ class TorchCompileRuntime(TorchRuntime):
 
     name = "torch-compile"
 
-    def prepare(self, model=None) -> None:
+    def _prepare(self, source) -> None:
         import torch
-        super().prepare(model)
+        super()._prepare(source)
         self.module = torch.compile(self.module, dynamic=False)

@@ -1,32 +1,36 @@
-"""tvm-llvm and tvm-cuda: compile an ONNX model (or load a compiled DIR/model.so) and run it on the Relax VM."""
+"""tvm-llvm and tvm-cuda: load a compiled folder (or compile an .onnx through the compile cache) and
+run it on the Relax VM."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 from .base import Availability, Runtime
 
 
 class TvmLlvmRuntime(Runtime):
-    """TVM on this CPU. `prepare` takes a .onnx (compiled now) or a folder made by `lstm-export compile`."""
+    """TVM on this CPU. `prepare` takes a folder made by `lstm-export compile` (loaded as it is) or
+    an .onnx (compiled once per model and target: tvm_lstm/cache.py)."""
 
     name = "tvm-llvm"
     target = "llvm"
 
-    def __init__(self, threads: int | None = None, arch: str = "sm_90", target: str | None = None, plan=None):
+    def __init__(self, threads: int | None = None, arch: str = "sm_90", target: str | None = None, plan=None,
+                 cache: bool = True):
         """threads: cores the kernels are laid out for; target: a full TVM target to compile an .onnx
-        for (default: this machine); plan: a cpu_plan.KernelPlan to compile with (tests)."""
-        self.threads, self.arch, self.plan = threads, arch, plan
+        for (default: this machine); plan: a cpu_plan.KernelPlan to compile with (tests);
+        cache: False compiles an .onnx into a temporary folder instead of the compile cache."""
+        self.threads, self.arch, self.plan, self.cache = threads, arch, plan, cache
         self.compile_target = target or self.target
         self.vm = self._main = None
         self._tmp = None
         self._staging = {}
+        self.compiled = None  # the source.CompiledModel loaded
+        self.cache_hit = None  # for an .onnx: whether the compile cache had it
 
     @classmethod
     def availability(cls) -> Availability:
@@ -38,34 +42,42 @@ class TvmLlvmRuntime(Runtime):
         import tvm
         return tvm.cpu(0)
 
-    def prepare(self, model) -> None:
+    def _prepare(self, source) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine  # runtime only: deployed artifacts need no compiler
-        path = Path(model)
-        if path.is_dir():
-            lib_path = path / "model.so"
-            meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else None
-            if meta is not None:  # a cross-compiled folder (model.tar) is named as such, not as missing
-                _check_runs_here(meta, path)
-            if not lib_path.is_file() or meta is None:
-                raise UserError(f"{path} holds no model.so; make it with `lstm-export compile MODEL.onnx --out {path}`")
+        if source.compiled is not None:
+            compiled, where = source.compiled, source.path
+            if compiled.meta.get("target_kind", "llvm") != self.target:
+                raise UserError(f"{source.path} was compiled for {compiled.meta.get('target_kind')}; run it with "
+                                f"--runtime tvm-{compiled.meta.get('target_kind')}, or compile it for {self.target}")
         else:
-            from .tvm_lstm.compile import compile_onnx
-            self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
-            lib_path = compile_onnx(path, self._tmp.name, self.compile_target, self.arch, self.threads,
-                                    progress=False, plan=self.plan)
-            meta = json.loads((Path(self._tmp.name) / "meta.json").read_text())
-            _check_runs_here(meta, self.compile_target)
+            compiled, where = self._compile(source), self.compile_target
+        meta = compiled.meta
+        _check_runs_here(meta, where)
+        if compiled.library.suffix != ".so":
+            raise UserError(f"{where} holds no model.so; make it with `lstm-export compile MODEL.onnx --out DIR`")
+        self.compiled = compiled
         self.input_names = [i["name"] for i in meta["inputs"]]
         self.output_names = [o["name"] for o in meta["outputs"]]
         # outputs the call allocates are handed out without a copy (artifacts from before
         # owned_outputs was recorded: none); see compile.owned_outputs
         self._owned = meta.get("owned_outputs") or [False] * len(self.output_names)
         self.dev = self._device()
-        self.vm = VirtualMachine(tvm.runtime.load_module(str(lib_path)), self.dev)
+        self.vm = VirtualMachine(tvm.runtime.load_module(str(compiled.library)), self.dev)
         self._main = self.vm["main"]  # looked up once, not per call
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _compile(self, source):
+        """An .onnx: from the compile cache, or compiled into a temporary folder with cache=False."""
+        if self.cache:
+            from .tvm_lstm.cache import cached_compile
+            compiled, self.cache_hit = cached_compile(source, self.compile_target, self.arch, self.threads, self.plan)
+            return compiled
+        from .tvm_lstm.compile import compile_onnx
+        self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
+        return compile_onnx(source, self._tmp.name, self.compile_target, self.arch, self.threads,
+                            progress=False, plan=self.plan)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [self._tensor(feeds[n], n) for n in self.input_names]
         out = self._main(*args)
         outs = list(out) if not hasattr(out, "numpy") else [out]
@@ -106,8 +118,8 @@ class TvmLlvmRuntime(Runtime):
             return view if owned else np.array(view)
         return t.numpy()
 
-    def release(self) -> None:
-        self.vm = self._main = None
+    def _release(self) -> None:
+        self.vm = self._main = self.compiled = None
         self._staging = {}
         if self._tmp is not None:
             self._tmp.cleanup()

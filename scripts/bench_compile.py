@@ -1,7 +1,7 @@
 """Compile time and model.so size against sequence length, unrolled vs native -> benchmarks/compile_vs_seqlen.*"""
 import sys
 
-from lstm_export.report import cpu_name
+from common.machine import cpu_name
 from runtimes.tvm_lstm.scaling import compile_scaling, write_table
 
 if __name__ == "__main__":

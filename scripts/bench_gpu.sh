@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 case "${1:-}" in
-  prepare) "$PY" -m runtimes.gpu_bench prepare "${2:?DIR}" ;;
-  run) "$PY" -m runtimes.gpu_bench run "${2:?DIR}" --json benchmarks/bench_gpu.json --markdown benchmarks/bench_gpu.md ;;
+  prepare) "$PY" -m harness.gpu_bench prepare "${2:?DIR}" ;;
+  run) "$PY" -m harness.gpu_bench run "${2:?DIR}" --json benchmarks/bench_gpu.json --markdown benchmarks/bench_gpu.md ;;
   *) echo "usage: $0 prepare DIR | run DIR" >&2; exit 2 ;;
 esac

@@ -9,4 +9,4 @@ OUT=${OUT:-runs/tinyshakespeare}
 rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
 CMD=".venv/bin/lstm-export train --config char-base --text $TEXT --out $OUT"
 $CMD 2>&1 | tee "$OUT.log" | tr '\r' '\n' | grep -v '^train:' || true
-.venv/bin/python -m lstm_export.report "$OUT/ckpt.pt" benchmarks/train_charlm_shakespeare "$CMD" "$OUT.log"
+.venv/bin/python -m lstm_export.report "$OUT/ckpt.pt" benchmarks/train_charlm_shakespeare "$CMD"

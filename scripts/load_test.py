@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
+from common.machine import cpu_name
 from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
 from lstm_export.export import export_onnx
-from lstm_export.report import cpu_name
-from runtimes.loadtest import ServerProcess, run_clients, write_report
+from serving.loadtest import ServerProcess, run_clients, write_report
 
 if __name__ == "__main__":
     counts = [int(a) for a in sys.argv[1:]] or [1, 2, 4, 8, 16]

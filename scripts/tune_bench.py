@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from lstm_export.report import cpu_name
-from runtimes.bench import tune_shapes
+from common.machine import cpu_name
+from harness.bench import tune_shapes
 
 out = Path(__file__).resolve().parent.parent / "benchmarks"
 if sys.argv[1:] == ["--render"]:
@@ -18,10 +18,16 @@ else:
     data = {"machine": cpu_name(), "trials_per_graph": trials, "rows": tune_shapes(trials=trials)}
     (out / "tuning.json").write_text(json.dumps(data, indent=1) + "\n")
 trials, rows = data["trials_per_graph"], data["rows"]
-lines = [f"MetaSchedule tuning of the generic kernels, {trials} trials per graph", "",
-         f"Machine: {data['machine']}. Command: `.venv/bin/python scripts/tune_bench.py {trials}`. Kernel times are "
-         "MetaSchedule's runner (mean of its repeats); 'before' is the best record before this run: on a first run, the schedule compile uses without a database.", "",
-         "| shape | graph | kernel | before us | tuned us | speed-up |", "|---|---|---|---|---|---|"]
+lines = [
+    f"MetaSchedule tuning of the generic kernels, {trials} trials per graph",
+    "",
+    f"Machine: {data['machine']}. Command: `.venv/bin/python scripts/tune_bench.py {trials}`. Kernel times are "
+    "MetaSchedule's runner (mean of its repeats); 'before' is the best record before this run: on a first run, "
+    "the schedule compile uses without a database.",
+    "",
+    "| shape | graph | kernel | before us | tuned us | speed-up |",
+    "|---|---|---|---|---|---|",
+]
 for r in rows:
     if not r["before_ms"]:
         lines.append(f"| {r['shape']} | {r['graph']} | (no static kernels to tune) | - | - | - |")
@@ -30,7 +36,8 @@ for r in rows:
         lines.append(f"| {r['shape']} | {r['graph']} | {name} | {d * 1e3:,.1f} | {b * 1e3:,.1f} | {d / b:.2f}x |")
 lines += ["", "| shape | graph | kernels tuned | tuning s | compile s with the database | kernels from it |",
           "|---|---|---|---|---|---|"]
-lines += [f"| {r['shape']} | {r['graph']} | {r['kernels']} | {r['tune_s']:.0f} | {r['compile_s']:.1f} | {r['kernels_from_db']} |"
+lines += [f"| {r['shape']} | {r['graph']} | {r['kernels']} | {r['tune_s']:.0f} | {r['compile_s']:.1f} | "
+          f"{r['kernels_from_db']} |"
           for r in rows]
 (out / "tuning.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

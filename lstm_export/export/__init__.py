@@ -10,7 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import UserError
+from common.errors import UserError
+
 from .graph import GraphBuilder
 from .layers import native_stack, unrolled_stack
 
@@ -42,7 +43,7 @@ def model_metadata(model, mode: str) -> dict[str, str]:
     meta = {"lstm_export.config": json.dumps(cfg)}
     if lm is not None:
         meta["lstm_export.model_config"] = json.dumps(vars(lm.cfg))
-        if getattr(lm, "vocab", None) is not None:
+        if lm.vocab is not None:
             meta["lstm_export.vocab"] = lm.vocab.chars
     from .. import __version__
     meta["lstm_export.version"] = __version__

@@ -12,9 +12,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
-from ..model_io import input_specs, load_onnx, output_specs
+from ..source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
 from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
 
@@ -105,14 +105,16 @@ def owned_outputs(main) -> list[bool]:
     return [r is not None and sum(r.same_as(o) for o in roots if o is not None) == 1 for r in roots]
 
 
-def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llvm", arch: str = "sm_90",
-                 threads: int | None = None, tuning_db: str | Path | None = None, tune_trials: int = 0,
-                 progress: bool = True, plan=None) -> Path:
-    """Compiles an ONNX file; writes OUT/model.so (or, cross-compiled with no linker for that
-    architecture here, OUT/model.tar of objects) and OUT/meta.json; returns the library's path.
+def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, target: str = "llvm",
+                 arch: str = "sm_90", threads: int | None = None, tuning_db: str | Path | None = None,
+                 tune_trials: int = 0, progress: bool = True, plan=None) -> CompiledModel:
+    """Compiles an ONNX model; writes OUT/model.so (or, cross-compiled with no linker for that
+    architecture here, OUT/model.tar of objects), OUT/meta.json and OUT/model.onnx (the source, so
+    every runtime can run the folder); returns the CompiledModel.
 
     Args:
-        model_path: any ONNX model whose ops TVM (plus our LSTM converter) supports.
+        model_path: any ONNX model whose ops TVM (plus our LSTM converter) supports, as a path or
+            an opened source.ModelSource.
         out_dir: the folder to write.
         target: "llvm" (this CPU's features and cores), "cuda", or a full TVM target as JSON or in
             the CLI string form (`llvm -mcpu=haswell -num-cores=4`,
@@ -126,7 +128,8 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     """
     import tvm
     from tvm.target import codegen
-    model = load_onnx(model_path)
+    source = open_model(model_path)
+    model = source.onnx()
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
     if kind != "llvm":
@@ -155,11 +158,21 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib = _export(ex, tgt, plan, out)
-    meta = {"inputs": [_spec(s) for s in input_specs(model)], "outputs": [_spec(s) for s in output_specs(model)],
-            "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt), "target_kind": kind,
-            "tvm_version": tvm.__version__, "source": str(model_path), "compile_s": round(time.perf_counter() - t0, 3),
-            "tuning_db": str(db_dir) if db is not None else None, "kernels_from_db": from_db,
-            "owned_outputs": owned, "library": lib.name}
+    meta = {
+        "inputs": [_spec(s) for s in source.inputs],
+        "outputs": [_spec(s) for s in source.outputs],
+        "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt),
+        "target_kind": kind,
+        "tvm_version": tvm.__version__,
+        "source": str(source.path),
+        "onnx_sha256": source.digest,
+        "index_bounds": source.index_bounds,
+        "compile_s": round(time.perf_counter() - t0, 3),
+        "tuning_db": str(db_dir) if db is not None else None,
+        "kernels_from_db": from_db,
+        "owned_outputs": owned,
+        "library": lib.name,
+    }
     if plan is not None:
         meta["num_cores"] = plan.threads
         meta["cpu"] = plan.info.describe() if plan.info else None
@@ -169,8 +182,12 @@ def compile_onnx(model_path: str | Path, out_dir: str | Path, target: str = "llv
     if tuned is not None:
         meta["tuning"] = {"trials": tuned.trials, "seconds": tuned.seconds, "tasks": tuned.tasks,
                           "before_ms": tuned.before_ms, "best_ms": tuned.best_ms, "skipped": tuned.skipped}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return lib
+    if source.onnx_path.resolve() != (out / SOURCE_ONNX).resolve():
+        shutil.copyfile(source.onnx_path, out / f".{SOURCE_ONNX}.tmp")
+        (out / f".{SOURCE_ONNX}.tmp").replace(out / SOURCE_ONNX)
+    (out / ".meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / ".meta.json.tmp").replace(out / "meta.json")  # last: a folder with meta.json is complete
+    return CompiledModel(out, lib, meta)
 
 
 def _export(ex, tgt, plan, out: Path) -> Path:

@@ -7,13 +7,15 @@ with (bb, inputs, attr, params); inputs absent from the node arrive as None.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
+from .marks import mark
 from .recurrence import SUPPORTED_ACTIVATIONS, CellSpec, make_recurrence
 
 DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
@@ -118,10 +120,16 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
     if len(x_shape) != 3:
         raise UserError(f"LSTM node {node!r}: X must be 3-D, got rank {len(x_shape)}")
     I = x_shape[2]
-    if len(w_shape) != 3 or w_shape[0] not in (D, None) or w_shape[1] not in (4 * H, None) or w_shape[2] not in (I, None):
+    if (
+        len(w_shape) != 3
+        or w_shape[0] not in (D, None)
+        or w_shape[1] not in (4 * H, None)
+        or w_shape[2] not in (I, None)
+    ):
         raise UserError(f"LSTM node {node!r}: W has shape {w_shape}, expected [num_directions={D}, 4*hidden_size="
                         f"{4 * H}, input_size={I}]")
-    if len(r_shape) != 3 or r_shape[0] not in (D, None) or r_shape[1] not in (4 * H, None) or r_shape[2] not in (H, None):
+    if len(r_shape) != 3 or r_shape[0] not in (D, None) or r_shape[1] not in (4 * H, None) \
+            or r_shape[2] not in (H, None):
         raise UserError(f"LSTM node {node!r}: R has shape {r_shape}, expected [num_directions={D}, "
                         f"4*hidden_size={4 * H}, hidden_size={H}]")
     if B is not None and _static_shape(B) not in ([D, 8 * H], [None, 8 * H], [D, None], [None, None]):
@@ -193,7 +201,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
         func = make_cuda_recurrence(spec)
     else:
         func = make_recurrence(spec)
-    gvar = bb.add_func(func, f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
+    gvar = bb.add_func(mark(func), f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
     out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, h_d, c_d, lens],
                                  [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
                                   relax.TensorType([n_b, H], "float32")]))
@@ -210,7 +218,7 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    layer = bb.add_func(cpu.make_cpu_layer(spec, int(I), plan, has_state=has_state, has_peepholes=has_p),
+    layer = bb.add_func(mark(cpu.make_cpu_layer(spec, int(I), plan, has_state=has_state, has_peepholes=has_p)),
                         f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
     out = bb.emit(relax.call_tir(layer, [X, relax.const(packing.pack_gates(w, H, lanes)),
                                          relax.const(packing.pack_bias(bias, H, lanes)),
@@ -223,17 +231,24 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
 @contextlib.contextmanager
 def lstm_registered(cuda: bool = False, plan=None):
     """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched); CPU kernels
-    are laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only)."""
-    original = onnx_frontend._get_convert_map
+    are laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only).
+
+    TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
+    getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
     converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
+    with _CONVERT_MAP_LOCK:
+        original = onnx_frontend._get_convert_map
 
-    def with_lstm():
-        table = dict(original())
-        table["LSTM"] = converter
-        return table
+        def with_lstm():
+            table = dict(original())
+            table["LSTM"] = converter
+            return table
 
-    onnx_frontend._get_convert_map = with_lstm
-    try:
-        yield
-    finally:
-        onnx_frontend._get_convert_map = original
+        onnx_frontend._get_convert_map = with_lstm
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map = original
+
+
+_CONVERT_MAP_LOCK = threading.RLock()

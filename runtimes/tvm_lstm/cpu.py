@@ -346,9 +346,9 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
                 fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
 
     @T.prim_func(private=True)
-    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(H, K, LANES),), "float32"), bias: T.Buffer((NP,), "float32"),
-                       rp: T.Buffer((packed_size(H, H, LANES),), "float32"), p: T.Buffer((3, HP), "float32"),
-                       var_h0: T.handle, var_c0: T.handle, var_lens: T.handle,
+    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(H, K, LANES),), "float32"),
+                       bias: T.Buffer((NP,), "float32"), rp: T.Buffer((packed_size(H, H, LANES),), "float32"),
+                       p: T.Buffer((3, HP), "float32"), var_h0: T.handle, var_c0: T.handle, var_lens: T.handle,
                        var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
         T.func_attr({"tirx.noalias": True})
         n_t = T.int64()

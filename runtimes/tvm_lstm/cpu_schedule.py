@@ -7,6 +7,8 @@ lanes, the outer spatial loops fused and parallel. Anything it cannot schedule i
 """
 from __future__ import annotations
 
+from .marks import is_ours
+
 
 def default_schedule(func, lanes: int = 16):
     """The traced s_tir.Schedule of `func` (global_symbol "main") that compile uses without a tuning
@@ -64,14 +66,16 @@ def schedule_generic_cpu_kernels(mod, lanes: int = 16):
     for gv, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs and "tirx.is_scheduled" in func.attrs:
             continue
-        if gv.name_hint.startswith("lstm_"):
+        if is_ours(func):
             continue  # our own kernels are written scheduled
         try:
             scheduled = _schedule_reduction(func.with_attr("global_symbol", gv.name_hint), lanes)
         except Exception:  # noqa: BLE001 -- unschedulable: keep the plain loop nest
             scheduled = None
         if scheduled is not None:
-            updates[gv] = scheduled.without_attr("global_symbol") if "global_symbol" not in (func.attrs or {}) else scheduled
+            updates[gv] = (
+                scheduled.without_attr("global_symbol") if "global_symbol" not in (func.attrs or {}) else scheduled
+            )
     for gv, func in updates.items():
         mod[gv] = func
     return mod

@@ -11,7 +11,7 @@ import platform
 import shlex
 from pathlib import Path
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 
 def usable_cores() -> int:
@@ -100,7 +100,7 @@ def parse_target(text: str, threads: int | None = None, arch: str = "sm_90"):
         except json.JSONDecodeError as e:
             raise UserError(f"--target is not valid JSON ({e.msg} at character {e.pos})") from None
         if not isinstance(cfg, dict) or "kind" not in cfg:
-            raise UserError("--target JSON must be an object with a \"kind\", e.g. {\"kind\": \"llvm\", \"mcpu\": \"haswell\"}")
+            raise UserError('--target JSON must be an object with a "kind", e.g. {"kind": "llvm", "mcpu": "haswell"}')
     else:
         cfg = _from_cli_string(text)
     if cfg["kind"] not in ("llvm", "cuda"):

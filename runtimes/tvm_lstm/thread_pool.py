@@ -10,11 +10,14 @@ set TVM_NUM_THREADS or OMP_NUM_THREADS. A pool a thread had already started keep
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 _SOURCE = r"""
 #ifndef _GNU_SOURCE
@@ -70,3 +73,23 @@ def thread_pool_object(workdir: str | Path, cores: int, cc: str) -> Path:
         first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
         raise UserError(f"{cc} could not compile the artifact's thread-pool constructor: {first[0] if first else '?'}")
     return obj
+
+
+_POOL_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def pool_threads(threads: int):
+    """Within this block, a TVM thread pool that starts (in this thread) starts with `threads`
+    workers. TVM reads the size only from the environment, so the block sets TVM_NUM_THREADS
+    under a lock and restores it on leaving; a user's own setting is left alone. For the bench
+    and FMA-peak kernels, which launch before any artifact's constructor could size the pool."""
+    with _POOL_LOCK:
+        before = os.environ.get("TVM_NUM_THREADS")
+        if before is None and "OMP_NUM_THREADS" not in os.environ:
+            os.environ["TVM_NUM_THREADS"] = str(threads)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TVM_NUM_THREADS", None)

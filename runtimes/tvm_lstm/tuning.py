@@ -1,6 +1,6 @@
 """MetaSchedule tuning of the generic kernels, and the tuning database that `compile` reads.
 
-Our LSTM kernels (`lstm_*`) are hand-scheduled TIR and are never tuned. Every other PrimFunc that TVM
+Our LSTM kernels (marks.is_ours) are hand-scheduled TIR and are never tuned. Every other PrimFunc that TVM
 legalizes from the graph (the unrolled graph's MatMuls, gate math, splits and concats; the char LM's
 head) is a tuning task when its shapes are static. Skipped:
 - dynamic-shape kernels: MetaSchedule measures concrete buffers;
@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lstm_export.errors import UserError
+from common.errors import UserError
+
+from .marks import is_ours
 
 DB_ROOT = Path(__file__).with_name("tuning_db")
 MAX_PARAMS = 16
@@ -74,7 +76,7 @@ def tunable(mod) -> list[tuple[str, object]]:
     from tvm.s_tir import meta_schedule as ms
     found = []
     for gv, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or gv.name_hint.startswith("lstm_"):
+        if not isinstance(func, tirx.PrimFunc) or is_ours(func):
             continue
         if func.attrs and "tirx.is_scheduled" in func.attrs or len(func.params) > MAX_PARAMS:
             continue
@@ -122,8 +124,8 @@ def tune(mod, target, db_dir: str | Path, trials: int, progress: bool = True, se
     import shutil
     import tempfile
 
-    from tvm.s_tir import meta_schedule as ms
     from tqdm import tqdm
+    from tvm.s_tir import meta_schedule as ms
     if trials < 1:
         raise UserError(f"--trials must be at least 1, got {trials}")
     tasks = tunable(mod)

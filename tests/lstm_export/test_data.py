@@ -9,7 +9,7 @@ from lstm_export.data import Corpus, StreamBatcher, Vocab, default_corpus, read_
 def test_vocab_round_trip_and_unknown_characters():
     v = Vocab.from_text("hello world")
     assert v.decode(v.encode("low hello")) == "low hello"
-    with pytest.raises(UserError, match="3 character\(s\) not in the model's vocabulary: 'ayz'"):
+    with pytest.raises(UserError, match=r"3 character\(s\) not in the model's vocabulary: 'ayz'"):
         v.encode("lazy")
 
 

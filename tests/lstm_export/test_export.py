@@ -74,7 +74,9 @@ def test_export_agrees_with_torch(tmp_path, mode, num_layers, bidirectional, bat
         _check(path, feeds, expected, evaluators=("ort",))
 
 
-@pytest.mark.parametrize("num_layers,bidirectional,batch_first", itertools.product([1, 2], [False, True], [False, True]))
+@pytest.mark.parametrize(
+    "num_layers,bidirectional,batch_first", itertools.product([1, 2], [False, True], [False, True])
+)
 def test_layernorm_lstm_unrolled(tmp_path, num_layers, bidirectional, batch_first):
     m = _model(LayerNormLSTM, num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first)
     with torch.no_grad():

@@ -10,8 +10,17 @@ H, I = 4, 3
 INPUTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]
 
 
-def lstm_model(D=1, layout=0, optional=("B", "sequence_lens", "initial_h", "initial_c", "P"), outputs=("Y", "Y_h", "Y_c"),
-               opset=14, seed=0, computed_weights=False, hidden=H, **attrs):
+def lstm_model(
+    D=1,
+    layout=0,
+    optional=("B", "sequence_lens", "initial_h", "initial_c", "P"),
+    outputs=("Y", "Y_h", "Y_c"),
+    opset=14,
+    seed=0,
+    computed_weights=False,
+    hidden=H,
+    **attrs,
+):
     """A one-node ONNX LSTM with symbolic time and batch; weights are initializers, or (computed_weights)
     come out of an Add node, so the converter cannot pack them at import time."""
     H = hidden  # noqa: N806

@@ -8,7 +8,7 @@ from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
 from lstm_export.export import export_onnx
 from runtimes import REGISTRY, get_runtime, list_runtimes
-from runtimes.model_io import random_feeds, load_onnx
+from runtimes.model_io import load_onnx, random_feeds
 
 MODEL_RUNTIMES = ("torch", "torch-nn", "numpy-f64")  # run our model object, not the ONNX file
 

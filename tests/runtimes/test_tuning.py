@@ -118,7 +118,7 @@ def test_bad_tuning_arguments_say_what_to_do(cli, tmp_path):
 
 def test_the_committed_database_serves_the_benchmark_shapes(tmp_path):
     """The committed database for this CPU, when there is one, is valid and used by a plain compile."""
-    from runtimes.bench import DEFAULT_SHAPES
+    from harness.bench import DEFAULT_SHAPES
     from runtimes.tvm_lstm.compile import compile_onnx, host_target
     from runtimes.tvm_lstm.tuning import default_db_dir, open_database
     d = default_db_dir(host_target())

@@ -28,7 +28,9 @@ def test_directions_layouts_and_optional_inputs(tmp_path, direction, layout, opt
     check(lstm_model(D, layout, optional, direction=direction), tmp_path)
 
 
-@pytest.mark.parametrize("optional", [("B",), ("sequence_lens",), ("initial_h",), ("initial_c", "P"), ("B", "initial_h", "initial_c")])
+@pytest.mark.parametrize(
+    "optional", [("B",), ("sequence_lens",), ("initial_h",), ("initial_c", "P"), ("B", "initial_h", "initial_c")]
+)
 def test_each_optional_input_alone(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path)
 
@@ -171,7 +173,7 @@ def test_cuda_target_compiles_here(tmp_path):
     from runtimes.tvm_lstm.compile import compile_onnx
     m = LSTM(I, H, 2, bidirectional=True).eval()
     path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=True)
-    lib = compile_onnx(path, tmp_path / "cuda", "cuda", arch="sm_90")
+    lib = compile_onnx(path, tmp_path / "cuda", "cuda", arch="sm_90").library
     assert lib.stat().st_size > 0
     assert json.loads((tmp_path / "cuda" / "meta.json").read_text())["target_kind"] == "cuda"
 

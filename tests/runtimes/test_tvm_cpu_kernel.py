@@ -11,8 +11,15 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from runtimes.tvm_lstm.cpu_plan import cover_table  # noqa: E402
-from runtimes.tvm_lstm.cpu_plan import CpuInfo, KernelPlan, cpu_info, make_plan, plan_for, sysfs_caches  # noqa: E402
+from runtimes.tvm_lstm.cpu_plan import (  # noqa: E402
+    CpuInfo,
+    KernelPlan,
+    cover_table,  # noqa: E402
+    cpu_info,
+    make_plan,
+    plan_for,
+    sysfs_caches,
+)
 from runtimes.tvm_lstm.packing import pack_gates, packed_size, tail_width  # noqa: E402
 from runtimes.tvm_lstm.targets import cpu_flags, host_target, parse_target  # noqa: E402
 from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402

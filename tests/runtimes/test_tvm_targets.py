@@ -32,7 +32,9 @@ def test_target_strings_and_json_name_the_same_target():
     b = parse_target('{"kind": "llvm", "mcpu": "haswell", "mattr": ["+avx2", "+fma"], "num-cores": 3, '
                      '"mtriple": "x86_64-linux-gnu"}')
     assert str(a.export()) == str(b.export())
-    assert a.attrs["mcpu"] == "haswell" and int(a.attrs["num-cores"]) == 3 and list(a.attrs["mattr"]) == ["+avx2", "+fma"]
+    assert (
+        a.attrs["mcpu"] == "haswell" and int(a.attrs["num-cores"]) == 3 and list(a.attrs["mattr"]) == ["+avx2", "+fma"]
+    )
     host = parse_target("llvm")
     assert int(host.attrs["num-cores"]) == usable_cores() and host.attrs["mcpu"]
     assert int(parse_target("llvm -mcpu=haswell", threads=5).attrs["num-cores"]) == 5
@@ -96,7 +98,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, m
     elif shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("no aarch64 cross linker (apt-get install gcc-aarch64-linux-gnu)")
     lib = compile_onnx(small_native, tmp_path / "arm", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", '
-                       '"mcpu": "neoverse-n1", "num-cores": 4}', progress=False)
+                       '"mcpu": "neoverse-n1", "num-cores": 4}', progress=False).library
     meta = json.loads((tmp_path / "arm" / "meta.json").read_text())
     assert meta["kernel_plan"]["isa"] == "neon" and meta["kernel_plan"]["lanes"] == 4 and meta["num_cores"] == 4
     assert lib.suffix == (".tar" if linker == "absent" else ".so")
@@ -141,7 +143,7 @@ def test_plain_load_runs_on_the_cores_it_was_compiled_for(small_native, tmp_path
     fresh process runs its thread pool on the target's num-cores (at most the usable CPUs), not
     TVM's default of half the logical CPUs; a TVM_NUM_THREADS the user set wins. (Made for 3 cores:
     on a 2-CPU machine that also shows the cap.)"""
-    lib = compile_onnx(small_native, tmp_path / "c3", "llvm", threads=3, progress=False)
+    lib = compile_onnx(small_native, tmp_path / "c3", "llvm", threads=3, progress=False).library
     assert _threads_in_fresh_process(lib) == min(3, usable_cores())
     assert _threads_in_fresh_process(lib, TVM_NUM_THREADS="1") == 1
 

@@ -1,11 +1,10 @@
 """`lstm-export bench`: outputs checked against torch.nn.LSTM before timing, interleaved rounds, the report."""
 import json
 
-import numpy as np
 import pytest
 
-from runtimes import bench as bench_mod
-from runtimes.bench import PEERS, Shape, bench
+from harness import bench as bench_mod
+from harness.bench import PEERS, Shape, bench
 
 TINY = Shape(3, 2, 4, 8)  # microseconds per run: the harness, not the speed, is under test
 ENTRIES = ["torch.nn.LSTM", "ort-cpu native", "torch (ours)"]
@@ -23,6 +22,9 @@ class _Logged:
     def run(self, feeds):
         self.log.append(self.label)
         return {k: v + self.shift for k, v in self.rt.run(feeds).items()}
+
+    def run_checked(self, feeds):  # what the timing loop calls, feeds checked once by run
+        return self.run(feeds)
 
     def release(self):
         self.rt.release()
@@ -103,10 +105,15 @@ def test_cli_writes_json_markdown_and_plot(cli, tmp_path):
 ONE = ["--only-shapes", "--shape", "2,1,3,4"]
 
 
-@pytest.mark.parametrize("args,needle", [(["--shape", "3,2,x"], "--shape expects T,B,I,H"),
-                                         (ONE + ["--entries", "nope"], "unknown bench entries"),
-                                         (ONE + ["--rounds", "0"], "argument --rounds: must be an integer from 1 to 1000, got 0"),
-                                         (["--only-shapes"], "--only-shapes needs")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--shape", "3,2,x"], "--shape expects T,B,I,H"),
+        (ONE + ["--entries", "nope"], "unknown bench entries"),
+        (ONE + ["--rounds", "0"], "argument --rounds: must be an integer from 1 to 1000, got 0"),
+        (["--only-shapes"], "--only-shapes needs"),
+    ],
+)
 def test_bad_bench_arguments_say_what_to_do(cli, args, needle):
     r = cli("bench", "--min-s", "0.01", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr

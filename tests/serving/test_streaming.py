@@ -10,14 +10,13 @@ from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
 from lstm_export.data import Vocab
 from lstm_export.export import export_onnx
-from runtimes.streaming import StreamError, StreamingSession
+from serving.streaming import StreamError, StreamingSession
 
 
 @pytest.fixture(scope="module")
 def lm_streaming(tmp_path_factory):
     torch.manual_seed(0)
-    lm = CharLM(ModelConfig(vocab_size=12, embed=6, hidden=16, layers=2)).eval()
-    lm.vocab = Vocab("abcdefghij .")
+    lm = CharLM(ModelConfig(vocab_size=12, embed=6, hidden=16, layers=2), Vocab("abcdefghij .")).eval()
     path = export_onnx(lm, tmp_path_factory.mktemp("s") / "lm.streaming.onnx", "streaming")
     return lm, path
 

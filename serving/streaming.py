@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lstm_export.errors import UserError
-
-from .base import Runtime, get_runtime
-from .model_io import TensorSpec, input_specs, load_onnx, metadata, output_specs
+from common.errors import UserError
+from lstm_export.data import Vocab
+from runtimes.base import Runtime, get_runtime
+from runtimes.model_io import TensorSpec
+from runtimes.source import open_model
 
 
 class StreamError(UserError):
@@ -61,8 +62,8 @@ class StreamingSession:
     """Many streams sharing one runtime session over a streaming graph (see module docstring).
 
     Args:
-        model: path to an ONNX model with inputs (data, h_0, c_0) and outputs (data, h_n, c_n),
-            as `lstm-export export --mode streaming` writes.
+        model: an ONNX model (path, compiled folder or source.ModelSource) with inputs
+            (data, h_0, c_0) and outputs (data, h_n, c_n), as `lstm-export export --mode streaming` writes.
         runtime: a runtime name ("ort-cpu", "ort-cuda", "tvm-llvm") or a Runtime object.
         max_batch: most chunks run together.
         max_wait_ms: how long the batcher waits for more chunks after the first.
@@ -73,8 +74,8 @@ class StreamingSession:
 
     def __init__(self, model, runtime: str | Runtime = "ort-cpu", max_batch: int = 16, max_wait_ms: float = 2.0,
                  max_streams: int = 1024, idle_timeout_s: float = 600.0, max_chunk: int = 4096):
-        proto = load_onnx(model)
-        ins, outs = input_specs(proto), output_specs(proto)
+        self.source = source = open_model(model)  # read once, here
+        ins, outs = source.inputs, source.outputs
         names = [s.name for s in ins]
         if "h_0" not in names or "c_0" not in names or len(ins) != 3:
             raise UserError(f"{model} is not a streaming graph: expected inputs (data, h_0, c_0), got {names}; "
@@ -82,16 +83,17 @@ class StreamingSession:
         self.data_spec: TensorSpec = next(s for s in ins if s.name not in ("h_0", "c_0"))
         self.state_spec = next(s for s in ins if s.name == "h_0")  # (L, batch, H)
         self.output_names = [s.name for s in outs]
-        self.metadata = metadata(proto)
+        self.metadata = source.metadata()
         cfg = self.metadata.get("lstm_export.config", {})
         # Where batch and time sit in the data input: tokens (B, T); input (T, B, I) or (B, T, I).
         self.batch_axis = 0 if (self.data_spec.name == "tokens" or cfg.get("batch_first")) else 1
-        self.vocab = self.metadata.get("lstm_export.vocab")
+        chars = self.metadata.get("lstm_export.vocab")
+        self.vocab = Vocab(chars) if chars else None
         self.layers, self.hidden = int(self.state_spec.shape[0]), int(self.state_spec.shape[2])
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_streams, self.idle_timeout, self.max_chunk = max_streams, idle_timeout_s, max_chunk
         self.runtime = get_runtime(runtime) if isinstance(runtime, str) else runtime
-        self.runtime.prepare(model)
+        self.runtime.prepare(source)
         self.stats = StreamingStats()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -145,7 +147,9 @@ class StreamingSession:
             if not np.issubdtype(chunk.dtype, np.integer):
                 raise StreamError(f"chunk must hold integer token ids, got {chunk.dtype}")
             if self.vocab is not None and (chunk.min() < 0 or chunk.max() >= len(self.vocab)):
-                raise StreamError(f"token ids must be in [0, {len(self.vocab)}), got {int(chunk.min())}..{int(chunk.max())}")
+                raise StreamError(
+                    f"token ids must be in [0, {len(self.vocab)}), got {int(chunk.min())}..{int(chunk.max())}"
+                )
             return chunk.astype(spec.dtype)
         feat = spec.shape[-1]
         if isinstance(feat, int) and chunk.shape[-1] != feat:
@@ -167,11 +171,10 @@ class StreamingSession:
     def feed_text(self, stream_id: str, text: str) -> dict[str, np.ndarray]:
         if self.vocab is None:
             raise StreamError("this model carries no vocabulary; send token ids")
-        index = {ch: i for i, ch in enumerate(self.vocab)}
-        unknown = sorted({ch for ch in text if ch not in index})
+        unknown = self.vocab.unknown(text)
         if unknown:
-            raise StreamError(f"characters not in the model's vocabulary: {''.join(unknown[:10])!r}")
-        return self.feed(stream_id, np.array([index[ch] for ch in text], np.int64))
+            raise StreamError(f"characters not in the model's vocabulary: {unknown[:10]!r}")
+        return self.feed(stream_id, np.array(self.vocab.ids(text), np.int64))
 
     # --- the batcher ---------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -240,12 +243,13 @@ class StreamingSession:
             self.stats.batches += 1
             self.stats.rows += len(live)
             self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
-            for k, (r, st) in enumerate(live):
+            for k, (_, st) in enumerate(live):
                 st.h, st.c = h_n[:, k].copy(), c_n[:, k].copy()
                 st.last_used, st.busy = now, False
                 st.chunks += 1
         for k, (r, _) in enumerate(live):
-            r.future.set_result({names[0]: np.take(y, k, axis=self.batch_axis), names[1]: h_n[:, k], names[2]: c_n[:, k]})
+            r.future.set_result({names[0]: np.take(y, k, axis=self.batch_axis),
+                                 names[1]: h_n[:, k], names[2]: c_n[:, k]})
 
     def shutdown(self) -> None:
         self._queue.put(None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 import sys
 import tempfile
 import time
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.agreement import output_error
+from common.errors import UserError
 
 from .bench_report import PEERS, BenchReport, Timing, plot  # noqa: F401 (plot, PEERS: the bench's API)
 
@@ -103,11 +103,11 @@ def _feeds(shape: Shape) -> dict[str, np.ndarray]:
 
 
 def _runtime(name: str, model, threads: int, target: str | None = None):
-    from .base import get_runtime, runtime_class
+    from runtimes.base import get_runtime, runtime_class
     if name == "tvm-deployed":
         return _Deployed(threads, target)
     if name == "torch-compile":
-        from .torch_runtime import TorchCompileRuntime
+        from runtimes.torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
     if name == "torch-nn-cuda":
         return get_runtime("torch-nn", model=model, device="cuda")
@@ -128,19 +128,19 @@ class _Deployed:
     from a fresh process; timing happens there (time_runs)."""
 
     def __init__(self, threads: int, target: str | None):
-        from .tvm_runtime import TvmLlvmRuntime
+        from runtimes.tvm_runtime import TvmLlvmRuntime
         avail = TvmLlvmRuntime.availability()
         if not avail:
             raise _Unavailable(avail.reason)
         self.threads, self.target = threads, target
-        self._tmp = self.worker = None
+        self.worker = None
 
     def prepare(self, graph) -> None:
-        from .deployed import DeployedArtifact
-        from .tvm_lstm.compile import compile_onnx
-        self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-deployed-")
-        compile_onnx(graph, self._tmp.name, self.target or "llvm", threads=self.threads, progress=False)
-        self.worker = DeployedArtifact(self._tmp.name)
+        from runtimes.deployed import DeployedArtifact
+        from runtimes.source import open_model
+        from runtimes.tvm_lstm.cache import cached_compile
+        compiled, _ = cached_compile(open_model(graph), self.target or "llvm", threads=self.threads)
+        self.worker = DeployedArtifact(compiled.folder)
 
     def run(self, feeds):
         return self.worker.run(feeds)
@@ -151,8 +151,6 @@ class _Deployed:
     def release(self) -> None:
         if self.worker is not None:
             self.worker.release()
-        if self._tmp is not None:
-            self._tmp.cleanup()
 
 
 class _Unavailable(Exception):
@@ -197,9 +195,9 @@ def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_r
 def machine_description(threads: int, target: str | None = None) -> dict:
     """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
     FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
-    from .tvm_lstm.cpu_plan import cpu_info
-    from .tvm_lstm.fma_peak import fma_peak
-    from .tvm_lstm.targets import host_target, parse_target
+    from runtimes.tvm_lstm.cpu_plan import cpu_info
+    from runtimes.tvm_lstm.fma_peak import fma_peak
+    from runtimes.tvm_lstm.targets import host_target, parse_target
     host = host_target(threads)
     built = parse_target(target or "llvm", threads)
     info, kinfo = cpu_info(host), cpu_info(built)
@@ -217,14 +215,10 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     split over `rounds` interleaved rounds; see the module docstring. `target` builds the tvm-llvm
     entries for another TVM target (e.g. `llvm -mcpu=haswell` for the AVX2 kernel on an AVX-512
     machine); `describe_machine` measures the FMA peak for the % of peak column."""
-    from tqdm import tqdm
 
-    from lstm_export.export import export_onnx
-    from lstm_export.report import cpu_name
-
-    from .tvm_lstm.targets import usable_cores
+    from common.machine import cpu_name
+    from runtimes.tvm_lstm.targets import usable_cores
     threads = threads or usable_cores()
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     shapes = shapes or DEFAULT_SHAPES
     table = {label: (rt, graph) for label, rt, graph in ENTRIES + GPU_ENTRIES}
     labels = entries or [label for label, _, _ in ENTRIES]
@@ -234,6 +228,16 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     if rounds < 1:
         raise UserError(f"--rounds {rounds} must be at least 1")
     report = BenchReport(cpu_name(), threads)
+    from runtimes.tvm_lstm.thread_pool import pool_threads
+    with pool_threads(threads):  # TVM's pool starts during the bench, sized for `threads`
+        _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine)
+    return report
+
+
+def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine) -> None:
+    from tqdm import tqdm
+
+    from lstm_export.export import export_onnx
     tvm_ok = any(table[e][0].startswith("tvm") for e in labels)
     if describe_machine and tvm_ok and importlib.util.find_spec("tvm") is not None:
         report.cpu = machine_description(threads, target)
@@ -260,8 +264,9 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                     rt = _runtime(rt_name, model, threads, target)
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
-                    t.max_err = float(np.abs(out[first] - reference[first]).max())
-                    if t.max_err <= atol:
+                    err = output_error(first, out.get(first, np.empty(0)), reference[first], atol, 0.0)
+                    t.max_err = err.max_abs
+                    if err.passed:
                         ready.append((t, rt, []))
                     else:
                         t.status = "mismatch"
@@ -273,7 +278,9 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                     bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
                     if t.status == "ok":
                         with _recorded(t):
-                            timer = getattr(rt, "time_runs", None) or (lambda f, **kw: time_runs(lambda: rt.run(f), **kw))
+                            # the deployed entry times inside its worker; the others here, checked once above
+                            timer = getattr(rt, "time_runs", None) or (
+                                lambda f, rt=rt, **kw: time_runs(lambda: rt.run_checked(f), **kw))
                             secs.extend(timer(feeds, warmup=3 if r == 0 else 1, min_runs=max(1, 10 // rounds),
                                               min_s=min_s / rounds, max_s=20.0 / rounds))
                     bar.update(1)
@@ -294,7 +301,6 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
                     t.ratio_to_best_peer = round(t.median_ms / min(peers), 3)
             report.timings += done
     bar.close()
-    return report
 
 
 def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | None = None,
@@ -306,8 +312,7 @@ def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | No
     import json
 
     from lstm_export.export import export_onnx
-
-    from .tvm_lstm.compile import compile_onnx
+    from runtimes.tvm_lstm.compile import compile_onnx
     rows = []
     with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as tmp:
         for shape in shapes or DEFAULT_SHAPES:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lstm_export.charlm import sample_id
+
 from .streaming import StreamError, StreamingSession
 
 
@@ -36,16 +38,16 @@ def _error(status: int, code: str, message: str):
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(model_path: str, cfg: ServerConfig | None = None):
+def create_app(model, cfg: ServerConfig | None = None):
     """The ASGI app serving one streaming model (see the module docstring for the routes)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse, Response
-    from starlette.concurrency import run_in_threadpool
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from starlette.concurrency import run_in_threadpool
 
     cfg = cfg or ServerConfig()
-    session = StreamingSession(model_path, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
+    session = StreamingSession(model, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
                                cfg.idle_timeout_s, cfg.max_chunk)
     registry = CollectorRegistry()  # one per app: no module-level state
     requests = Counter("lstm_requests_total", "HTTP requests", ["route", "status"], registry=registry)
@@ -73,14 +75,20 @@ def create_app(model_path: str, cfg: ServerConfig | None = None):
 
     @app.exception_handler(StreamError)
     async def stream_error(request, exc: StreamError):
-        return _error(exc.status, "bad_request" if exc.status == 400 else
-                      {404: "unknown_stream", 413: "too_large", 429: "too_many_streams"}.get(exc.status, "error"), str(exc))
+        return _error(
+            exc.status,
+            "bad_request"
+            if exc.status == 400
+            else {404: "unknown_stream", 413: "too_large", 429: "too_many_streams"}.get(exc.status, "error"),
+            str(exc),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-        return _error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{' at ' + where if where else ''}")
+        at = " at " + where if where else ""
+        return _error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{at}")
 
     @app.get("/healthz")
     def healthz():
@@ -90,14 +98,12 @@ def create_app(model_path: str, cfg: ServerConfig | None = None):
     def metrics():
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
-    from .model_io import input_specs, load_onnx, output_specs
-    proto = load_onnx(model_path)  # described once: the file does not change while we serve it
-    description = {
-        "path": str(model_path), "runtime": session.runtime.name,
-        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in input_specs(proto)],
-        "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in output_specs(proto)],
+    description = {  # described once, from the source the session read: the model does not change while served
+        "path": str(session.source.path), "runtime": session.runtime.name,
+        "inputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in session.source.inputs],
+        "outputs": [{"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)} for s in session.source.outputs],
         "metadata": {k: v for k, v in session.metadata.items() if k != "lstm_export.vocab"},
-        "vocab": session.vocab, "limits": vars(cfg)}
+        "vocab": session.vocab.chars if session.vocab else None, "limits": vars(cfg)}
 
     @app.get("/v1/model")
     def model_info():
@@ -191,7 +197,8 @@ class BodyLimits:
                 raise _BodyTooLarge
             body = await asyncio.wait_for(self._read(receive), self.timeout_s)
         except _BodyTooLarge:
-            await _error(413, "body_too_large", f"request body over {self.max_bytes} bytes")(scope, receive, send_wrapper)
+            too_large = _error(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+            await too_large(scope, receive, send_wrapper)
         except asyncio.TimeoutError:
             await _error(408, "body_timeout", f"request body not received within {self.timeout_s} s")(
                 scope, receive, send_wrapper)
@@ -239,16 +246,10 @@ def _generate(session: StreamingSession, prime: str, chars: int, temperature: fl
     try:
         out = session.feed_text(sid, prime)
         logits_name = session.output_names[0]
-        text = []
+        ids = []
         for _ in range(chars):
-            z = out[logits_name][-1].astype(np.float64)  # (V,) logits of the last step
-            if temperature == 0:
-                nxt = int(z.argmax())
-            else:
-                p = np.exp((z - z.max()) / temperature)
-                nxt = int(rng.choice(len(p), p=p / p.sum()))
-            text.append(session.vocab[nxt])
-            out = session.feed(sid, np.array([nxt], np.int64))
-        return prime + "".join(text)
+            ids.append(sample_id(out[logits_name][-1], temperature, rng))  # from the last step's (V,) logits
+            out = session.feed(sid, np.array([ids[-1]], np.int64))
+        return prime + session.vocab.decode(ids)
     finally:
         session.close(sid)

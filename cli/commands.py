@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_types import SEED, count, real
-from .errors import UserError
+from common.errors import UserError
+
+from .types import SEED, count, real
 
 MODES = ("unrolled", "native", "streaming")
 
@@ -33,22 +34,42 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a compiled model already in --out")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
-    p.add_argument("--trials", type=count(1), default=64, help="measured candidates in all, with --tune (default: %(default)s)")
+    p.add_argument(
+        "--trials", type=count(1), default=64, help="measured candidates in all, with --tune (default: %(default)s)"
+    )
     p.add_argument("--tuning-db", default=None, metavar="DIR",
                    help="MetaSchedule database folder (default: the committed one for this CPU and core count; "
                         "'none' compiles without one)")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("bench", help="time every runtime on LSTM shapes (outputs checked equal first)")
-    p.add_argument("--shape", action="append", default=[], metavar="T,B,I,H[,LAYERS]",
-                   help="add a shape (repeatable); --only-shapes drops the default ones")
+    p = sub.add_parser("bench", help="time every runtime on LSTM shapes, or on MODEL (outputs checked equal first)")
+    p.add_argument(
+        "model", nargs="?", default=None, help="time this model (.onnx or compiled folder) instead of the LSTM shapes"
+    )
+    p.add_argument("--runtimes", default=None,
+                   help="with MODEL: comma-separated (default: every available ONNX runtime)")
+    p.add_argument("--reference", default=None, help="with MODEL: runtime whose outputs the others must match "
+                                                     "(default: the first)")
+    p.add_argument("--inputs", default=None, help="with MODEL: .npz of inputs (default: random, see --seed/--dim)")
+    p.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
+    _add_random_args(p)
+    p.add_argument("--no-cache", action="store_true", help="with MODEL: tvm-* compile into a temporary folder")
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="T,B,I,H[,LAYERS]",
+        help="add a shape (repeatable); --only-shapes drops the default ones",
+    )
     p.add_argument("--only-shapes", action="store_true", help="run only the --shape shapes")
     p.add_argument("--entries", default=None, help="comma-separated entry labels (default: every CPU entry)")
-    p.add_argument("--threads", type=count(1, 4096), default=None, help="threads for every runtime (default: all cores)")
+    p.add_argument("--threads", type=count(1, 4096), default=None,
+                   help="threads for every runtime (default: all cores)")
     p.add_argument("--target", default=None,
                    help="build the tvm-llvm entries for this TVM target (e.g. 'llvm -mcpu=haswell': the AVX2 "
                         "kernel on an AVX-512 machine; default: this CPU)")
-    p.add_argument("--min-s", type=real(0, 3600, low_open=True), default=1.0, help="seconds of timed runs per entry, at least")
+    p.add_argument("--min-s", type=real(0, 3600, low_open=True), default=1.0,
+                   help="seconds of timed runs per entry, at least")
     p.add_argument("--rounds", type=count(1, 1000), default=3,
                    help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
     p.add_argument("--json", default=None, help="write the report here")
@@ -59,17 +80,18 @@ def add_commands(sub) -> None:
     p = sub.add_parser("runtimes", help="list runtimes and whether they can run here")
     p.set_defaults(func=cmd_runtimes)
 
-    p = sub.add_parser("run", help="run any ONNX model on one runtime")
-    p.add_argument("model", help="MODEL.onnx")
+    p = sub.add_parser("run", help="run any ONNX model (or a compiled folder) on one runtime")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--runtime", default="ort-cpu")
     p.add_argument("--inputs", default=None, help=".npz keyed by graph input name (default: random inputs)")
     p.add_argument("--outputs", required=True, help=".npz to write, keyed by graph output name")
     _add_random_args(p)
     p.add_argument("--checkpoint", default=None, help="for the torch runtimes: the model's checkpoint")
+    _add_contract_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="run one model on several runtimes and compare every output")
-    p.add_argument("model", help="MODEL.onnx")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--runtimes", default=None, help="comma-separated (default: every available ONNX runtime)")
     p.add_argument("--checkpoint", default=None, help="also run our torch model and torch.nn.LSTM on these weights")
     p.add_argument("--reference", default=None, help="runtime taken as truth (default: torch with a checkpoint, "
@@ -84,7 +106,19 @@ def add_commands(sub) -> None:
     p.add_argument("--long", type=count(0, 10_000_000), default=0, metavar="T",
                    help="also run T steps in float32 against the float64 reference (needs --checkpoint)")
     p.add_argument("--long-atol", type=real(0), default=1e-4)
+    _add_contract_args(p)
     p.set_defaults(func=cmd_compare)
+
+
+MODEL_HELP = ("MODEL.onnx, or a folder written by `compile` (its model.so runs on tvm-*, its model.onnx on "
+              "the others; nothing is compiled again)")
+
+
+def _add_contract_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-nonfinite", action="store_true", help="run NaN/Inf inputs instead of refusing them")
+    p.add_argument("--no-cache", action="store_true",
+                   help="tvm-* on an .onnx: compile into a temporary folder, not the compile cache "
+                        "($XDG_CACHE_HOME/lstm-export, capped at LSTM_EXPORT_CACHE_MB, default 2048)")
 
 
 def _add_random_args(p: argparse.ArgumentParser) -> None:
@@ -93,8 +127,8 @@ def _add_random_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args) -> int:
-    from . import checkpoint as ckpt_io
-    from .export import export_onnx
+    from lstm_export import checkpoint as ckpt_io
+    from lstm_export.export import export_onnx
     ck = ckpt_io.load(args.checkpoint)
     model = ck.build_model()
     modes = MODES if args.mode == "all" else (args.mode,)
@@ -112,15 +146,14 @@ def cmd_export(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    import json
     try:
         from runtimes.tvm_lstm.compile import compile_onnx
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
-    lib = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
-                       tune_trials=args.trials if args.tune else 0)
-    meta = json.loads((lib.parent / "meta.json").read_text())
+    compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
+                            tune_trials=args.trials if args.tune else 0)
+    lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:
         print(f"tuned {len(tuning['tasks'])} kernel(s) with {tuning['trials']} trials in {tuning['seconds']:.0f} s "
@@ -156,7 +189,10 @@ def _check_artifact_folder(out: Path, force: bool) -> None:
 
 
 def cmd_bench(args) -> int:
-    from runtimes.bench import DEFAULT_SHAPES, Shape, bench, plot
+    from harness.bench import DEFAULT_SHAPES, Shape, bench, plot
+    _check_writable(args.json, args.plot, args.markdown)
+    if args.model is not None:
+        return _bench_model(args)
     extra = [Shape.parse(s) for s in args.shape]
     if args.only_shapes and not extra:
         raise UserError("--only-shapes needs at least one --shape")
@@ -171,10 +207,40 @@ def cmd_bench(args) -> int:
         plot(report, args.plot)
     if args.markdown:
         Path(args.markdown).write_text(f"{report.header()} {report.threads} threads, float32, median of "
-                                       f"repeated runs after warm-up, in {args.rounds} interleaved rounds; ratio = median / best peer's median "
-                                       f"(peers: torch.nn.LSTM, ort-cpu native, openvino native); % of peak = GFLOP/s / the "
+                                       f"repeated runs after warm-up, in {args.rounds} interleaved rounds; "
+                                       "ratio = median / best peer's median (peers: torch.nn.LSTM, ort-cpu native, "
+                                       "openvino native); % of peak = GFLOP/s / the "
                                        f"measured FMA peak of the ISA the entry runs.\n\n"
                                        f"{report.markdown()}\n")
+    return 0
+
+
+def _bench_model(args) -> int:
+    """`bench MODEL`: the user's model on every runtime named, checked equal, then timed."""
+    from harness.bench import plot
+    from harness.model_bench import bench_model
+    from runtimes.model_io import check_feeds
+    from runtimes.source import open_model
+    if args.shape or args.only_shapes or args.entries or args.target:
+        raise UserError("--shape, --only-shapes, --entries and --target time the LSTM shapes; with MODEL use "
+                        "--runtimes (and compile MODEL for another target first)")
+    source = open_model(args.model)
+    names = _runtime_names(args)
+    reference = args.reference or names[0]
+    feeds, _ = _feeds(args, source)
+    check_feeds(source.inputs, feeds, source.index_bounds)
+    rts = [_runtime(n, None, args.no_cache) for n in dict.fromkeys([reference, *names])]
+    report = bench_model(source, rts, feeds, reference=rts[0], min_s=args.min_s, rounds=args.rounds,
+                         threads=args.threads or 0)
+    print(report.table())
+    if args.json:
+        report.to_json(args.json)
+    if args.plot:
+        plot(report, args.plot)
+    if args.markdown:
+        Path(args.markdown).write_text(f"{report.header()} Median of repeated runs after warm-up in {args.rounds} "
+                                       "interleaved rounds; outputs checked equal to the reference first; ratio = "
+                                       f"median / fastest non-TVM runtime's median.\n\n{report.markdown()}\n")
     return 0
 
 
@@ -185,31 +251,42 @@ def cmd_runtimes(args) -> int:
     return 0
 
 
-def _feeds(args, model):
+def _feeds(args, source):
     from runtimes.model_io import load_feeds, parse_dims, random_feeds
     if args.inputs:
         return load_feeds(args.inputs), None
-    return random_feeds(model, args.seed, parse_dims(args.dim)), args.seed
+    return random_feeds(source, args.seed, parse_dims(args.dim)), args.seed
 
 
-def _runtime(name: str, checkpoint):
+def _runtime(name: str, checkpoint, no_cache: bool = False):
     from runtimes.base import get_runtime
     if name in ("torch", "torch-nn", "numpy-f64"):
         if not checkpoint:
             raise UserError(f"runtime {name} runs our model, not an ONNX file: pass --checkpoint CKPT")
         return get_runtime(name, checkpoint=checkpoint)
-    return get_runtime(name)
+    return get_runtime(name, cache=False) if no_cache and name.startswith("tvm") else get_runtime(name)
+
+
+def _check_writable(*paths) -> None:
+    """Output files are checked before the work, not found unwritable after it."""
+    import os
+    for p in filter(None, paths):
+        p = Path(p)
+        parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
+        if p.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise UserError(f"cannot write {p}: {'it is a folder' if p.is_dir() else 'not writable'}; "
+                            "choose another path")
 
 
 def cmd_run(args) -> int:
-    import sys
-    from runtimes.model_io import check_feeds, input_specs, load_onnx, save_outputs
-    model = load_onnx(args.model)
-    feeds, _ = _feeds(args, model)
-    for w in check_feeds(input_specs(model), feeds):
-        print(f"warning: {w}", file=sys.stderr)
-    with _runtime(args.runtime, args.checkpoint) as rt:
-        rt.prepare(args.model)
+    from runtimes.model_io import check_feeds, save_outputs
+    from runtimes.source import open_model
+    _check_writable(args.outputs)
+    source = open_model(args.model)
+    feeds, _ = _feeds(args, source)
+    check_feeds(source.inputs, feeds, source.index_bounds, args.allow_nonfinite)  # before any compiling
+    with _runtime(args.runtime, args.checkpoint, args.no_cache) as rt:
+        rt.prepare(source, allow_nonfinite=args.allow_nonfinite)
         outputs = rt.run(feeds)
     save_outputs(args.outputs, outputs)
     print(f"{args.runtime}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in outputs.items()) + f" -> {args.outputs}")
@@ -225,52 +302,83 @@ def _parse_tols(items: list[str]) -> dict[str, tuple[float, float]]:
             tols[name] = (float(a), float(r) if r else 1e-4)
         except ValueError:
             sep = ""
-        if not sep:
-            raise UserError(f"--tol expects OUTPUT=ATOL[:RTOL], got {item!r}")
+        if not sep or not all(0 <= v < float("inf") for v in tols.get(name, (-1,))):
+            raise UserError(f"--tol expects OUTPUT=ATOL[:RTOL] with finite tolerances >= 0, got {item!r}")
     return tols
 
 
-def cmd_compare(args) -> int:
+def _runtime_names(args) -> list[str]:
     from runtimes.base import ONNX_RUNTIMES, list_runtimes
-    from runtimes.compare import compare, plot_errors
-    from runtimes.model_io import load_onnx, random_feeds
-    model = load_onnx(args.model)
-    if args.runtimes:
-        names = [n.strip() for n in args.runtimes.split(",") if n.strip()]
+    if args.runtimes is not None:
+        names = list(dict.fromkeys(n.strip() for n in args.runtimes.split(",") if n.strip()))
+        if not names:
+            raise UserError(f"--runtimes {args.runtimes!r} names no runtime; e.g. --runtimes ort-cpu,tvm-llvm")
     else:
         avail = list_runtimes()
         names = [n for n in ONNX_RUNTIMES if avail[n]]
     if args.checkpoint:
-        from . import checkpoint as ckpt_io
+        from lstm_export import checkpoint as ckpt_io
         lstm_kind = ckpt_io.load(args.checkpoint).model_config.cell
         extra = ["torch"] + (["torch-nn"] if lstm_kind == "lstm" else [])
         names = [n for n in extra if n not in names] + names
+    return names
+
+
+def cmd_compare(args) -> int:
+    from harness.compare import compare, plot_errors
+    from runtimes.model_io import random_feeds
+    from runtimes.source import open_model
+    _check_writable(args.report, args.plot)
+    source = open_model(args.model)
+    names = _runtime_names(args)
     reference = args.reference or names[0]
     if reference not in names:
         names.insert(0, reference)
-    rts = {n: _runtime(n, args.checkpoint) for n in names}
-    feeds, seed = _feeds(args, model)
-    report = compare(args.model, [rts[n] for n in names], feeds, reference=rts[reference], atol=args.atol,
-                     rtol=args.rtol, tolerances=_parse_tols(args.tol), seed=seed)
-    print(report.table())
-    if args.report:
-        report.to_json(args.report)
-    if args.plot:
-        plot_errors(report, args.plot)
-    ok = report.passed
+    tols = _parse_tols(args.tol)
     if args.long:
         if not args.checkpoint:
             raise UserError("--long compares against the float64 reference, which needs --checkpoint")
-        if not any(d == "time" for s in model.graph.input for d in [x.dim_param for x in s.type.tensor_type.shape.dim]):
+        if not any(d == "time" for s in source.inputs for d in s.shape):
             raise UserError("--long needs a model with a dynamic time axis; export with --mode native or streaming")
-        dims = {"time": args.long, "batch": 1}
-        long_feeds = random_feeds(model, seed or 0, dims)
-        onnx_names = [n for n in names if n not in ("torch-nn",)]
-        long_rep = compare(args.model, [_runtime("numpy-f64", args.checkpoint)] + [rts[n] for n in onnx_names],
-                           long_feeds, atol=args.long_atol, rtol=0.0, seed=seed)
-        print(f"\nlong-sequence fidelity: float32 over T={args.long} against the float64 reference")
-        print(long_rep.table())
+    rts = {n: _runtime(n, args.checkpoint, args.no_cache) for n in names}
+    feeds, seed = _feeds(args, source)
+    # each runtime is prepared once (TVM compiles or loads once) for both comparisons; one that
+    # cannot load is a row of the report, like one that fails to run
+    failed = {}
+    for n, rt in rts.items():
+        try:
+            rt.prepare(source)
+        except UserError as e:
+            if n == reference:
+                raise
+            failed[n] = e
+    try:
+        report = compare(source, [rts[n] for n in names if n not in failed], feeds, reference=rts[reference],
+                         atol=args.atol, rtol=args.rtol, tolerances=tols, seed=seed,
+                         allow_nonfinite=args.allow_nonfinite)
+        _add_failures(report, failed)
+        print(report.table())
         if args.report:
-            long_rep.to_json(Path(args.report).with_suffix(".long.json"))
-        ok = ok and long_rep.passed
+            report.to_json(args.report)
+        if args.plot:
+            plot_errors(report, args.plot)
+        ok = report.passed
+        if args.long:
+            long_feeds = random_feeds(source, seed or 0, {"time": args.long, "batch": 1})
+            onnx_rts = [rts[n] for n in names if n not in failed and n != "torch-nn"]
+            long_rep = compare(source, [_runtime("numpy-f64", args.checkpoint)] + onnx_rts, long_feeds,
+                               atol=args.long_atol, rtol=0.0, seed=seed)
+            print(f"\nlong-sequence fidelity: float32 over T={args.long} against the float64 reference")
+            print(long_rep.table())
+            if args.report:
+                long_rep.to_json(Path(args.report).with_suffix(".long.json"))
+            ok = ok and long_rep.passed
+    finally:
+        for rt in rts.values():
+            rt.release()
     return 0 if ok else 1
+
+
+def _add_failures(report, failed: dict) -> None:
+    from harness.compare import RuntimeResult
+    report.results += [RuntimeResult(n, error=str(e)) for n, e in failed.items()]

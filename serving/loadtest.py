@@ -96,7 +96,7 @@ class ServerProcess:
     def __init__(self, model_path: str | Path, *flags: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "lstm_export.cli", "serve", str(model_path), "--port", str(self.port), *flags]
+        self.cmd = [sys.executable, "-m", "cli", "serve", str(model_path), "--port", str(self.port), *flags]
 
     def __enter__(self):
         import httpx

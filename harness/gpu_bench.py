@@ -12,7 +12,7 @@ Two halves, because a GPU machine may have no TVM compiler (its library is ~250 
   each runtime's own call overhead, not host copies. Timing: warm-up, then blocks of calls between
   device synchronizations; median and p90 of the per-call time over the blocks.
 
-`python -m runtimes.gpu_bench prepare DIR [--arch sm_90]` / `python -m runtimes.gpu_bench run DIR
+`python -m harness.gpu_bench prepare DIR [--arch sm_90]` / `python -m harness.gpu_bench run DIR
 --json F --markdown F`.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.errors import UserError
+from common.errors import UserError
 
 from .bench import describe
 
@@ -46,8 +46,7 @@ def prepare(out_dir, hiddens=HIDDENS, arch: str = "sm_90", seed: int = 0) -> lis
     import tempfile
 
     from lstm_export.export import export_onnx
-
-    from .tvm_lstm.compile import compile_onnx
+    from runtimes.tvm_lstm.compile import compile_onnx
     done = []
     for h in hiddens:
         d = Path(out_dir) / f"h{h}"
@@ -56,7 +55,7 @@ def prepare(out_dir, hiddens=HIDDENS, arch: str = "sm_90", seed: int = 0) -> lis
             onnx_path = export_onnx(_ours(_torch_lstm(*params(h, seed), "float32", "cpu")), Path(tmp) / "model.onnx",
                                     "native")
             compile_onnx(onnx_path, d, target="cuda", arch=arch, progress=False)
-        (d / "weights.json").write_text(json.dumps({"hidden": h, "seed": seed, "drawn_by": "runtimes.gpu_bench.params"}))
+        (d / "weights.json").write_text(json.dumps({"hidden": h, "seed": seed, "drawn_by": "harness.gpu_bench.params"}))
         done.append(d)
     return done
 
@@ -107,7 +106,9 @@ def _time(fn, sync, warmup: int = 5, blocks: int = 20, min_block_s: float = 0.02
 def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dict:
     import torch
     if not torch.cuda.is_available():
-        raise UserError("no CUDA device here: make the artifacts with `prepare DIR` and run `run DIR` on the GPU machine")
+        raise UserError(
+            "no CUDA device here: make the artifacts with `prepare DIR` and run `run DIR` on the GPU machine"
+        )
     if not any(Path(art_dir).glob("h*/model.so")):
         raise UserError(f"{art_dir} holds no artifacts (h<hidden>/model.so); make them with `prepare {art_dir}`")
     torch.backends.cudnn.allow_tf32 = False  # full FP32, as TVM and ORT compute
@@ -129,7 +130,7 @@ def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dic
             with torch.no_grad():
                 want = oracle(torch.from_numpy(x).double())[0].numpy()
                 xt = torch.from_numpy(x).to(dev)
-                entries = {"torch.nn.LSTM cuDNN": (lambda: cudnn(xt)[0], lambda o: o.cpu().numpy())}
+                entries = {"torch.nn.LSTM cuDNN": (lambda m=cudnn, x=xt: m(x)[0], lambda o: o.cpu().numpy())}
             if isinstance(vm, str):
                 entries["tvm-cuda native"] = vm
             else:
@@ -238,7 +239,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m runtimes.gpu_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m harness.gpu_bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare", help="export and compile the GPU artifacts (needs TVM's compiler)")
     a.add_argument("dir")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtimes import gpu_bench
+from harness import gpu_bench
 
 
 def test_drawn_weights_give_torch_and_onnx_the_same_lstm(tmp_path):
@@ -42,10 +42,27 @@ def test_run_without_a_cuda_device_says_where_to_run_it(tmp_path, capsys):
 
 
 def test_markdown_names_the_device_and_every_status():
-    report = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "cudnn": 91900, "steps": 64, "tvm_runtime": "0.27",
-              "timings": [{"entry": "torch.nn.LSTM cuDNN", "hidden": 256, "batch": 1, "median_us": 826.3, "p90_us": 988.4,
-                           "us_per_step": 12.91, "ratio_to_best_peer": 1.0, "max_err": 2.2e-7, "status": "ok"},
-                          {"entry": "ort-cuda native", "hidden": 256, "batch": 1, "status": "unavailable: no EP"}]}
+    report = {
+        "device": "NVIDIA H100 80GB HBM3",
+        "torch": "2.11",
+        "cudnn": 91900,
+        "steps": 64,
+        "tvm_runtime": "0.27",
+        "timings": [
+            {
+                "entry": "torch.nn.LSTM cuDNN",
+                "hidden": 256,
+                "batch": 1,
+                "median_us": 826.3,
+                "p90_us": 988.4,
+                "us_per_step": 12.91,
+                "ratio_to_best_peer": 1.0,
+                "max_err": 2.2e-7,
+                "status": "ok",
+            },
+            {"entry": "ort-cuda native", "hidden": 256, "batch": 1, "status": "unavailable: no EP"},
+        ],
+    }
     md = gpu_bench.markdown(report)
     assert md.startswith("Device: NVIDIA H100 80GB HBM3;") and "TF32 off" in md
     assert "| 256 | 1 | torch.nn.LSTM cuDNN | 826.3 | 988.4 | 12.91 | 1.00 | 2.2e-07 | ok |" in md

@@ -2,24 +2,49 @@
 nothing is written; parsed in-process (argparse runs before any command touches a file)."""
 import pytest
 
-from lstm_export.cli import main
+from cli.main import main
 
 BAD = [
-    ("train", "--lr", "inf"), ("train", "--lr", "nan"), ("train", "--lr", "0"), ("train", "--lr", "-1"),
-    ("train", "--clip", "nan"), ("train", "--clip", "0"), ("train", "--hidden", "1e9"), ("train", "--embed", "1e9"),
-    ("train", "--hidden", "1000000000"), ("train", "--weight-decay", "-1"), ("train", "--seed", str(2**70)),
-    ("train", "--seed", "-1"), ("train", "--dropout", "1.5"), ("train", "--minutes", "-1"), ("train", "--layers", "0"),
-    ("train", "--bptt", "x"), ("train", "--steps", "0"),
-    ("sample", "ck", "--temperature", "nan"), ("sample", "ck", "--temperature", "1e-45"),
-    ("sample", "ck", "--temperature", "0"), ("sample", "ck", "--chars", "-1"),
-    ("demo", "--minutes", "-1"), ("demo", "--minutes", "0"), ("demo", "--minutes", "nan"),
-    ("serve", "m.onnx", "--max-batch", "0"), ("serve", "m.onnx", "--max-batch", "-1"),
-    ("serve", "m.onnx", "--body-timeout-s", "0"), ("serve", "m.onnx", "--max-body-bytes", "-1"),
-    ("serve", "m.onnx", "--port", "99999"), ("serve", "m.onnx", "--port", "-1"),
-    ("serve", "m.onnx", "--max-wait-ms", "nan"), ("serve", "m.onnx", "--idle-timeout-s", "-5"),
-    ("compile", "m.onnx", "--out", "OUT", "--threads", "0"), ("compile", "m.onnx", "--out", "OUT", "--trials", "0"),
-    ("bench", "--threads", "0"), ("bench", "--min-s", "0"), ("bench", "--rounds", "0"),
-    ("compare", "m.onnx", "--atol", "-1"), ("compare", "m.onnx", "--atol", "nan"), ("compare", "m.onnx", "--long", "-5"),
+    ("train", "--lr", "inf"),
+    ("train", "--lr", "nan"),
+    ("train", "--lr", "0"),
+    ("train", "--lr", "-1"),
+    ("train", "--clip", "nan"),
+    ("train", "--clip", "0"),
+    ("train", "--hidden", "1e9"),
+    ("train", "--embed", "1e9"),
+    ("train", "--hidden", "1000000000"),
+    ("train", "--weight-decay", "-1"),
+    ("train", "--seed", str(2**70)),
+    ("train", "--seed", "-1"),
+    ("train", "--dropout", "1.5"),
+    ("train", "--minutes", "-1"),
+    ("train", "--layers", "0"),
+    ("train", "--bptt", "x"),
+    ("train", "--steps", "0"),
+    ("sample", "ck", "--temperature", "nan"),
+    ("sample", "ck", "--temperature", "1e-45"),
+    ("sample", "ck", "--temperature", "0"),
+    ("sample", "ck", "--chars", "-1"),
+    ("demo", "--minutes", "-1"),
+    ("demo", "--minutes", "0"),
+    ("demo", "--minutes", "nan"),
+    ("serve", "m.onnx", "--max-batch", "0"),
+    ("serve", "m.onnx", "--max-batch", "-1"),
+    ("serve", "m.onnx", "--body-timeout-s", "0"),
+    ("serve", "m.onnx", "--max-body-bytes", "-1"),
+    ("serve", "m.onnx", "--port", "99999"),
+    ("serve", "m.onnx", "--port", "-1"),
+    ("serve", "m.onnx", "--max-wait-ms", "nan"),
+    ("serve", "m.onnx", "--idle-timeout-s", "-5"),
+    ("compile", "m.onnx", "--out", "OUT", "--threads", "0"),
+    ("compile", "m.onnx", "--out", "OUT", "--trials", "0"),
+    ("bench", "--threads", "0"),
+    ("bench", "--min-s", "0"),
+    ("bench", "--rounds", "0"),
+    ("compare", "m.onnx", "--atol", "-1"),
+    ("compare", "m.onnx", "--atol", "nan"),
+    ("compare", "m.onnx", "--long", "-5"),
     ("run", "m.onnx", "--outputs", "OUT", "--seed", "-1"),
     ("export", "ck", "--out", "OUT", "--opset", "3"),
 ]
@@ -42,10 +67,11 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(argv, capsys, tmp_path, 
 @pytest.mark.parametrize("argv,attr,value", [
     (("train", "--lr", "0.5"), "lr", 0.5), (("train", "--seed", str(2**32 - 1)), "seed", 2**32 - 1),
     (("train", "--minutes", "0"), "minutes", 0.0), (("serve", "m.onnx", "--max-wait-ms", "0"), "max_wait_ms", 0.0),
-    (("sample", "ck", "--temperature", "0.001"), "temperature", 0.001), (("compare", "m.onnx", "--atol", "0"), "atol", 0.0),
+    (("sample", "ck", "--temperature", "0.001"), "temperature", 0.001),
+    (("compare", "m.onnx", "--atol", "0"), "atol", 0.0),
 ])
 def test_good_values_at_the_bounds_are_accepted(argv, attr, value):
-    from lstm_export.cli import build_parser
+    from cli.main import build_parser
     assert getattr(build_parser().parse_args(list(argv)), attr) == value
 
 

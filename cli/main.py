@@ -7,8 +7,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .cli_types import SEED, OneLineParser, count, real
-from .errors import UserError
+from common.errors import UserError
+
+from .types import SEED, OneLineParser, count, real
 
 # Flags of `train` that map onto ModelConfig / TrainConfig fields (flag name -> field name).
 MODEL_FLAGS = {"embed": "embed", "hidden": "hidden", "layers": "layers", "dropout": "dropout", "cell": "cell"}
@@ -53,7 +54,7 @@ def _positive(args, names) -> None:
 
 
 def _configs_from_args(args):
-    from .config import ModelConfig, TrainConfig, load_preset
+    from lstm_export.config import ModelConfig, TrainConfig, load_preset
     preset = load_preset(args.config) if args.config else {"model": {}, "train": {}}
     model_cfg = ModelConfig(**preset.get("model", {}))
     train_cfg = TrainConfig(**preset.get("train", {}))
@@ -63,9 +64,9 @@ def _configs_from_args(args):
 
 
 def cmd_train(args) -> int:
-    from . import checkpoint as ckpt_io
-    from .data import default_corpus, read_text
-    from .train import train
+    from lstm_export import checkpoint as ckpt_io
+    from lstm_export.data import default_corpus, read_text
+    from lstm_export.train import train
     _positive(args, ["embed", "hidden", "layers", "bptt", "batch", "lr", "steps", "eval_every", "clip"])
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
@@ -106,8 +107,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from . import checkpoint as ckpt_io
-    from .train import sample
+    from lstm_export import checkpoint as ckpt_io
+    from lstm_export.train import sample
     ck = ckpt_io.load(args.checkpoint)
     model = ck.build_model()
     prime = args.prime if args.prime is not None else ck.vocab.chars[0]
@@ -138,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=SEED, default=None)
     p.set_defaults(func=cmd_sample)
 
-    from .cli_runtime import add_commands
+    from .commands import add_commands
     add_commands(sub)
-    from .cli_serve import add_command as add_serve
+    from .serve import add_command as add_serve
     add_serve(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a small model, in a few minutes")

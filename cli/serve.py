@@ -1,9 +1,9 @@
-"""`lstm-export serve`: the streaming HTTP server (runtimes.server) from the command line."""
+"""`lstm-export serve`: the streaming HTTP server (serving.server) from the command line."""
 from __future__ import annotations
 
 from dataclasses import fields
 
-from .cli_types import PORT, count, real
+from .types import PORT, count, real
 
 # the rule for each ServerConfig limit: every one positive (a zero batch would spin the batcher)
 LIMITS = {"max_batch": count(1, 4096), "max_wait_ms": real(0, 10_000), "max_streams": count(1, 1_000_000),
@@ -13,9 +13,9 @@ LIMITS = {"max_batch": count(1, 4096), "max_wait_ms": real(0, 10_000), "max_stre
 
 
 def add_command(sub) -> None:
-    from runtimes.server import ServerConfig
+    from serving.server import ServerConfig
     p = sub.add_parser("serve", help="serve a streaming ONNX model over HTTP (JSON, Prometheus metrics)")
-    p.add_argument("model", help="MODEL.onnx exported with --mode streaming")
+    p.add_argument("model", help="MODEL.onnx exported with --mode streaming, or its folder from `compile`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
     for f in fields(ServerConfig):  # one flag per limit, same name, same default
@@ -27,11 +27,11 @@ def add_command(sub) -> None:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from runtimes.server import ServerConfig, create_app
-    from runtimes.model_io import load_onnx
-    load_onnx(args.model)  # a missing or broken file fails here, before any socket is opened
+    from runtimes.source import open_model
+    from serving.server import ServerConfig, create_app
+    source = open_model(args.model)  # read once; a missing or broken model fails here, before any socket opens
     cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
-    app = create_app(args.model, cfg)
+    app = create_app(source, cfg)
     print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
           f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -79,7 +79,10 @@ def test_prime_with_unseen_characters(cli, trained):
 def test_existing_output_needs_resume_and_bad_flags(cli, trained, tmp_path):
     _assert_clean_error(cli("train", "--text", trained / "tiny.txt", "--out", trained / "run", *SMALL), "--resume")
     _assert_clean_error(cli("train", "--config", "nope", "--out", tmp_path / "x"), "unknown config 'nope'")
-    _assert_clean_error(cli("train", "--hidden", "0", "--out", tmp_path / "x"), "argument --hidden: must be an integer from 1 to 65536, got 0")
+    _assert_clean_error(
+        cli("train", "--hidden", "0", "--out", tmp_path / "x"),
+        "argument --hidden: must be an integer from 1 to 65536, got 0",
+    )
     _assert_clean_error(cli("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "x"), "does not exist")
 
 

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common.plotting import figure
+
 PEERS = ("torch.nn.LSTM", "ort-cpu native", "openvino native")  # what TVM has to beat
 
 
@@ -51,8 +53,10 @@ class BenchReport:
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
         for t in self.timings:
             name = f"**{t.entry}**" if t.entry.startswith("tvm") else t.entry
-            rows.append(f"| {t.shape} | {name} | {f(t.median_ms, '.3f')} | {f(t.p90_ms, '.3f')} | {f(t.p99_ms, '.3f')} | "
-                        f"{f(t.gflops, '.1f')} | {f(t.pct_peak, '.0f')} | {f(t.ratio_to_best_peer, '.2f')} | {t.status} |")
+            rows.append(
+                f"| {t.shape} | {name} | {f(t.median_ms, '.3f')} | {f(t.p90_ms, '.3f')} | {f(t.p99_ms, '.3f')} | "
+                f"{f(t.gflops, '.1f')} | {f(t.pct_peak, '.0f')} | {f(t.ratio_to_best_peer, '.2f')} | {t.status} |"
+            )
         return "\n".join(rows)
 
     def table(self) -> str:
@@ -67,27 +71,21 @@ class BenchReport:
 
 def plot(report: BenchReport, path, peers=PEERS) -> None:
     """One panel per shape: median ms per runtime (log scale), the best peer's line dashed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     shapes = list(dict.fromkeys(t.shape for t in report.timings))
-    fig, axes = plt.subplots(len(shapes), 1, figsize=(8, 2.2 * len(shapes)), dpi=100, squeeze=False)
-    for ax, s in zip(axes[:, 0], shapes):
-        rows = [t for t in report.timings if t.shape == s and t.median_ms is not None]
-        ax.barh([t.entry for t in rows], [t.median_ms for t in rows],
-                color=["tab:orange" if t.entry.startswith("tvm") else
-                       "tab:blue" if t.entry in peers else "tab:gray" for t in rows])
-        peer_ms = [t.median_ms for t in rows if t.entry in peers]
-        if peer_ms:
-            ax.axvline(min(peer_ms), color="k", linestyle="--", linewidth=1)
-        ax.set_xscale("log")
-        ax.set_title(s, fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.invert_yaxis()
-    axes[-1, 0].set_xlabel(f"median ms ({report.threads} threads, {report.machine}); dashed: best peer")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, (8, 2.2 * len(shapes)), nrows=len(shapes)) as (_, axes):
+        for ax, s in zip(axes, shapes):
+            rows = [t for t in report.timings if t.shape == s and t.median_ms is not None]
+            ax.barh([t.entry for t in rows], [t.median_ms for t in rows],
+                    color=["tab:orange" if t.entry.startswith("tvm") else
+                           "tab:blue" if t.entry in peers else "tab:gray" for t in rows])
+            peer_ms = [t.median_ms for t in rows if t.entry in peers]
+            if peer_ms:
+                ax.axvline(min(peer_ms), color="k", linestyle="--", linewidth=1)
+            ax.set_xscale("log")
+            ax.set_title(s, fontsize=9)
+            ax.tick_params(labelsize=8)
+            ax.invert_yaxis()
+        axes[-1].set_xlabel(f"median ms ({report.threads} threads, {report.machine}); dashed: best peer")
 
 
 def machine_slug(target: str | None = None) -> str:
@@ -95,10 +93,9 @@ def machine_slug(target: str | None = None) -> str:
     --target builds another (e.g. intel-xeon-processor-avx512, intel-xeon-processor-avx512-build-avx2)."""
     import re
 
-    from lstm_export.report import cpu_name
-
-    from .tvm_lstm.cpu_plan import isa_of
-    from .tvm_lstm.targets import host_target, parse_target
+    from common.machine import cpu_name
+    from runtimes.tvm_lstm.cpu_plan import isa_of
+    from runtimes.tvm_lstm.targets import host_target, parse_target
     model = re.sub(r"\(r\)|\(tm\)|\(\d+ cores\)|cpu|@.*", "", cpu_name().lower())
     slug = "-".join(re.findall(r"[a-z0-9]+", model))
     isa, built = isa_of(host_target()), isa_of(parse_target(target)) if target else None

@@ -15,7 +15,7 @@ from lstm_export.export import export_onnx
 pytest.importorskip("fastapi", reason="fastapi is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from runtimes.server import ServerConfig, create_app  # noqa: E402
+from serving.server import ServerConfig, create_app  # noqa: E402
 
 VOCAB = "abcdefghij .\n"
 
@@ -23,8 +23,7 @@ VOCAB = "abcdefghij .\n"
 @pytest.fixture(scope="module")
 def lm_path(tmp_path_factory):
     torch.manual_seed(0)
-    lm = CharLM(ModelConfig(vocab_size=len(VOCAB), embed=6, hidden=16, layers=2)).eval()
-    lm.vocab = Vocab(VOCAB)
+    lm = CharLM(ModelConfig(vocab_size=len(VOCAB), embed=6, hidden=16, layers=2), Vocab(VOCAB)).eval()
     return lm, export_onnx(lm, tmp_path_factory.mktemp("srv") / "lm.streaming.onnx", "streaming")
 
 

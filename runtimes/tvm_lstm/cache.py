@@ -1,0 +1,130 @@
+"""The compile cache: `--runtime tvm-llvm|tvm-cuda` on an .onnx compiles once per model and target.
+
+An entry is a compiled folder (compile.compile_onnx's output) under
+$XDG_CACHE_HOME/lstm-export/tvm/KEY, KEY a hash of everything the library depends on: the ONNX
+bytes, the full target (for `llvm`: this CPU's triple, mcpu, features and cores), the CUDA arch, the
+kernel plan, and TVM's, tvm-ffi's and our versions. Invariants:
+- an entry appears whole or not at all: compiled into a temporary folder beside it, then renamed;
+- a hit is checked against the library's sha256 recorded at write time; a corrupted or truncated
+  entry is removed and compiled again;
+- the cache stays under its size cap (LSTM_EXPORT_CACHE_MB, default 2048): least recently used
+  entries are evicted after each write.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from ..source import CompiledModel, ModelSource
+
+DEFAULT_CAP_MB = 2048
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lstm-export" / "tvm"
+
+
+def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan) -> str:
+    """The entry's name: a hash of the model's bytes and everything the compiled library depends on."""
+    import tvm
+
+    from lstm_export import __version__
+
+    from .targets import parse_target
+    try:
+        from importlib.metadata import version
+        ffi = version("apache-tvm-ffi")
+    except Exception:  # not installed as a distribution (a source build): TVM's version covers it
+        ffi = ""
+    tgt = parse_target(target, threads, arch)
+    parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": arch if tgt.kind.name == "cuda" else "",
+             "plan": {k: v for k, v in asdict(plan).items() if k != "info"} if plan is not None else None,
+             "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _valid(folder: Path) -> CompiledModel | None:
+    """The entry, if it is whole: meta.json readable and the library's bytes as recorded."""
+    try:
+        compiled = CompiledModel.open(folder)
+        if compiled.meta.get("library_sha256") == _sha256(compiled.library):
+            return compiled
+    except Exception:  # unreadable, half-deleted or foreign: treated as absent and rewritten
+        pass
+    return None
+
+
+def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", threads: int | None = None,
+                   plan=None, root: Path | None = None, cap_mb: float | None = None) -> tuple[CompiledModel, bool]:
+    """The compiled model for `source` on `target`, from the cache or compiled now.
+    Returns (compiled, hit)."""
+    from .compile import compile_onnx
+    from .targets import parse_target
+    root = root or cache_root()
+    tgt = parse_target(target, threads, arch)
+    if plan is None and tgt.kind.name == "llvm":  # the plan from this machine's caches: part of the key
+        from .cpu_plan import plan_for
+        plan = plan_for(tgt)
+    key = cache_key(source, target, arch, threads, plan)
+    entry = root / key
+    if entry.exists():
+        compiled = _valid(entry)
+        if compiled is not None:
+            os.utime(entry)  # least recently used is evicted first
+            return compiled, True
+        shutil.rmtree(entry, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        compiled = compile_onnx(source, work, target, arch, threads, progress=False, plan=plan)
+        meta = dict(compiled.meta, library_sha256=_sha256(compiled.library), cache_key=key)
+        (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            work.rename(entry)
+        except OSError:  # another process wrote the same entry meanwhile: theirs is as good
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    evict(root, cap_mb, keep=entry)
+    return _valid(entry) or CompiledModel.open(entry), False
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def evict(root: Path, cap_mb: float | None = None, keep: Path | None = None) -> list[Path]:
+    """Removes least recently used entries until the cache is under its cap; returns them."""
+    if cap_mb is None:
+        try:
+            cap_mb = float(os.environ.get("LSTM_EXPORT_CACHE_MB", DEFAULT_CAP_MB))
+        except ValueError:
+            cap_mb = DEFAULT_CAP_MB
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime)
+    sizes = {p: _size(p) for p in entries}
+    total, removed = sum(sizes.values()), []
+    for p in entries:
+        if total <= cap_mb * 2**20:
+            break
+        if keep is not None and p == keep:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        total -= sizes[p]
+        removed.append(p)
+    return removed

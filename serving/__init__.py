@@ -1,0 +1,1 @@
+"""Serving with a runtime: stateful streaming sessions, the HTTP server, the load test."""

@@ -1,0 +1,87 @@
+"""compare: a runtime that fails to load or run is a row of the report, named, and the rest go on.
+Oracle: ONNX Runtime as the reference on the same model."""
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from common.errors import UserError
+from harness.compare import compare
+from runtimes.base import Availability, Runtime, RuntimeFailure
+from runtimes.ort import OrtCpuRuntime
+
+
+def _gru(path, I=3, H=4):
+    """A one-layer GRU: ORT runs it; TVM 0.27 has no converter for it."""
+    rng = np.random.default_rng(0)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, s, rng.standard_normal(s).astype(np.float32).ravel())
+             for n, s in (("W", [1, 3 * H, I]), ("R", [1, 3 * H, H]))]
+    node = helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=H, name="gru0")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, I])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [5, 1, 2, H])], inits)
+    import onnx
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+class _Broken(OrtCpuRuntime):
+    """ORT, except that its backend raises a raw exception mid-run (as a crashed device would)."""
+    name = "broken"
+
+    def _run(self, feeds):
+        raise ValueError("device lost\nsecond line")
+
+
+def test_a_runtime_that_raises_is_a_named_row_and_the_others_go_on(tmp_path):
+    path = _gru(tmp_path / "gru.onnx")
+    feeds = {"X": np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32)}
+    report = compare(path, ["ort-cpu", _Broken(), "onnx-reference"], feeds)
+    rows = {r.runtime: r for r in report.results}
+    assert rows["broken"].error == "broken failed to run: ValueError: device lost" and not report.passed
+    assert rows["onnx-reference"].passed  # reached after the failure
+    with pytest.raises(RuntimeFailure, match="^broken failed to run: ValueError"):
+        rt = _Broken()
+        rt.prepare(path)
+        rt.run(feeds)
+
+
+def test_tvm_that_cannot_import_a_model_is_a_row(tmp_path):
+    pytest.importorskip("tvm")
+    path = _gru(tmp_path / "gru.onnx")
+    feeds = {"X": np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32)}
+    report = compare(path, ["ort-cpu", "tvm-llvm", "onnx-reference"], feeds)
+    rows = {r.runtime: r for r in report.results}
+    assert "GRU" in rows["tvm-llvm"].error and rows["tvm-llvm"].error.count("\n") == 0
+    assert rows["onnx-reference"].passed
+
+
+def test_the_reference_failing_is_an_error_not_a_report(tmp_path):
+    path = _gru(tmp_path / "gru.onnx")
+    with pytest.raises(UserError, match="broken failed to run"):
+        compare(path, [_Broken(), "ort-cpu"], {"X": np.zeros((5, 2, 3), np.float32)})
+
+
+class _Unprepared(Runtime):
+    name = "plain"
+
+    @classmethod
+    def availability(cls):
+        return Availability(True)
+
+    def _prepare(self, source):
+        self.names = source.output_names
+
+    def _run(self, feeds):
+        return {n: np.zeros(1) for n in self.names}
+
+
+def test_the_contract_checks_feeds_before_any_backend_runs(tmp_path):
+    rt = _Unprepared()
+    with pytest.raises(UserError, match="call prepare"):
+        rt.run({})
+    rt.prepare(_gru(tmp_path / "gru.onnx"))
+    for feeds, needle in [({}, "inputs missing: X"), ({"X": np.zeros((5, 2, 3))}, "dtype float64"),
+                          ({"X": np.full((5, 2, 3), np.inf, np.float32)}, "0 NaN and 30 Inf")]:
+        with pytest.raises(UserError, match=needle):
+            rt.run(feeds)
+    rt.allow_nonfinite = True
+    assert set(rt.run({"X": np.full((5, 2, 3), np.inf, np.float32)})) == {"Y"}

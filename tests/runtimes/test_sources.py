@@ -1,0 +1,165 @@
+"""Model sources and the compile cache: a compiled folder works with every command and is never
+compiled again; an .onnx on tvm-* compiles once per model and target. Oracles: ONNX Runtime on the
+same ONNX file, and the cache folder's own contents (what was written, when)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from lstm_export import LSTM, export_onnx  # noqa: E402
+from runtimes.base import get_runtime  # noqa: E402
+from runtimes.model_io import random_feeds  # noqa: E402
+from runtimes.source import open_model  # noqa: E402
+from runtimes.tvm_lstm.cache import cache_key, cached_compile, evict  # noqa: E402
+from runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+def _export(path, seed=0, mode="native", hidden=6):
+    import torch
+    torch.manual_seed(seed)
+    return export_onnx(LSTM(3, hidden, 1), path, mode)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """One native LSTM compiled once for this CPU; the folder the tests read (never write)."""
+    d = tmp_path_factory.mktemp("compiled")
+    onnx_path = _export(d / "lstm.onnx")
+    return onnx_path, compile_onnx(onnx_path, d / "art", "llvm", progress=False)
+
+
+def _ort(path, feeds):
+    with get_runtime("ort-cpu") as rt:
+        rt.prepare(path)
+        return rt.run(feeds)
+
+
+def test_a_compiled_folder_runs_on_tvm_and_on_every_onnx_runtime(compiled, tmp_path, monkeypatch):
+    onnx_path, art = compiled
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = open_model(art.folder)
+    assert source.compiled.library == art.library and source.proto is not None
+    feeds = random_feeds(source, seed=1, dims={"batch": 3, "time": 5})
+    want = _ort(onnx_path, feeds)
+    for name in ("tvm-llvm", "ort-cpu", "onnx-reference"):
+        with get_runtime(name) as rt:
+            rt.prepare(art.folder)
+            got = rt.run(feeds)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
+    assert not (tmp_path / "cache" / "lstm-export").exists()  # nothing compiled: the folder's model.so was loaded
+
+
+def test_a_folder_without_its_onnx_runs_on_tvm_only(compiled, tmp_path):
+    import shutil
+    _, art = compiled
+    bare = tmp_path / "bare"
+    shutil.copytree(art.folder, bare)
+    (bare / "model.onnx").unlink()
+    source = open_model(bare)
+    feeds = random_feeds(source, seed=2, dims={"batch": 2, "time": 4})  # specs from meta.json
+    with get_runtime("tvm-llvm") as rt:
+        rt.prepare(source)
+        assert set(rt.run(feeds)) == {"output", "h_n", "c_n"}
+    from common.errors import UserError
+    with pytest.raises(UserError, match="keeps no model.onnx, so only tvm runtimes can run it"):
+        get_runtime("ort-cpu").prepare(source)
+
+
+def test_cli_commands_take_a_compiled_folder(cli, compiled, tmp_path):
+    onnx_path, art = compiled
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = cli("run", art.folder, "--runtime", "tvm-llvm", "--outputs", tmp_path / "tvm.npz", "--seed", "3", env=env)
+    assert r.returncode == 0, r.stderr
+    r = cli("run", onnx_path, "--runtime", "ort-cpu", "--outputs", tmp_path / "ort.npz", "--seed", "3", env=env)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "tvm.npz") as a, np.load(tmp_path / "ort.npz") as b:
+        for k in b.files:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+    r = cli("compare", art.folder, "--runtimes", "ort-cpu,tvm-llvm", "--report", tmp_path / "rep.json", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert [x["runtime"] for x in rep["results"]] == ["tvm-llvm"] and rep["passed"]
+    assert not (tmp_path / "cache" / "lstm-export").exists()
+
+
+def test_serve_a_compiled_streaming_folder(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from serving.server import ServerConfig, create_app
+    onnx_path = _export(tmp_path / "s.onnx", mode="streaming")
+    art = compile_onnx(onnx_path, tmp_path / "art", "llvm", progress=False)
+    x = np.random.default_rng(0).standard_normal((4, 1, 3)).astype(np.float32)  # (T, B, I)
+    want = _ort(onnx_path, {"input": x, "h_0": np.zeros((1, 1, 6), np.float32),
+                            "c_0": np.zeros((1, 1, 6), np.float32)})
+    with TestClient(create_app(art.folder, ServerConfig(runtime="tvm-llvm"))) as client:
+        assert client.get("/v1/model").json()["runtime"] == "tvm-llvm"
+        sid = client.post("/v1/streams").json()["stream_id"]
+        got = client.post(f"/v1/streams/{sid}", json={"chunk": x[:, 0].tolist()}).json()["outputs"]
+    np.testing.assert_allclose(np.array(got["output"]), want["output"][:, 0], rtol=1e-4, atol=1e-5)
+
+
+def test_cache_hit_miss_corruption_and_no_cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    a, b = open_model(_export(tmp_path / "a.onnx", seed=0)), open_model(_export(tmp_path / "b.onnx", seed=1))
+    first, hit = cached_compile(a, "llvm", root=root)
+    assert not hit and first.meta["cache_key"] == cache_key(a, "llvm", "sm_90", None, _plan())
+    again, hit = cached_compile(a, "llvm", root=root)
+    assert hit and again.folder == first.folder
+    assert not cached_compile(b, "llvm", root=root)[1]  # other weights: other bytes, other entry
+    haswell, hit = cached_compile(a, "llvm -mcpu=haswell", root=root)  # other target: other entry
+    assert not hit and haswell.folder != first.folder and haswell.meta["kernel_plan"]["isa"] == "avx2"
+    assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 3
+    # a truncated library is noticed and compiled again, and the new one runs
+    first.library.write_bytes(first.library.read_bytes()[:1000])
+    fixed, hit = cached_compile(a, "llvm", root=root)
+    assert not hit and fixed.folder == first.folder
+    feeds = random_feeds(a, seed=0, dims={"batch": 2, "time": 3})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # cache_root() = tmp/lstm-export/tvm
+    with get_runtime("tvm-llvm", cache=False) as rt:
+        rt.prepare(a)
+        got = rt.run(feeds)
+    assert not (tmp_path / "lstm-export").exists()  # --no-cache leaves the cache alone
+    np.testing.assert_allclose(got["output"], _ort(a.path, feeds)["output"], rtol=1e-4, atol=1e-5)
+    with get_runtime("tvm-llvm") as rt:  # the default goes through the cache: a miss, then a hit
+        rt.prepare(a)
+        assert rt.cache_hit is False
+    with get_runtime("tvm-llvm") as rt:
+        rt.prepare(a)
+        assert rt.cache_hit is True
+
+
+def test_eviction_keeps_the_cache_under_its_cap(tmp_path):
+    root = tmp_path / "c"
+    for i, n in enumerate(("old", "mid", "new")):
+        (root / n).mkdir(parents=True)
+        (root / n / "model.so").write_bytes(b"x" * 600_000)
+        os.utime(root / n, (1_000_000 + i, 1_000_000 + i))
+    removed = evict(root, cap_mb=1.2, keep=root / "old")  # 1.8 MB: one must go; never the one just used
+    assert [p.name for p in removed] == ["mid"] and sorted(p.name for p in root.iterdir()) == ["new", "old"]
+
+
+def _plan():
+    from runtimes.tvm_lstm.cpu_plan import plan_for
+    from runtimes.tvm_lstm.targets import parse_target
+    return plan_for(parse_target("llvm"))
+
+
+def test_bench_times_a_compiled_folder_as_it_is(cli, compiled, tmp_path):
+    _, art = compiled
+    r = cli("bench", art.folder, "--runtimes", "ort-cpu,tvm-llvm,onnx-reference", "--min-s", "0.05", "--rounds", "1",
+            "--dim", "batch=2", "--dim", "time=4", "--json", tmp_path / "b.json",
+            env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    rows = {t["entry"]: t for t in json.loads((tmp_path / "b.json").read_text())["timings"]}
+    assert set(rows) == {"ort-cpu", "tvm-llvm", "onnx-reference"}
+    assert all(t["status"] == "ok" and t["median_ms"] > 0 and t["max_err"] < 1e-4 for t in rows.values())
+    # the ratio is against the fastest runtime that is not ours
+    best = min(rows["ort-cpu"]["median_ms"], rows["onnx-reference"]["median_ms"])
+    assert rows["tvm-llvm"]["ratio_to_best_peer"] == pytest.approx(rows["tvm-llvm"]["median_ms"] / best, rel=1e-2)
+    assert not (tmp_path / "cache" / "lstm-export").exists()
