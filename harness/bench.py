@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from common.agreement import output_error
 from common.errors import UserError
+from common.timing import ratio_to_best, time_runs
 
 from .bench_report import PEERS, BenchReport, Timing, plot  # noqa: F401 (plot, PEERS: the bench's API)
 
@@ -176,22 +176,6 @@ def _recorded(t: Timing):
         t.status = f"error: {describe(e)}"
 
 
-def time_runs(fn, warmup: int = 3, min_runs: int = 10, min_s: float = 1.0, max_runs: int = 500,
-              max_s: float = 20.0) -> np.ndarray:
-    """Seconds per call after `warmup` calls: at least min_runs and min_s, at most max_runs or max_s."""
-    for _ in range(warmup):
-        fn()
-    times, t_start = [], time.perf_counter()
-    while len(times) < max_runs:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        spent = time.perf_counter() - t_start
-        if (len(times) >= min_runs and spent >= min_s) or spent >= max_s:
-            break
-    return np.array(times)
-
-
 def machine_description(threads: int, target: str | None = None) -> dict:
     """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
     FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
@@ -295,10 +279,9 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                             report.cpu["fma_peak_gflops"]
                         t.pct_peak = round(100 * t.gflops / peak, 4)
                 rt.release()
-            peers = [t.median_ms for t in done if t.entry in PEERS and t.median_ms is not None]
+            peers = [t.median_ms for t in done if t.entry in PEERS]
             for t in done:
-                if peers and t.median_ms is not None:
-                    t.ratio_to_best_peer = round(t.median_ms / min(peers), 3)
+                t.ratio_to_best_peer = ratio_to_best(t.median_ms, peers)
             report.timings += done
     bar.close()
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from common.agreement import output_error
 from common.errors import UserError
+from common.timing import ratio_to_best, time_runs
 
 from .bench import describe
 
@@ -64,14 +65,14 @@ def _torch_lstm(w, r, b, dtype, device):
     """torch.nn.LSTM with ONNX weights (gates i, o, f, c -> torch's i, f, g, o)."""
     import torch
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    from lstm_export.export.layers import onnx_to_torch_gates as to_torch
     h = r.shape[1]
-    order = np.concatenate([np.arange(0, h), np.arange(2 * h, 3 * h), np.arange(3 * h, 4 * h), np.arange(h, 2 * h)])
     m = torch.nn.LSTM(w.shape[1], h, 1)
     with torch.no_grad():
-        m.weight_ih_l0.copy_(torch.from_numpy(w[order]))
-        m.weight_hh_l0.copy_(torch.from_numpy(r[order]))
-        m.bias_ih_l0.copy_(torch.from_numpy(b[:4 * h][order]))
-        m.bias_hh_l0.copy_(torch.from_numpy(b[4 * h:][order]))
+        m.weight_ih_l0.copy_(torch.from_numpy(to_torch(w, h)))
+        m.weight_hh_l0.copy_(torch.from_numpy(to_torch(r, h)))
+        m.bias_ih_l0.copy_(torch.from_numpy(to_torch(b[:4 * h], h)))
+        m.bias_hh_l0.copy_(torch.from_numpy(to_torch(b[4 * h:], h)))
     return m.to(dtype=dtype, device=device).eval()
 
 
@@ -81,26 +82,6 @@ def _ours(m):
     ours = LSTM(m.input_size, m.hidden_size, m.num_layers).eval()
     ours.load_state_dict({k: v.detach().cpu().float() for k, v in m.state_dict().items()})
     return ours
-
-
-def _time(fn, sync, warmup: int = 5, blocks: int = 20, min_block_s: float = 0.02) -> np.ndarray:
-    """Seconds per call: `blocks` blocks of n calls each (n chosen so a block lasts min_block_s)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    n = max(1, int(min_block_s / max(time.perf_counter() - t0, 1e-6)))
-    out = []
-    for _ in range(blocks):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        sync()
-        out.append((time.perf_counter() - t0) / n)
-    return np.array(out)
 
 
 def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dict:
@@ -147,22 +128,23 @@ def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dic
                     try:
                         with torch.no_grad():
                             got = to_numpy(fn())
-                            row["max_err"] = float(np.abs(got - want).max())
-                            if not row["max_err"] <= atol:
+                            err = output_error("output", got, want, atol, 0.0)
+                            row["max_err"] = err.max_abs
+                            if not err.passed:
                                 row["status"] = "mismatch"
                             else:
-                                secs = _time(fn, torch.cuda.synchronize)
+                                secs = time_runs(fn, warmup=5, min_runs=20, min_s=0.0, max_runs=20,
+                                                 sync=torch.cuda.synchronize, block_s=0.02)
                                 row["median_us"] = round(float(np.median(secs)) * 1e6, 2)
                                 row["p90_us"] = round(float(np.percentile(secs, 90)) * 1e6, 2)
                                 row["us_per_step"] = round(row["median_us"] / steps, 3)
                     except Exception as e:  # one broken entry must not lose the others' numbers
                         row["status"] = f"error: {describe(e)}"
                 rows.append(row)
-            best = min((x["median_us"] for x in rows if "median_us" in x and x["entry"] != "tvm-cuda native"),
-                       default=None)
+            peers = [x.get("median_us") for x in rows if x["entry"] != "tvm-cuda native"]
             for row in rows:
-                if best and "median_us" in row:
-                    row["ratio_to_best_peer"] = round(row["median_us"] / best, 3)
+                if "median_us" in row:
+                    row["ratio_to_best_peer"] = ratio_to_best(row["median_us"], peers)
                 print(json.dumps(row), flush=True)
             report["timings"] += rows
     return report

@@ -10,10 +10,10 @@ import numpy as np
 from common.agreement import outputs_error
 from common.errors import UserError
 from common.machine import cpu_name
+from common.timing import ratio_to_best, time_runs
 from runtimes.base import Runtime, get_runtime
 from runtimes.source import open_model
 
-from .bench import time_runs
 from .bench_report import BenchReport, Timing
 
 
@@ -62,8 +62,7 @@ def bench_model(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarra
     for t, _, secs in ready:
         t.median_ms, t.p90_ms, t.p99_ms = (round(float(np.percentile(secs, q)) * 1e3, 4) for q in (50, 90, 99))
         t.runs = len(secs)
-    peers = [t.median_ms for t in report.timings if not t.entry.startswith("tvm") and t.median_ms is not None]
+    peers = [t.median_ms for t in report.timings if not t.entry.startswith("tvm")]
     for t in report.timings:
-        if peers and t.median_ms is not None:
-            t.ratio_to_best_peer = round(t.median_ms / min(peers), 3)
+        t.ratio_to_best_peer = ratio_to_best(t.median_ms, peers)
     return report

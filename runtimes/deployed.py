@@ -9,6 +9,7 @@ The bench interleaves its rounds with the in-process runtimes', so the ratios co
 """
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import struct
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from common.timing import time_runs
 
 WORKER = r'''
 import json, pickle, struct, sys, time
@@ -60,17 +63,7 @@ while True:
             reply(("ok", {o["name"]: v for o, v in zip(meta["outputs"], outs)}))
         elif op == "time":
             feeds, warmup, min_runs, min_s, max_runs, max_s = arg
-            for _ in range(warmup):
-                call(feeds)
-            times, start = [], time.perf_counter()
-            while len(times) < max_runs:
-                t0 = time.perf_counter()
-                call(feeds)
-                times.append(time.perf_counter() - t0)
-                spent = time.perf_counter() - start
-                if (len(times) >= min_runs and spent >= min_s) or spent >= max_s:
-                    break
-            reply(("ok", times))
+            reply(("ok", time_runs(lambda: call(feeds), warmup, min_runs, min_s, max_runs, max_s)))
         elif op == "threads":
             reply(("ok", int(tvm.get_global_func("runtime.NumThreads")())))
     except Exception as e:  # reported to the parent as one line
@@ -84,7 +77,10 @@ class DeployedArtifact:
     def __init__(self, artifact_dir: str | Path):
         env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
         env["TVM_USE_RUNTIME_LIB"] = "1"
-        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(artifact_dir)], stdin=subprocess.PIPE,
+        # the worker imports nothing of ours (a user's deployment would not): the timing loop
+        # travels as source
+        code = inspect.getsource(time_runs) + WORKER
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(artifact_dir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
     def _ask(self, op, arg=None):
@@ -107,7 +103,7 @@ class DeployedArtifact:
         return self._ask("run", feeds)
 
     def time_runs(self, feeds, warmup=3, min_runs=10, min_s=1.0, max_runs=500, max_s=20.0) -> list[float]:
-        """Seconds per call, timed inside the worker (the same loop as bench.time_runs)."""
+        """Seconds per call, timed inside the worker by common.timing.time_runs."""
         return self._ask("time", (feeds, warmup, min_runs, min_s, max_runs, max_s))
 
     def threads(self) -> int:

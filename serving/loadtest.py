@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.agreement import output_error
+
 
 @dataclass
 class LoadResult:
@@ -76,7 +78,7 @@ def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int
     for k in range(clients):
         got = outputs.get(k, [])
         ref = reference_logits(sess, seqs[k])
-        if len(got) != chunks or not np.allclose(np.concatenate(got), ref, atol=1e-4, rtol=1e-4):
+        if len(got) != chunks or not output_error("logits", np.concatenate(got), ref, atol=1e-4, rtol=1e-4).passed:
             mismatches += 1
     lat = np.array(latencies) * 1000
     n = clients * chunks

@@ -11,12 +11,18 @@ from .graph import GraphBuilder
 
 # PyTorch stacks the gate blocks i, f, g, o; ONNX stacks i, o, f, c (c = PyTorch's g).
 TORCH_TO_ONNX_GATES = [0, 3, 1, 2]
+ONNX_TO_TORCH_GATES = [0, 2, 3, 1]  # its inverse
 
 
-def _reorder(w: np.ndarray, H: int) -> np.ndarray:
-    """Reorders the 4H leading axis of a PyTorch weight or bias into ONNX gate order."""
-    blocks = w.reshape(4, H, *w.shape[1:])
-    return blocks[TORCH_TO_ONNX_GATES].reshape(w.shape)
+def torch_to_onnx_gates(w: np.ndarray, H: int) -> np.ndarray:
+    """A PyTorch weight or bias (4H leading axis, gates i, f, g, o) in ONNX gate order (i, o, f, c).
+    The one gate-order helper: export and the GPU bench (its inverse) use it."""
+    return w.reshape(4, H, *w.shape[1:])[TORCH_TO_ONNX_GATES].reshape(w.shape)
+
+
+def onnx_to_torch_gates(w: np.ndarray, H: int) -> np.ndarray:
+    """The inverse of torch_to_onnx_gates."""
+    return w.reshape(4, H, *w.shape[1:])[ONNX_TO_TORCH_GATES].reshape(w.shape)
 
 
 def _weights(lstm, name: str):
@@ -41,11 +47,12 @@ def native_stack(g: GraphBuilder, lstm, x: str, h0: str | None, c0: str | None, 
     for layer in range(L):
         names = [f"l{layer}{sfx}" for sfx in lstm._suffixes()]
         ws = [_weights(lstm, n) for n in names]
-        W = np.stack([_reorder(w_ih, H) for w_ih, _, _, _ in ws])  # (D, 4H, I)
-        R = np.stack([_reorder(w_hh, H) for _, w_hh, _, _ in ws])  # (D, 4H, H)
+        W = np.stack([torch_to_onnx_gates(w_ih, H) for w_ih, _, _, _ in ws])  # (D, 4H, I)
+        R = np.stack([torch_to_onnx_gates(w_hh, H) for _, w_hh, _, _ in ws])  # (D, 4H, H)
         inputs = [x, g.const(f"W_l{layer}", W), g.const(f"R_l{layer}", R)]
         if lstm.bias:
-            B = np.stack([np.concatenate([_reorder(b_ih, H), _reorder(b_hh, H)]) for _, _, b_ih, b_hh in ws])
+            B = np.stack([np.concatenate([torch_to_onnx_gates(b_ih, H), torch_to_onnx_gates(b_hh, H)])
+                          for _, _, b_ih, b_hh in ws])
             inputs.append(g.const(f"B_l{layer}", B))  # (D, 8H) = [Wb; Rb]
         else:
             inputs.append("")

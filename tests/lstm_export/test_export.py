@@ -178,3 +178,12 @@ def test_unrolled_graph_imports_into_stock_tvm(tmp_path):
         path = export_onnx(m, tmp_path / "u.onnx", "unrolled", seq_len=T, batch_size=B, initial_state=True)
         mod = from_onnx(onnx.load(str(path)), keep_params_in_input=False)
         assert "main" in [gv.name_hint for gv in mod.get_global_vars()]
+
+
+def test_gate_order_helpers_are_inverse_and_match_the_spec():
+    from lstm_export.export.layers import onnx_to_torch_gates, torch_to_onnx_gates
+    H = 3
+    w = np.repeat(np.arange(4.0), H)[:, None] * np.ones((1, 2))  # block k holds k: torch's i, f, g, o
+    onnx = torch_to_onnx_gates(w, H)
+    assert onnx[::H, 0].tolist() == [0, 3, 1, 2]  # ONNX order i, o, f, c (c = torch's g)
+    np.testing.assert_array_equal(onnx_to_torch_gates(onnx, H), w)
