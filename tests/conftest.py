@@ -43,3 +43,25 @@ def run_cli(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProce
 @pytest.fixture()
 def cli():
     return run_cli
+
+
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """`lstm-export ARGS` in this process (no interpreter start-up: for tables of bad inputs, where
+    each case is one argument parse and one check). An exception that escapes main() fails the test
+    with its traceback, which is what the tables assert never happens."""
+    import contextlib
+    import io
+
+    from cli.main import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(["lstm-export", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture()
+def cli_here():
+    return run_cli_here

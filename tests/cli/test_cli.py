@@ -47,43 +47,44 @@ def test_resume_continues_and_refuses_changed_hyperparameters(cli, trained, tmp_
     _assert_clean_error(r, "--resume with changed hyper-parameters", "--hidden 64 (checkpoint has 32)", "--lr 0.1")
 
 
-def test_empty_and_non_utf8_text(cli, tmp_path):
+def test_empty_and_non_utf8_text(cli_here, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc\x80")
-    _assert_clean_error(cli("train", "--text", tmp_path / "empty.txt", "--out", tmp_path / "o", *SMALL), "is empty")
-    _assert_clean_error(cli("train", "--text", tmp_path / "bin.txt", "--out", tmp_path / "o", *SMALL), "not UTF-8")
+    _assert_clean_error(cli_here("train", "--text", tmp_path / "empty.txt", "--out", tmp_path / "o", *SMALL),
+                        "is empty")
+    _assert_clean_error(cli_here("train", "--text", tmp_path / "bin.txt", "--out", tmp_path / "o", *SMALL), "not UTF-8")
 
 
-def test_corrupted_and_truncated_checkpoints(cli, trained, tmp_path):
+def test_corrupted_and_truncated_checkpoints(cli_here, trained, tmp_path):
     good = (trained / "run" / "ckpt.pt").read_bytes()
     (tmp_path / "trunc.pt").write_bytes(good[: len(good) // 2])
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 40)
     for name in ("trunc.pt", "noise.pt"):
-        _assert_clean_error(cli("sample", tmp_path / name), "corrupted or truncated")
-    _assert_clean_error(cli("sample", tmp_path / "missing.pt"), "does not exist")
+        _assert_clean_error(cli_here("sample", tmp_path / name), "corrupted or truncated")
+    _assert_clean_error(cli_here("sample", tmp_path / "missing.pt"), "does not exist")
 
 
-def test_checkpoint_from_another_config(cli, trained, tmp_path):
+def test_checkpoint_from_another_config(cli_here, trained, tmp_path):
     d = torch.load(trained / "run" / "ckpt.pt", weights_only=True)
     d["model_config"]["hidden"] = 64  # the weights are still 32 wide
     torch.save(d, tmp_path / "other.pt")
-    _assert_clean_error(cli("sample", tmp_path / "other.pt"), "do not match its config")
+    _assert_clean_error(cli_here("sample", tmp_path / "other.pt"), "do not match its config")
     torch.save({"state_dict": d["model"]}, tmp_path / "foreign.pt")
-    _assert_clean_error(cli("sample", tmp_path / "foreign.pt"), "not an lstm-export checkpoint")
+    _assert_clean_error(cli_here("sample", tmp_path / "foreign.pt"), "not an lstm-export checkpoint")
 
 
-def test_prime_with_unseen_characters(cli, trained):
-    _assert_clean_error(cli("sample", trained / "run", "--prime", "Zebra ☃"), "not in the model's vocabulary")
+def test_prime_with_unseen_characters(cli_here, trained):
+    _assert_clean_error(cli_here("sample", trained / "run", "--prime", "Zebra ☃"), "not in the model's vocabulary")
 
 
-def test_existing_output_needs_resume_and_bad_flags(cli, trained, tmp_path):
-    _assert_clean_error(cli("train", "--text", trained / "tiny.txt", "--out", trained / "run", *SMALL), "--resume")
-    _assert_clean_error(cli("train", "--config", "nope", "--out", tmp_path / "x"), "unknown config 'nope'")
+def test_existing_output_needs_resume_and_bad_flags(cli_here, trained, tmp_path):
+    _assert_clean_error(cli_here("train", "--text", trained / "tiny.txt", "--out", trained / "run", *SMALL), "--resume")
+    _assert_clean_error(cli_here("train", "--config", "nope", "--out", tmp_path / "x"), "unknown config 'nope'")
     _assert_clean_error(
-        cli("train", "--hidden", "0", "--out", tmp_path / "x"),
+        cli_here("train", "--hidden", "0", "--out", tmp_path / "x"),
         "argument --hidden: must be an integer from 1 to 65536, got 0",
     )
-    _assert_clean_error(cli("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "x"), "does not exist")
+    _assert_clean_error(cli_here("train", "--text", tmp_path / "nope.txt", "--out", tmp_path / "x"), "does not exist")
 
 
 def test_named_configs_load(cli):

@@ -59,7 +59,7 @@ def test_run_any_onnx_model_with_random_inputs(cli, tmp_path):
         assert out["y"].shape == (4, 2, 6) and (out["y"] >= 0).all()
 
 
-def test_run_bad_inputs(cli, native, tmp_path):
+def test_run_bad_inputs(cli_here, native, tmp_path):
     _, path, _ = native
     ok = {"input": np.zeros((2, 7, 3), np.float32), "h_0": np.zeros((2, 2, 5), np.float32),
           "c_0": np.zeros((2, 2, 5), np.float32)}
@@ -76,32 +76,33 @@ def test_run_bad_inputs(cli, native, tmp_path):
     }
     for name, (feeds, needle) in cases.items():
         np.savez(tmp_path / f"{name}.npz", **feeds)
-        _clean_error(cli("run", path, "--inputs", tmp_path / f"{name}.npz", "--outputs", tmp_path / "o.npz"), needle)
+        r = cli_here("run", path, "--inputs", tmp_path / f"{name}.npz", "--outputs", tmp_path / "o.npz")
+        _clean_error(r, needle)
     # NaN is refused by default (runtimes disagree on what it gives: ort-cpu returns finite numbers
     # for an all-NaN input); --allow-nonfinite runs it anyway
-    r = cli("run", path, "--inputs", tmp_path / "nan.npz", "--outputs", tmp_path / "o.npz", "--allow-nonfinite")
+    r = cli_here("run", path, "--inputs", tmp_path / "nan.npz", "--outputs", tmp_path / "o.npz", "--allow-nonfinite")
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "o.npz") as z:
         assert z["output"].shape == (2, 7, 5)
 
 
-def test_run_bad_files_and_names(cli, native, tmp_path):
+def test_run_bad_files_and_names(cli_here, native, tmp_path):
     _, path, _ = native
     (tmp_path / "text.onnx").write_text("not a model")
     (tmp_path / "trunc.onnx").write_bytes(path.read_bytes()[:300])
-    _clean_error(cli("run", tmp_path / "text.onnx", "--outputs", tmp_path / "o.npz"), "not a valid ONNX model")
-    _clean_error(cli("run", tmp_path / "trunc.onnx", "--outputs", tmp_path / "o.npz"), "not a valid ONNX model")
-    _clean_error(cli("run", tmp_path / "none.onnx", "--outputs", tmp_path / "o.npz"), "does not exist")
-    _clean_error(cli("run", path, "--runtime", "tensorrt", "--outputs", tmp_path / "o.npz"),
+    _clean_error(cli_here("run", tmp_path / "text.onnx", "--outputs", tmp_path / "o.npz"), "not a valid ONNX model")
+    _clean_error(cli_here("run", tmp_path / "trunc.onnx", "--outputs", tmp_path / "o.npz"), "not a valid ONNX model")
+    _clean_error(cli_here("run", tmp_path / "none.onnx", "--outputs", tmp_path / "o.npz"), "does not exist")
+    _clean_error(cli_here("run", path, "--runtime", "tensorrt", "--outputs", tmp_path / "o.npz"),
                  "unknown runtime 'tensorrt'")
-    _clean_error(cli("run", path, "--runtime", "torch", "--outputs", tmp_path / "o.npz"), "--checkpoint")
+    _clean_error(cli_here("run", path, "--runtime", "torch", "--outputs", tmp_path / "o.npz"), "--checkpoint")
     g = helper.make_graph([helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
     custom = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     custom.ir_version = 8
     onnx.save(custom, tmp_path / "custom.onnx")
-    _clean_error(cli("run", tmp_path / "custom.onnx", "--outputs", tmp_path / "o.npz"), "FancyOp")
+    _clean_error(cli_here("run", tmp_path / "custom.onnx", "--outputs", tmp_path / "o.npz"), "FancyOp")
 
 
 def test_ort_errors_lose_their_cxx_boilerplate():
@@ -167,8 +168,11 @@ def test_compare_finds_a_mismatch(cli, tmp_path, tiny_text):
         train(tiny_text, ModelConfig(embed=4, hidden=8, layers=1), replace(cfg, seed=seed), tmp_path / f"s{seed}",
               progress=False)
     assert cli("export", tmp_path / "s1", "--mode", "native", "--out", tmp_path / "m.onnx").returncode == 0
-    good = cli("compare", tmp_path / "m.onnx", "--checkpoint", tmp_path / "s1", "--dim", "time=6", "--long", "2000")
+    # TVM in compare and --long: tests/runtimes/test_tvm.py; here the exit status and the torch rows
+    runtimes = ("--runtimes", "ort-cpu,onnx-reference")
+    good = cli("compare", tmp_path / "m.onnx", "--checkpoint", tmp_path / "s1", "--dim", "time=6", "--long", "2000",
+               *runtimes)
     assert good.returncode == 0, good.stdout + good.stderr
     assert "torch-nn" in good.stdout and "long-sequence fidelity" in good.stdout and "T=2000" in good.stdout
-    bad = cli("compare", tmp_path / "m.onnx", "--checkpoint", tmp_path / "s2", "--dim", "time=6")
+    bad = cli("compare", tmp_path / "m.onnx", "--checkpoint", tmp_path / "s2", "--dim", "time=6", *runtimes)
     assert bad.returncode == 1 and "MISMATCH" in bad.stdout and "FAIL" in bad.stdout

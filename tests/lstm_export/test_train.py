@@ -39,6 +39,7 @@ def test_training_beats_unigram_baseline(tmp_path, tiny_text):
     assert ck.step == 120 and ck.vocab.chars == "".join(sorted(set(tiny_text)))
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tmp_path, tiny_text):
     a = train(tiny_text, replace(TINY_MODEL), TINY_TRAIN, tmp_path / "a", progress=False)
     b = train(tiny_text, replace(TINY_MODEL), TINY_TRAIN, tmp_path / "b", progress=False)
@@ -136,6 +137,7 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, tiny_text_file, tiny_
         torch.testing.assert_close(w0[k], w[k], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_tinyshakespeare_learns_when_present(tmp_path):
     path = SHARED_DATA / "tinyshakespeare.txt"
     if not path.is_file():

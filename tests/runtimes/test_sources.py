@@ -71,17 +71,17 @@ def test_a_folder_without_its_onnx_runs_on_tvm_only(compiled, tmp_path):
         get_runtime("ort-cpu").prepare(source)
 
 
-def test_cli_commands_take_a_compiled_folder(cli, compiled, tmp_path):
+def test_cli_commands_take_a_compiled_folder(cli_here, compiled, tmp_path, monkeypatch):
     onnx_path, art = compiled
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    r = cli("run", art.folder, "--runtime", "tvm-llvm", "--outputs", tmp_path / "tvm.npz", "--seed", "3", env=env)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = cli_here("run", art.folder, "--runtime", "tvm-llvm", "--outputs", tmp_path / "tvm.npz", "--seed", "3")
     assert r.returncode == 0, r.stderr
-    r = cli("run", onnx_path, "--runtime", "ort-cpu", "--outputs", tmp_path / "ort.npz", "--seed", "3", env=env)
+    r = cli_here("run", onnx_path, "--runtime", "ort-cpu", "--outputs", tmp_path / "ort.npz", "--seed", "3")
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "tvm.npz") as a, np.load(tmp_path / "ort.npz") as b:
         for k in b.files:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
-    r = cli("compare", art.folder, "--runtimes", "ort-cpu,tvm-llvm", "--report", tmp_path / "rep.json", env=env)
+    r = cli_here("compare", art.folder, "--runtimes", "ort-cpu,tvm-llvm", "--report", tmp_path / "rep.json")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert [x["runtime"] for x in rep["results"]] == ["tvm-llvm"] and rep["passed"]
@@ -105,33 +105,33 @@ def test_serve_a_compiled_streaming_folder(tmp_path):
 
 
 def test_cache_hit_miss_corruption_and_no_cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = tmp_path / "lstm-export" / "tvm"  # cache_root() under XDG_CACHE_HOME
     a, b = open_model(_export(tmp_path / "a.onnx", seed=0)), open_model(_export(tmp_path / "b.onnx", seed=1))
-    first, hit = cached_compile(a, "llvm", root=root)
-    assert not hit and first.meta["cache_key"] == cache_key(a, "llvm", "sm_90", None, _plan())
-    again, hit = cached_compile(a, "llvm", root=root)
+    first, hit = cached_compile(a, "llvm")
+    assert not hit and first.folder.parent == root
+    assert first.meta["cache_key"] == cache_key(a, "llvm", "sm_90", None, _plan())
+    again, hit = cached_compile(a, "llvm")
     assert hit and again.folder == first.folder
-    assert not cached_compile(b, "llvm", root=root)[1]  # other weights: other bytes, other entry
-    haswell, hit = cached_compile(a, "llvm -mcpu=haswell", root=root)  # other target: other entry
+    assert not cached_compile(b, "llvm")[1]  # other weights: other bytes, other entry
+    haswell, hit = cached_compile(a, "llvm -mcpu=haswell")  # other target: other entry
     assert not hit and haswell.folder != first.folder and haswell.meta["kernel_plan"]["isa"] == "avx2"
-    assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 3
+    entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+    assert len(entries) == 3
     # a truncated library is noticed and compiled again, and the new one runs
     first.library.write_bytes(first.library.read_bytes()[:1000])
-    fixed, hit = cached_compile(a, "llvm", root=root)
+    fixed, hit = cached_compile(a, "llvm")
     assert not hit and fixed.folder == first.folder
     feeds = random_feeds(a, seed=0, dims={"batch": 2, "time": 3})
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # cache_root() = tmp/lstm-export/tvm
-    with get_runtime("tvm-llvm", cache=False) as rt:
-        rt.prepare(a)
-        got = rt.run(feeds)
-    assert not (tmp_path / "lstm-export").exists()  # --no-cache leaves the cache alone
-    np.testing.assert_allclose(got["output"], _ort(a.path, feeds)["output"], rtol=1e-4, atol=1e-5)
-    with get_runtime("tvm-llvm") as rt:  # the default goes through the cache: a miss, then a hit
-        rt.prepare(a)
-        assert rt.cache_hit is False
-    with get_runtime("tvm-llvm") as rt:
+    want = _ort(a.path, feeds)["output"]
+    with get_runtime("tvm-llvm") as rt:  # the runtime goes through the same cache: a hit
         rt.prepare(a)
         assert rt.cache_hit is True
+        np.testing.assert_allclose(rt.run(feeds)["output"], want, rtol=1e-4, atol=1e-5)
+    with get_runtime("tvm-llvm", cache=False) as rt:  # --no-cache: a temporary folder, the cache untouched
+        rt.prepare(b)
+        assert rt.cache_hit is None and not rt.compiled.folder.is_relative_to(root)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == entries
 
 
 def test_eviction_keeps_the_cache_under_its_cap(tmp_path):
@@ -150,11 +150,11 @@ def _plan():
     return plan_for(parse_target("llvm"))
 
 
-def test_bench_times_a_compiled_folder_as_it_is(cli, compiled, tmp_path):
+def test_bench_times_a_compiled_folder_as_it_is(cli_here, compiled, tmp_path, monkeypatch):
     _, art = compiled
-    r = cli("bench", art.folder, "--runtimes", "ort-cpu,tvm-llvm,onnx-reference", "--min-s", "0.05", "--rounds", "1",
-            "--dim", "batch=2", "--dim", "time=4", "--json", tmp_path / "b.json",
-            env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    r = cli_here("bench", art.folder, "--runtimes", "ort-cpu,tvm-llvm,onnx-reference", "--min-s", "0.05",
+                 "--rounds", "1", "--dim", "batch=2", "--dim", "time=4", "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     rows = {t["entry"]: t for t in json.loads((tmp_path / "b.json").read_text())["timings"]}
     assert set(rows) == {"ort-cpu", "tvm-llvm", "onnx-reference"}

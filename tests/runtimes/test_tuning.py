@@ -48,6 +48,7 @@ def _run(art, feeds):
     return out
 
 
+@pytest.mark.slow
 def test_tune_then_compile_from_the_database(tmp_path):
     from runtimes.tvm_lstm.compile import compile_onnx
     from runtimes.tvm_lstm.tuning import open_database
@@ -80,6 +81,7 @@ def test_tune_then_compile_from_the_database(tmp_path):
             np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=f"{art}: {k}")
 
 
+@pytest.mark.slow
 def test_an_interrupted_swap_keeps_the_old_database(tmp_path, monkeypatch):
     from runtimes.tvm_lstm import tuning
     path = _export(tmp_path, "unrolled", T=2)

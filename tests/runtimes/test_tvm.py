@@ -18,18 +18,20 @@ from lstm_export import LSTM, LayerNormLSTM, UserError  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
 from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
+from ..marks import one_fast  # noqa: E402
 from .lstm_cases import ALL_OPTIONAL, H, I, check, feeds_for, lstm_model, ort_oracle  # noqa: E402
 
 
-@pytest.mark.parametrize("direction,layout,optional",
-                         list(itertools.product(["forward", "reverse", "bidirectional"], [0, 1], [(), ALL_OPTIONAL])))
+@pytest.mark.parametrize("direction,layout,optional", one_fast(
+    itertools.product(["bidirectional", "forward", "reverse"], [1, 0], [ALL_OPTIONAL, ()]), multi=True))
 def test_directions_layouts_and_optional_inputs(tmp_path, direction, layout, optional):
     D = 2 if direction == "bidirectional" else 1
     check(lstm_model(D, layout, optional, direction=direction), tmp_path)
 
 
 @pytest.mark.parametrize(
-    "optional", [("B",), ("sequence_lens",), ("initial_h",), ("initial_c", "P"), ("B", "initial_h", "initial_c")]
+    "optional",
+    one_fast([("sequence_lens",), ("B",), ("initial_h",), ("initial_c", "P"), ("B", "initial_h", "initial_c")]),
 )
 def test_each_optional_input_alone(tmp_path, optional):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path)
@@ -43,33 +45,35 @@ ACTIVATIONS = [
 ]
 
 
-@pytest.mark.parametrize("attrs", ACTIVATIONS, ids=["hardsigmoid-elu-softsign", "affine-scaledtanh",
+@pytest.mark.parametrize("attrs", one_fast(ACTIVATIONS), ids=["hardsigmoid-elu-softsign", "affine-scaledtanh",
                                                     "leaky-thresholded-softplus", "per-direction"])
 def test_activations(tmp_path, attrs):
     D = 2 if len(attrs["activations"]) == 6 else 1
     check(lstm_model(D, 0, ALL_OPTIONAL, direction="bidirectional" if D == 2 else "forward", **attrs), tmp_path)
 
 
-@pytest.mark.parametrize("attrs", [{"clip": 0.4}, {"input_forget": 1}, {"clip": 0.8, "input_forget": 1}])
+@pytest.mark.parametrize("attrs", one_fast([{"clip": 0.8, "input_forget": 1}, {"clip": 0.4}, {"input_forget": 1}]))
 def test_clip_and_input_forget(tmp_path, attrs):
     check(lstm_model(2, 0, ALL_OPTIONAL, direction="bidirectional", **attrs), tmp_path)
 
 
-@pytest.mark.parametrize("outputs", [("Y",), ("Y_h",), ("Y_c",), ("Y", "Y_c"), ("Y_h", "Y_c")])
+@pytest.mark.parametrize("outputs", one_fast([("Y_h", "Y_c"), ("Y",), ("Y_h",), ("Y_c",), ("Y", "Y_c")]))
 def test_any_subset_of_outputs(tmp_path, outputs):
     check(lstm_model(1, 0, ("B", "initial_h", "initial_c"), outputs=outputs), tmp_path)
 
 
-@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+@pytest.mark.parametrize("direction", one_fast(["bidirectional", "forward"]))
 def test_computed_weights_take_the_portable_path(tmp_path, direction):
     D = 2 if direction == "bidirectional" else 1
     check(lstm_model(D, 0, ALL_OPTIONAL, computed_weights=True, direction=direction, clip=0.9), tmp_path)
 
 
+@pytest.mark.slow
 def test_opset_7(tmp_path):
     check(lstm_model(2, 0, ALL_OPTIONAL, opset=7, direction="bidirectional"), tmp_path)
 
 
+@pytest.mark.slow
 def test_model_exported_by_torch_with_other_ops(tmp_path):
     """Conv -> Relu -> Transpose -> LSTM (2 layers, bidirectional) -> MatMul -> Sigmoid, from torch's exporter."""
     import torch
@@ -230,7 +234,7 @@ def test_cuda_compile_without_nvcc_says_so(cli, tmp_path):
     assert r.returncode == 2 and "needs nvcc" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("bidirectional,lengths", [(False, False), (True, True)])
+@pytest.mark.parametrize("bidirectional,lengths", one_fast([(False, False), (True, True)], multi=True))
 def test_tvm_against_the_float64_reference(tmp_path, bidirectional, lengths):
     """Our exported native graph on tvm-llvm against lstm_export.reference (float64 numpy)."""
     from runtimes.numpy_reference import NumpyReferenceRuntime

@@ -24,6 +24,7 @@ from runtimes.tvm_lstm.packing import pack_gates, packed_size, tail_width  # noq
 from runtimes.tvm_lstm.targets import cpu_flags, host_target, parse_target  # noqa: E402
 from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
+from ..marks import one_fast  # noqa: E402
 from .lstm_cases import ALL_OPTIONAL, check, lstm_model  # noqa: E402
 
 KB, MB = 1024, 1024 * 1024
@@ -146,6 +147,7 @@ def test_kernel_uses_the_targets_vector_registers(target, want, not_want):
         assert not re.search(not_want, asm), f"{not_want} in the {target} kernel"
 
 
+@pytest.mark.slow
 def test_kernel_allocates_only_its_state_per_call():
     """Per work item the kernel needs a register tile and index arrays; TVM lowers any buffer it
     does not put on the stack to a TVMBackendAllocWorkspace call, which inside the time loop runs
@@ -176,7 +178,7 @@ def test_kernel_allocates_only_its_state_per_call():
 # --- the host's kernel on every tile path, against ONNX Runtime ----------------------------------
 
 @pytest.mark.parametrize("split", ["batch", "step"])
-@pytest.mark.parametrize("optional", [("B",), ALL_OPTIONAL], ids=["zero-state", "given-state"])
+@pytest.mark.parametrize("optional", one_fast([ALL_OPTIONAL, ("B",)]), ids=["given-state", "zero-state"])
 def test_tiles_at_one_step_and_wide_batches(tmp_path, optional, split):
     """Tiling changes below MR rows (one streaming step: T*B = 1) and h @ R is skipped at the first
     step without an initial state; a batch of 7 mixes full and partial tiles."""
@@ -184,7 +186,7 @@ def test_tiles_at_one_step_and_wide_batches(tmp_path, optional, split):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)), plan=plan)
 
 
-@pytest.mark.parametrize("hidden,split", [(24, "batch"), (28, "batch"), (30, "step")])
+@pytest.mark.parametrize("hidden,split", one_fast([(30, "step"), (24, "batch"), (28, "batch")], multi=True))
 def test_unit_blocks_full_and_narrow(tmp_path, hidden, split):
     """Hidden sizes whose last unit block is 8, 12 or 16 lanes wide with 16 lanes (8, 12 and 14 real
     units; a one-unit tail, full blocks only and a tail only are in test_isa_variant_against_float64),
@@ -194,7 +196,8 @@ def test_unit_blocks_full_and_narrow(tmp_path, hidden, split):
           shapes=((3, 7), (2, 13), (4, 2)), plan=plan)
 
 
-@pytest.mark.parametrize("threads,batches", [(1, (6, 7, 13, 16)), (3, (13, 20, 23)), (5, (7, 29))])
+@pytest.mark.parametrize("threads,batches",
+                         one_fast([(3, (13, 20, 23)), (1, (6, 7, 13, 16)), (5, (7, 29))], multi=True))
 def test_batch_shares_for_any_core_count(tmp_path, threads, batches):
     """With B >= MR and small weights each of the `threads` cores the kernel is made for runs the
     whole sequence for its own share of the batch rows, in tiles of MR and MS rows; the batches give
@@ -205,7 +208,7 @@ def test_batch_shares_for_any_core_count(tmp_path, threads, batches):
           shapes=tuple((3 + k % 3, b) for k, b in enumerate(batches)), plan=host_plan(threads=threads))
 
 
-@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("threads", one_fast([3, 1, 5]))
 def test_small_batch_shares_for_any_core_count(tmp_path, threads):
     """Below MR rows each of the `threads` cores keeps one share of the (row, unit block) items,
     walked backward at odd steps: shares that divide evenly, a short last one, a core with none."""
