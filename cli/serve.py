@@ -31,8 +31,26 @@ def cmd_serve(args) -> int:
     from serving.server import ServerConfig, create_app
     source = open_model(args.model)  # read once; a missing or broken model fails here, before any socket opens
     cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    _check_port(args.host, args.port)  # before the model loads: uvicorn would exit 3 with a log line
     app = create_app(source, cfg)
     print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
           f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    from common.errors import UserError
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host!r} does not resolve ({e.strerror}); e.g. --host 127.0.0.1") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None

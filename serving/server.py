@@ -8,6 +8,7 @@ take the server down for the others.
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -90,12 +91,14 @@ def create_app(model, cfg: ServerConfig | None = None):
         at = " at " + where if where else ""
         return _error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{at}")
 
+    # health and metrics are async and never block: they answer while every worker thread is busy
+    # with model work (a sync handler would queue behind generate requests)
     @app.get("/healthz")
-    def healthz():
+    async def healthz():
         return {"status": "ok", "open_streams": session.open_streams}
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     description = {  # described once, from the source the session read: the model does not change while served
@@ -144,20 +147,17 @@ def create_app(model, cfg: ServerConfig | None = None):
         body = _json_body(await request.body())
         if isinstance(body, Response):
             return body
-        prime, chars = body.get("prime"), body.get("chars", 200)
-        temperature, seed = body.get("temperature", 0.8), body.get("seed")
         if session.vocab is None:
             return _error(400, "no_vocabulary", "this model carries no vocabulary; export a char LM checkpoint")
-        if not isinstance(prime, str) or not prime:
-            return _error(400, "bad_request", "'prime' must be a non-empty string")
-        if not isinstance(chars, int) or not 0 <= chars <= cfg.max_generate:
-            return _error(400, "bad_request", f"'chars' must be an integer in [0, {cfg.max_generate}]")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            return _error(400, "bad_request", "'temperature' must be a number >= 0")
-        text = await run_in_threadpool(_generate, session, prime, chars, float(temperature), seed)
-        return {"text": text}
+        req = _generate_request(body, cfg.max_generate)
+        if isinstance(req, Response):
+            return req
+        return {"text": await run_in_threadpool(_generate, session, req.prime, req.chars, req.temperature, req.seed)}
 
     return app
+
+
+ROUTES = {"/healthz", "/metrics", "/v1/model", "/v1/streams", "/v1/generate"}
 
 
 class _BodyTooLarge(Exception):
@@ -183,12 +183,13 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         path = scope.get("path", "")
-        route = "/v1/streams/{id}" if path.startswith("/v1/streams/") else path
-        status = {"code": 500}
+        # labelled by route template, any other path as one label: metrics stay bounded
+        route = "/v1/streams/{id}" if path.startswith("/v1/streams/") else path if path in ROUTES else "other"
+        status = {"code": 500, "started": False}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         declared = dict(scope.get("headers", [])).get(b"content-length")
@@ -210,7 +211,14 @@ class BodyLimits:
             async def replay_receive():
                 return replay.pop() if replay else await receive()
 
-            await self.app(scope, replay_receive, send_wrapper)
+            try:
+                await self.app(scope, replay_receive, send_wrapper)
+            except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
+                logging.getLogger("lstm_export.serve").exception("unexpected error on %s", path)
+                if status["started"]:
+                    raise
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                await _error(500, "internal_error", why)(scope, receive, send_wrapper)
         self.record(route, status["code"], time.perf_counter() - t0)
 
     async def _read(self, receive) -> bytes:
@@ -228,12 +236,36 @@ class BodyLimits:
                 return b"".join(parts)
 
 
+MAX_DEPTH = 32  # nesting a request body may have: a chunk is 2 deep; deeper is an attack, not a request
+
+
 def _json_body(raw: bytes):
-    """The request's JSON object, or a 400 response naming what is wrong with it."""
+    """The request's JSON object, or a 400 response naming what is wrong with it: not JSON, NaN or
+    Infinity (not JSON either, though Python's parser takes them), nesting deeper than MAX_DEPTH
+    (the parser recurses), an integer too long to convert."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in (raw or b"").decode("utf-8", errors="replace"):  # bracket depth outside strings, before parsing
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    if deepest > MAX_DEPTH:
+        return _error(400, "malformed_json", f"body nests deeper than {MAX_DEPTH} levels")
     try:
-        body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return _error(400, "malformed_json", f"body is not valid JSON: {e}")
+        body = json.loads(raw or b"{}", parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        return _error(400, "malformed_json", f"body is not valid JSON: {str(e).splitlines()[0][:200]}")
     if not isinstance(body, dict):
         return _error(400, "malformed_json", "body must be a JSON object")
     return body
@@ -253,3 +285,28 @@ def _generate(session: StreamingSession, prime: str, chars: int, temperature: fl
         return prime + session.vocab.decode(ids)
     finally:
         session.close(sid)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value; send a finite number")
+
+
+def _generate_request(body: dict, max_generate: int):
+    """/v1/generate's body checked against its schema: a GenerateRequest, or a 400 naming the field."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    class GenerateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True)
+        prime: str = Field(min_length=1, max_length=10_000)
+        chars: int = Field(200, ge=0, le=max_generate)
+        temperature: float = Field(0.8, ge=0, le=100, allow_inf_nan=False)
+        seed: int | None = Field(None, ge=0, lt=2**63)
+
+    if isinstance(body.get("temperature"), int) and not isinstance(body["temperature"], bool):
+        body = dict(body, temperature=float(body["temperature"]))  # 1 is as good a temperature as 1.0
+    try:
+        return GenerateRequest(**body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(x) for x in first.get("loc", ())) or "body"
+        return _error(400, "bad_request", f"'{field}': {first.get('msg', 'invalid')}")

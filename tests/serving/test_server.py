@@ -139,3 +139,96 @@ def test_serve_cli_refuses_missing_or_non_onnx_model(cli, tmp_path):
     for p, msg in [(tmp_path / "missing.onnx", "does not exist"), (tmp_path / "bad.onnx", "not a valid ONNX model")]:
         r = cli("serve", p, "--port", "0")
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+BAD_GENERATE = [
+    ({"prime": "ab", "seed": "abc"}, "'seed'"), ({"prime": "ab", "seed": -1}, "'seed'"),
+    ({"prime": "ab", "seed": 1.5}, "'seed'"), ({"prime": "ab", "seed": 2**70}, "'seed'"),
+    ({"prime": "ab", "temperature": "hot"}, "'temperature'"), ({"prime": "ab", "temperature": -1}, "'temperature'"),
+    ({"prime": "ab", "chars": True}, "'chars'"), ({"prime": "ab", "chars": 5.0}, "'chars'"),
+    ({"prime": 7}, "'prime'"), ({"prime": "ab", "surprise": 1}, "'surprise'"),
+]
+
+
+@pytest.mark.parametrize("body,field", BAD_GENERATE)
+def test_generate_bodies_are_checked_against_a_schema(client, body, field):
+    r = client.post("/v1/generate", json=body)
+    _err(r, 400, "bad_request")
+    assert field in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b'{"prime": "ab", "temperature": NaN}', "NaN is not a JSON value"),
+    (b'{"prime": "ab", "temperature": Infinity}', "Infinity is not a JSON value"),
+    (b"[" * 100_000, "nests deeper than"),
+    (b'{"prime": "ab", "seed": ' + b"9" * 5000 + b"}", "not valid JSON"),
+])
+def test_json_that_python_would_accept_or_choke_on_is_a_400(lm_path, raw, why):
+    with TestClient(create_app(str(lm_path[1]), ServerConfig(max_body_bytes=10**6))) as client:
+        r = client.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+        _err(r, 400, "malformed_json")
+        assert why in r.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200  # and the server goes on
+
+
+def test_a_bug_is_a_counted_json_500_and_metrics_stay_bounded(client, monkeypatch):
+    session = client.app.state.session
+    monkeypatch.setattr(session, "feed_text", lambda *a: 1 / 0)
+    sid = client.post("/v1/streams").json()["stream_id"]
+    r = client.post(f"/v1/streams/{sid}", json={"text": "ab"})
+    _err(r, 500, "internal_error")
+    assert "ZeroDivisionError" in r.json()["error"]["message"]
+    for k in range(50):
+        client.get(f"/no/such/path/{k}")
+    m = client.get("/metrics").text
+    assert 'lstm_requests_total{route="/v1/streams/{id}",status="500"} 1.0' in m
+    assert 'route="other",status="404"} 50.0' in m and "/no/such" not in m
+
+
+def test_health_answers_while_every_worker_thread_is_busy(client, monkeypatch):
+    import threading
+    import time
+    gate = threading.Event()
+    session = client.app.state.session
+    real = session.feed_text
+    monkeypatch.setattr(session, "feed_text", lambda *a: (gate.wait(10), real(*a))[1])
+    sids = [client.post("/v1/streams").json()["stream_id"] for _ in range(3)]
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(60) as pool:  # more blocked requests than the server has worker threads
+        futures = [pool.submit(client.post, f"/v1/streams/{sids[k % 3]}", json={"text": "a"}) for k in range(50)]
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        assert time.perf_counter() - t0 < 1.0
+        gate.set()
+        assert all(f.result().status_code in (200, 429) for f in futures)
+
+
+def test_fuzzed_bodies_never_get_a_500(client):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                               lambda inner: st.lists(inner, max_size=4)
+                               | st.dictionaries(st.text(), inner, max_size=4),
+                               max_leaves=12)
+    bodies = st.dictionaries(st.sampled_from(["prime", "chars", "temperature", "seed", "text", "chunk", "x"]),
+                             json_values, max_size=4)
+    sid = client.post("/v1/streams").json()["stream_id"]
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=bodies, route=st.sampled_from(["/v1/generate", f"/v1/streams/{sid}"]))
+    def post(body, route):
+        r = client.post(route, json=body)
+        assert r.status_code in (200, 400, 404, 413, 429), (body, r.text)
+        assert r.headers["content-type"].startswith("application/json")
+
+    post()
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(cli_here, lm_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = cli_here("serve", lm_path[1], "--port", s.getsockname()[1])
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1:" in r.stderr and len(r.stderr.splitlines()) == 1
