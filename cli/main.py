@@ -66,7 +66,7 @@ def _configs_from_args(args):
 def cmd_train(args) -> int:
     from lstm_export import checkpoint as ckpt_io
     from lstm_export.data import default_corpus, read_text
-    from lstm_export.train import train
+    from lstm_export.train import text_sha256, train
     _positive(args, ["embed", "hidden", "layers", "bptt", "batch", "lr", "steps", "eval_every", "clip"])
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
@@ -92,9 +92,17 @@ def cmd_train(args) -> int:
                             "pass a larger --steps to continue")
     elif (out / "ckpt.pt").exists():
         raise UserError(f"{out / 'ckpt.pt'} exists; pass --resume to continue it or choose another --out")
-    text = read_text(args.text) if args.text else default_corpus()
+    _check_out_folder(out)
+    text_path = args.text
+    if resume is not None and resume.corpus and text_path is None:
+        text_path = resume.corpus.get("path")  # resume reads the text the run trained on
+    text = read_text(text_path) if text_path else default_corpus()
+    if resume is not None and resume.corpus and text_sha256(text) != resume.corpus.get("sha256"):
+        what, original = text_path or "the default corpus", resume.corpus.get("path") or "(the default corpus)"
+        raise UserError(f"{what} is not the text {out / 'ckpt.pt'} was trained on (its sha256 differs); "
+                        f"resume with the original: {original}")
     res = train(text, model_cfg, train_cfg, out, resume=resume, progress=not args.quiet,
-                save_all_ranks=args.save_all_ranks)
+                save_all_ranks=args.save_all_ranks, corpus_path=str(Path(text_path).resolve()) if text_path else None)
     if int(os.environ.get("RANK", "0")) == 0:
         state = "interrupted" if res.interrupted else "done"
         print(f"{state}: step {res.step}, {res.elapsed_s:.1f} s, train {res.train_loss:.4f} nats/char, "
@@ -104,6 +112,16 @@ def cmd_train(args) -> int:
         print(f"resume with: lstm-export train --out {out} --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_out_folder(out: Path) -> None:
+    """Before any training: --out must be a folder we can write (found at the first checkpoint, a
+    read-only or file --out had cost the training up to it)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; choose another folder")
 
 
 def cmd_sample(args) -> int:

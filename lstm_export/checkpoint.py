@@ -1,7 +1,9 @@
 """Checkpoints: written atomically, loaded with every failure turned into a one-line UserError."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +33,8 @@ class Checkpoint:
     optimizer_state: dict | None = None
     hidden: tuple | None = None  # the TBPTT state carried into the next window
     rng_state: torch.Tensor | None = None
-    history: list = field(default_factory=list)  # [{"step", "time_s", "train_loss", "val_loss"}]
+    history: list = field(default_factory=list)  # [{"step", "time_s", "train_loss", "val_loss", ...}]
+    corpus: dict | None = None  # {"path": the --text file or None (the default corpus), "sha256"}: for --resume
 
     def build_model(self) -> CharLM:
         model = CharLM(self.model_config, self.vocab)
@@ -54,18 +57,35 @@ def save(ckpt: Checkpoint, path: str | Path) -> None:
         "vocab": ckpt.vocab.chars, "model": ckpt.model_state, "step": ckpt.step,
         "elapsed_s": ckpt.elapsed_s, "optimizer": ckpt.optimizer_state,
         "hidden": list(ckpt.hidden) if ckpt.hidden is not None else None,
-        "rng_state": ckpt.rng_state, "history": ckpt.history,
+        "rng_state": ckpt.rng_state, "history": ckpt.history, "corpus": ckpt.corpus,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        # a full disk reaches torch.save as OSError(ENOSPC) or as its zip writer's RuntimeError
+        # ("unexpected pos ..."): name it plainly either way
+        if isinstance(e, (OSError, RuntimeError)) and (getattr(e, "errno", None) == errno.ENOSPC
+                                                       or shutil.disk_usage(path.parent).free < 1 << 20):
+            raise UserError(f"no space left on the device writing {path}; free some space and continue with "
+                            "--resume (the previous checkpoint is intact)") from None
         raise
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def remove_stale_temps(folder: str | Path, name: str = "ckpt.pt") -> list[Path]:
+    """Deletes what killed or failed writes of `name` left in `folder` (its .NAME.*.tmp files)."""
+    stale = list(Path(folder).glob(f".{name}.*{TMP_SUFFIX}"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -93,4 +113,4 @@ def load(path: str | Path) -> Checkpoint:
                         f"says {mc.vocab_size}; the file was edited or is corrupted")
     hidden = tuple(d["hidden"]) if d.get("hidden") is not None else None
     return Checkpoint(mc, tc, Vocab(d["vocab"]), d["model"], d["step"], d.get("elapsed_s", 0.0),
-                      d.get("optimizer"), hidden, d.get("rng_state"), d.get("history", []))
+                      d.get("optimizer"), hidden, d.get("rng_state"), d.get("history", []), d.get("corpus"))

@@ -128,7 +128,7 @@ def _init_distributed() -> _Dist:
 
 def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
           resume: ckpt_io.Checkpoint | None = None, progress: bool = True,
-          save_all_ranks: bool = False) -> TrainResult:
+          save_all_ranks: bool = False, corpus_path: str | None = None) -> TrainResult:
     """Trains (or resumes) a char LM on `text`, checkpointing atomically to OUT/ckpt.pt.
 
     Under torchrun (WORLD_SIZE > 1) each rank takes an equal share of the B streams and
@@ -163,9 +163,17 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model)
 
+    # where the text came from, so that --resume reads the same one (corpus_path None: the default)
+    source = {"path": corpus_path, "sha256": text_sha256(text)}
+
     def snapshot() -> ckpt_io.Checkpoint:
         return ckpt_io.Checkpoint(model_cfg, cfg, corpus.vocab, model.state_dict(), step, elapsed,
-                                  optimizer.state_dict(), hidden, torch.get_rng_state(), history)
+                                  optimizer.state_dict(), hidden, torch.get_rng_state(), history, source)
+
+    if dist_.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temps(out)  # left by a killed or failed write of an earlier run
+    saved_step = resume.step if resume is not None else None
 
     t0 = time.perf_counter()
     elapsed = elapsed0
@@ -191,6 +199,12 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
                 g["lr"] = lr
             logits, state = net(x, hidden)  # (b, bptt, V)
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            if _agree_to_stop(not math.isfinite(loss.item()), dist_):  # before the update: weights stay finite
+                bar.close()
+                kept = (f"the last good checkpoint, {out / 'ckpt.pt'} (step {saved_step}), is kept"
+                        if saved_step is not None else "no checkpoint was written")
+                raise UserError(f"the training loss became {loss.item()} at step {step + 1}; {kept}. "
+                                "Lower --lr (or --clip) and train again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -208,6 +222,7 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
                                 "val_loss": val_loss, "lr": lr,
                                 "chars_per_s": round(chars_done / max(time.perf_counter() - t0, 1e-9))})
                 ckpt_io.save(snapshot(), out / "ckpt.pt")
+                saved_step = step
             if save_all_ranks and last:
                 torch.save(model.state_dict(), out / f"weights-rank{dist_.rank}.pt")
             rate = chars_done / max(time.perf_counter() - t0, 1e-9)
@@ -224,6 +239,11 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
         dist.destroy_process_group()
     return TrainResult(out, step, elapsed, train_loss, val_loss,
                        chars_done / max(time.perf_counter() - t0, 1e-9), interrupted, history)
+
+
+def text_sha256(text: str) -> str:
+    import hashlib
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _agree_to_stop(local: bool, d: _Dist) -> bool:
