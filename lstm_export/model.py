@@ -58,11 +58,34 @@ def recur(xw: Tensor, w_hh: Tensor, h: Tensor, c: Tensor, mask: Tensor | None, r
     return torch.stack(outs), (h, c)  # (T, B, H)
 
 
+def _check_args(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0) -> None:
+    """torch.nn.RNNBase's argument checks, with its error types and messages: code that catches
+    torch's errors catches ours (and what torch accepts, we accept)."""
+    for name, v in (("bias", bias), ("batch_first", batch_first)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} should be of type bool, got: {type(v).__name__}")
+    for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} should be of type int, got: {type(v).__name__}")
+        if v <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                         "element being zeroed")
+
+
+def _check_dtype(x: Tensor, weight: Tensor, what: str, error=ValueError) -> None:
+    """torch's LSTM raises ValueError, its LSTMCell matmul's RuntimeError: the same types, our hint."""
+    if x.dtype != weight.dtype:
+        raise error(f"{what} input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). Convert "
+                         f"input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
+
+
 class LSTMCell(nn.Module):
     """Drop-in for torch.nn.LSTMCell: forward(input, (h, c)) -> (h', c')."""
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None):
-        super().__init__()
+        super().__init__()  # torch.nn.LSTMCell checks none of its arguments; neither do we
         kw = {"device": device, "dtype": dtype}
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bias
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **kw))
@@ -76,7 +99,7 @@ class LSTMCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)  # torch's default for recurrent layers
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0  # torch's default
         for p in self.parameters():
             nn.init.uniform_(p, -bound, bound)
 
@@ -84,13 +107,23 @@ class LSTMCell(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: expected input of shape (B, {self.input_size}) or ({self.input_size},), "
                              f"got {tuple(input.shape)}")
+        _check_dtype(input, self.weight_ih, "LSTMCell", RuntimeError)
         batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)  # (B, I)
         if hx is None:
             z = x.new_zeros(x.shape[0], self.hidden_size)
             h, c = z, z
         else:
+            for k, s in enumerate(hx):
+                if s.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{k}] to be 1D or 2D, got {s.dim()}D instead")
             h, c = (s if batched else s.unsqueeze(0) for s in hx)
+            for k, s in enumerate((h, c)):  # torch's checks and error types: a state is never broadcast
+                if s.dim() != 2 or s.shape[0] != x.shape[0]:
+                    raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{k} batch size {s.shape[0]}")
+                if s.shape[1] != self.hidden_size:
+                    raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {s.shape[1]}, "
+                                       f"expected {self.hidden_size}")
         gates = x @ self.weight_ih.t() + h @ self.weight_hh.t()  # (B, 4H)
         if self.bias:
             gates = gates + self.bias_ih + self.bias_hh
@@ -114,10 +147,7 @@ class LSTM(nn.Module):
         if proj_size:
             raise UserError(f"{type(self).__name__}: proj_size={proj_size} is not supported; "
                             "use proj_size=0 (or torch.nn.LSTM for projected LSTMs)")
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-        if num_layers < 1 or hidden_size < 1:
-            raise ValueError("num_layers and hidden_size must be positive")
+        _check_args(input_size, hidden_size, num_layers, bias, batch_first, dropout)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bidirectional, 0
@@ -193,6 +223,7 @@ class LSTM(nn.Module):
                 x = x.transpose(0, 1)  # (T, B, I)
         if x.shape[-1] != self.input_size:
             raise ValueError(f"input.size(-1) must be {self.input_size}, got {x.shape[-1]}")
+        _check_dtype(x, self.weight_ih_l0, "RNN")
         T, B = x.shape[0], x.shape[1]
         L, D, H = self.num_layers, self.num_directions, self.hidden_size
 
