@@ -129,13 +129,18 @@ def _add_random_args(p: argparse.ArgumentParser) -> None:
 def cmd_export(args) -> int:
     from lstm_export import checkpoint as ckpt_io
     from lstm_export.export import export_onnx
+    out = Path(args.out)
+    if args.mode == "all" and out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; --mode all writes a folder")
+    if args.mode != "all" and out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the .onnx file to write (or use --mode all)")
+    _check_writable(out / "model.native.onnx" if args.mode == "all" else out)  # before loading anything
     ck = ckpt_io.load(args.checkpoint)
     model = ck.build_model()
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.mode == "all" and ck.model_config.cell == "layernorm":
         print("note: a LayerNorm LSTM has no native ONNX op; exporting the unrolled graph only")
         modes = ("unrolled",)
-    out = Path(args.out)
     for mode in modes:
         path = out / f"model.{mode}.onnx" if args.mode == "all" else out
         seq_len = args.seq_len or (64 if mode == "unrolled" and args.mode == "all" else None)

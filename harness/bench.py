@@ -74,9 +74,11 @@ class Shape:
         """'T,B,I,H[,layers]'."""
         try:
             parts = [int(p) for p in text.split(",")]
-            return cls(*parts)
-        except (TypeError, ValueError):
-            raise UserError(f"--shape expects T,B,I,H[,layers] as integers, got {text!r}") from None
+        except ValueError:
+            parts = []
+        if len(parts) not in (4, 5) or min(parts) < 1 or max(parts) > 1_000_000:
+            raise UserError(f"--shape expects T,B,I,H[,layers]: 4 or 5 integers from 1 to 1000000, got {text!r}")
+        return cls(*parts)
 
 
 DEFAULT_SHAPES = [Shape(50, 128, 20, 100), Shape(32, 1, 128, 256), Shape(64, 64, 256, 512), Shape(1, 1, 256, 256, 2),

@@ -104,6 +104,9 @@ def load(path: str | Path) -> Checkpoint:
         raise UserError(f"{path} is not an lstm-export checkpoint; pass a file written by `lstm-export train`")
     if d.get("version") != VERSION:
         raise UserError(f"{path} is checkpoint format v{d.get('version')}, this version reads v{VERSION}")
+    missing = [k for k in ("model_config", "train_config", "vocab", "model", "step") if k not in d]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was edited or made by another program")
     try:
         mc, tc = ModelConfig(**d["model_config"]), TrainConfig(**d["train_config"])
     except TypeError as e:

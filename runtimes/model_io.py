@@ -9,8 +9,8 @@ import numpy as np
 
 from common.errors import UserError
 
-_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-               9: np.bool_, 10: np.float16, 11: np.float64}
+_ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,14 @@ def load_onnx(path: str | Path):
     return model
 
 
+def onnx_dtype_name(elem_type: int) -> str:
+    import onnx
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type).lower()
+    except ValueError:
+        return f"type {elem_type}"
+
+
 def _specs(values, initializers=()) -> list[TensorSpec]:
     skip = set(initializers)
     out = []
@@ -47,6 +55,11 @@ def _specs(values, initializers=()) -> list[TensorSpec]:
         if v.name in skip:
             continue
         tt = v.type.tensor_type
+        if not v.type.HasField("tensor_type") or tt.elem_type not in _ONNX_TO_NP:
+            kind = v.type.WhichOneof("value") or "unknown"
+            what = onnx_dtype_name(tt.elem_type) if kind == "tensor_type" else kind
+            raise UserError(f"{v.name!r} is a {what} value; lstm-export runs models whose inputs and outputs are "
+                            f"numeric tensors ({', '.join(sorted({np.dtype(t).name for t in _ONNX_TO_NP.values()}))})")
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
         out.append(TensorSpec(v.name, np.dtype(_ONNX_TO_NP.get(tt.elem_type, np.float32)), dims))
     return out
