@@ -52,7 +52,12 @@ def open_database(db_dir: str | Path, create: bool = False):
     if not create and not all(f.is_file() for f in files):
         return None
     if not create:  # read-only use: one parse per file version and process (compile reads it every time)
-        return _read_only(*(str(f.resolve()) for f in files), *(f.stat().st_mtime_ns for f in files))
+        try:
+            return _read_only(*(str(f.resolve()) for f in files), *(f.stat().st_mtime_ns for f in files))
+        except Exception as e:  # TVM's parser raises RuntimeError from its C++ side for any bad line
+            why = str(e).strip().splitlines()[-1][:160] if str(e).strip() else type(e).__name__
+            raise UserError(f"{d} is not a readable MetaSchedule database ({why}); remove it, or pass "
+                            "--tuning-db none to compile without one") from None
     d.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(path_workload=str(files[0]), path_tuning_record=str(files[1]),
                                     allow_missing=True)

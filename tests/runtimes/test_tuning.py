@@ -116,6 +116,13 @@ def test_bad_tuning_arguments_say_what_to_do(cli, tmp_path):
     assert r.returncode == 2 and "argument --trials: must be an integer at least 1, got 0" in r.stderr
     r = cli("compile", path, "--out", tmp_path / "o", "--target", "cuda", "--tune")
     assert r.returncode != 0 and "--tune works with llvm targets only" in r.stderr
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for f in ("database_workload.json", "database_tuning_record.json"):
+        (garbage / f).write_text("not json\n")
+    r = cli("compile", path, "--out", tmp_path / "o", "--tuning-db", garbage)
+    assert r.returncode == 2 and "is not a readable MetaSchedule database" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_the_committed_database_serves_the_benchmark_shapes(tmp_path):
