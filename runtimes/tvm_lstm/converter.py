@@ -230,18 +230,21 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
 
 @contextlib.contextmanager
 def lstm_registered(cuda: bool = False, plan=None):
-    """Within this block TVM's ONNX importer knows LSTM (TVM's files are not touched); CPU kernels
-    are laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only).
+    """Within this block TVM's ONNX importer knows LSTM, and its Gather checks indices on the CPU
+    (safe_gather.py); TVM's files are not touched. CPU kernels are laid out by `plan` (a
+    cpu_plan.KernelPlan; None: the portable TIR loop only).
 
     TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
     getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
+    from .safe_gather import SafeGather
     converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
+    gather = type("Gather", (SafeGather,), {"cuda": cuda})
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 
         def with_lstm():
             table = dict(original())
-            table["LSTM"] = converter
+            table["LSTM"], table["Gather"] = converter, gather
             return table
 
         onnx_frontend._get_convert_map = with_lstm
