@@ -32,6 +32,9 @@ def add_commands(sub) -> None:
                    help="cores the llvm target is laid out for (default: the target's num-cores, else this machine's)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace a compiled model already in --out")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
+                   help="fix a symbolic dimension before the graph is simplified (for shape arithmetic "
+                        "that reads it); the others stay symbolic")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument(
@@ -156,8 +159,9 @@ def cmd_compile(args) -> int:
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
+    from runtimes.model_io import parse_dims
     compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
-                            tune_trials=args.trials if args.tune else 0)
+                            tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim))
     lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:

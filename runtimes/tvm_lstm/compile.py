@@ -5,7 +5,10 @@ and returns the graph outputs in graph order, and DIR/meta.json describing them.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -25,12 +28,25 @@ def import_onnx(model, cuda: bool = False, plan=None):
     from tvm.relax.frontend.onnx import from_onnx
 
     from .converter import lstm_registered
+    printed = io.StringIO()  # the frontend prints "Error converting operator X, with inputs: ..." itself
     try:
-        with lstm_registered(cuda, plan):
+        with lstm_registered(cuda, plan), contextlib.redirect_stdout(printed):
             return from_onnx(model, keep_params_in_input=False)
     except tvm.error.OpNotImplemented as e:
         ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
         raise UserError(f"TVM cannot import this model: no converter for operator(s) {ops}") from None
+    except UserError:
+        raise
+    except Exception as e:  # one line: the op, the node, TVM's reason
+        found = re.search(r"Error converting operator (\w+)", printed.getvalue())
+        op = found.group(1) if found else None
+        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+        where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
+                 f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        hint = ("; if it comes from shape arithmetic on a symbolic dimension, fix that dimension with "
+                "`lstm-export compile --dim NAME=N`" if "ynamic" in why else "")
+        raise UserError(f"TVM cannot import {where}: {why}{hint}") from None
 
 
 def legalize_cpu(mod, target):
@@ -107,7 +123,8 @@ def owned_outputs(main) -> list[bool]:
 
 def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, target: str = "llvm",
                  arch: str = "sm_90", threads: int | None = None, tuning_db: str | Path | None = None,
-                 tune_trials: int = 0, progress: bool = True, plan=None) -> CompiledModel:
+                 tune_trials: int = 0, progress: bool = True, plan=None,
+                 dims: dict[str, int] | None = None) -> CompiledModel:
     """Compiles an ONNX model; writes OUT/model.so (or, cross-compiled with no linker for that
     architecture here, OUT/model.tar of objects), OUT/meta.json and OUT/model.onnx (the source, so
     every runtime can run the folder); returns the CompiledModel.
@@ -125,11 +142,17 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
             core count, when there is one; see tuning.py). "none" compiles without one.
         tune_trials: > 0 first tunes this model's kernels into tuning_db with that many trials.
         plan: the CPU kernel's cpu_plan.KernelPlan (default: plan_for(target)); tests pass their own.
+        dims: sizes for named symbolic dims, fixed before the graph is simplified (simplify.py);
+            the others stay symbolic.
     """
     import tvm
     from tvm.target import codegen
+
+    from .simplify import needs_simplifying, simplify
     source = open_model(model_path)
     model = source.onnx()
+    if dims or needs_simplifying(model):  # shape arithmetic TVM's importer cannot take: folded first
+        model = simplify(model, dims)
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
     if kind != "llvm":
@@ -167,6 +190,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         "source": str(source.path),
         "onnx_sha256": source.digest,
         "index_bounds": source.index_bounds,
+        "dims": dict(dims or {}),
         "compile_s": round(time.perf_counter() - t0, 3),
         "tuning_db": str(db_dir) if db is not None else None,
         "kernels_from_db": from_db,

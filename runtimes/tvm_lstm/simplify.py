@@ -1,0 +1,119 @@
+"""Simplify an exported graph before TVM imports it: fold the shape arithmetic exporters emit.
+
+torch.onnx.export writes `F.pad(x, (0, (4 - x.shape[-1] % 4) % 4))` as Shape -> Gather -> Mod ->
+Sub -> ... -> Pad: constant for the static dims of the input, but TVM's importer sees a computed
+`pads` and stops ("Dynamic pads are not supported yet"). ONNX Runtime folds it away at load time.
+
+Two steps:
+1. Picks of static dims are made constants: `Gather(Shape(x), k)` and `Shape(x, start, end)` where
+   shape inference (with data propagation) knows those dims of x. No library does this while other
+   dims stay symbolic: onnxscript's optimizer and ORT's offline basic level (both tried) fold a
+   Shape only when every dim is known, so a dynamic batch axis blocks the whole chain.
+2. onnxscript's optimizer (already a dependency, maintained with the ONNX exporter, and it writes
+   standard ops only, where ORT's offline output may use its contrib ops) folds the constant
+   arithmetic that follows and removes what is left unused.
+Symbolic dims stay symbolic; `dims` (compile --dim NAME=N) fixes named ones first, for graphs whose
+shape arithmetic reads a dim that is symbolic.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def needs_simplifying(model) -> bool:
+    return any(n.op_type in SHAPE_OPS for n in model.graph.node)
+
+
+def simplify(model, dims: dict[str, int] | None = None):
+    """A simplified copy of `model` (see the module docstring); the input is not changed."""
+    import onnx
+    import onnxscript.optimizer
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for v in m.graph.input:
+        for d in v.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param in (dims or {}):
+                d.dim_value = dims[d.dim_param]
+    for _ in range(4):  # a folded chain can expose the next Shape (of a value that became constant)
+        m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+        if not _fold_static_shape_picks(m):
+            break
+        m = onnxscript.optimizer.optimize(m)
+    return onnxscript.optimizer.optimize(m)
+
+
+def _known_dims(model) -> dict[str, list]:
+    """Value name -> its dims (int, or None where symbolic), for every value shape inference typed."""
+    out = {}
+    g = model.graph
+    for v in [*g.input, *g.value_info, *g.output]:
+        t = v.type.tensor_type
+        if t.HasField("shape"):
+            out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    for init in g.initializer:
+        out[init.name] = list(init.dims)
+    return out
+
+
+def _fold_static_shape_picks(model) -> int:
+    """Replaces picks of static dims by constants, in place; returns how many."""
+    from onnx import helper, numpy_helper
+    g = model.graph
+    dims = _known_dims(model)
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    shapes = {}  # Shape output -> the dims it reports
+    for n in g.node:
+        if n.op_type == "Shape" and n.input[0] in dims:
+            full = dims[n.input[0]]
+            attrs = {a.name: a.i for a in n.attribute}
+            start, end = attrs.get("start", 0), attrs.get("end", len(full))
+            shapes[n.output[0]] = full[slice(start, end)]
+    folded = {}  # node position -> its constant value (positions: protobuf hands out fresh wrappers)
+    for i, n in enumerate(g.node):
+        if n.op_type == "Shape" and n.output[0] in shapes and None not in shapes[n.output[0]]:
+            folded[i] = [np.array(shapes[n.output[0]], np.int64)]
+        elif n.op_type == "Gather" and n.input[0] in shapes and n.input[1] in consts:
+            picked = np.take(np.array(shapes[n.input[0]], dtype=object), consts[n.input[1]].astype(np.int64))
+            if not any(v is None for v in np.atleast_1d(picked)):
+                folded[i] = [np.array(picked, np.int64)]
+        elif n.op_type in FOLDABLE and n.domain in ("", "ai.onnx") and n.input \
+                and all(x in consts for x in n.input if x):
+            outs = _evaluate(model, n, consts)
+            if outs is not None:
+                folded[i] = outs
+        for out, value in zip(g.node[i].output, folded.get(i, [])):
+            consts[out] = value  # later nodes of the chain fold in the same pass
+    for i, values in sorted(folded.items(), reverse=True):
+        node = g.node[i]
+        g.node.remove(node)
+        for k, (out, value) in enumerate(zip(node.output, values)):
+            g.node.insert(i + k, helper.make_node("Constant", [], [out],
+                                                  value=numpy_helper.from_array(np.asarray(value), out + "_folded")))
+    return len(folded)
+
+
+# shape arithmetic: cheap, deterministic ops whose results on constants are small
+FOLDABLE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Cast", "Concat", "Unsqueeze", "Squeeze",
+            "Reshape", "Slice", "Transpose", "ConstantOfShape", "Range", "Expand", "Equal", "Where", "Less",
+            "Greater", "Not", "And", "Or", "Identity", "Floor", "Ceil"}
+MAX_FOLDED = 4096  # elements: no op here may turn a small constant into a large one
+
+
+def _evaluate(model, node, consts) -> list | None:
+    """The node's outputs on constant inputs (onnx's reference evaluator), or None if too large."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+    names = list(dict.fromkeys(x for x in node.input if x))
+    outputs = [helper.make_empty_tensor_value_info(o) for o in node.output]
+    graph = helper.make_graph([node], "fold", [], outputs,
+                              [numpy_helper.from_array(np.asarray(consts[x]), x) for x in names])
+    try:
+        outs = ReferenceEvaluator(helper.make_model(graph, opset_imports=model.opset_import)).run(None, {})
+    except Exception:  # an op the evaluator cannot run here: leave it to TVM
+        return None
+    return outs if all(np.asarray(o).size <= MAX_FOLDED for o in outs) else None

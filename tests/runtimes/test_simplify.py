@@ -1,0 +1,69 @@
+"""Models exported by torch.onnx (TorchScript exporter) with padding computed from the input's
+shape compile through TVM after simplification. Oracle: ONNX Runtime on the unsimplified model."""
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("tvm")
+
+from runtimes.base import get_runtime  # noqa: E402
+from runtimes.tvm_lstm.simplify import simplify  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+class ConvLSTM(torch.nn.Module):
+    """A speech-style front end: pad the length to a multiple of 4 (computed from x.shape), conv, LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 8, 3)
+        self.lstm = torch.nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, x):  # (B, 3, L)
+        x = F.pad(x, (0, (4 - x.shape[-1] % 4) % 4))
+        return self.lstm(self.conv(x).transpose(1, 2))[0]
+
+
+def _export(path, dynamic):
+    torch.manual_seed(0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on LSTM batch sizes
+        torch.onnx.export(ConvLSTM().eval(), (torch.randn(2, 3, 10),), path, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": dynamic, "y": {0: "batch"}}, dynamo=False, opset_version=17)
+    return path
+
+
+def _ort(path, x):
+    with get_runtime("ort-cpu") as rt:
+        rt.prepare(path)
+        return rt.run({"x": x})["y"]
+
+
+def test_padding_from_a_static_dim_folds_and_the_batch_stays_symbolic(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = _export(tmp_path / "m.onnx", {0: "batch"})
+    ops = {n.op_type for n in simplify(onnx.load(path)).graph.node}
+    assert "Pad" not in ops and "Mod" not in ops  # the shape arithmetic is gone
+    with get_runtime("tvm-llvm") as rt:
+        rt.prepare(path)
+        for batch in (1, 3):  # one artifact, any batch
+            x = np.random.default_rng(batch).standard_normal((batch, 3, 10)).astype(np.float32)
+            np.testing.assert_allclose(rt.run({"x": x})["y"], _ort(path, x), rtol=1e-3, atol=1e-4)
+
+
+def test_padding_from_a_symbolic_dim_needs_it_fixed(cli_here, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = _export(tmp_path / "m.onnx", {0: "batch", 2: "length"})
+    r = cli_here("compile", path, "--out", tmp_path / "plain")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", (r.stdout, r.stderr)
+    assert "TVM cannot import Pad node '/Pad'" in r.stderr and "Dynamic pads" in r.stderr and "--dim" in r.stderr
+    r = cli_here("compile", path, "--out", tmp_path / "fixed", "--dim", "length=10")
+    assert r.returncode == 0, r.stderr
+    x = np.random.default_rng(0).standard_normal((2, 3, 10)).astype(np.float32)
+    with get_runtime("tvm-llvm") as rt:
+        rt.prepare(tmp_path / "fixed")
+        np.testing.assert_allclose(rt.run({"x": x})["y"], _ort(path, x), rtol=1e-3, atol=1e-4)
