@@ -228,7 +228,6 @@ def _bench_model(args) -> int:
     """`bench MODEL`: the user's model on every runtime named, checked equal, then timed."""
     from harness.bench import plot
     from harness.model_bench import bench_model
-    from runtimes.model_io import check_feeds
     from runtimes.source import open_model
     if args.shape or args.only_shapes or args.entries or args.target:
         raise UserError("--shape, --only-shapes, --entries and --target time the LSTM shapes; with MODEL use "
@@ -237,7 +236,7 @@ def _bench_model(args) -> int:
     names = _runtime_names(args)
     reference = args.reference or names[0]
     feeds, _ = _feeds(args, source)
-    check_feeds(source.inputs, feeds, source.index_bounds)
+    source.check_feeds(feeds)
     rts = [_runtime(n, None, args.no_cache) for n in dict.fromkeys([reference, *names])]
     report = bench_model(source, rts, feeds, reference=rts[0], min_s=args.min_s, rounds=args.rounds,
                          threads=args.threads or 0)
@@ -288,12 +287,12 @@ def _check_writable(*paths) -> None:
 
 
 def cmd_run(args) -> int:
-    from runtimes.model_io import check_feeds, save_outputs
+    from runtimes.model_io import save_outputs
     from runtimes.source import open_model
     _check_writable(args.outputs)
     source = open_model(args.model)
     feeds, _ = _feeds(args, source)
-    check_feeds(source.inputs, feeds, source.index_bounds, args.allow_nonfinite)  # before any compiling
+    source.check_feeds(feeds, args.allow_nonfinite)  # before any compiling
     with _runtime(args.runtime, args.checkpoint, args.no_cache) as rt:
         rt.prepare(source, allow_nonfinite=args.allow_nonfinite)
         outputs = rt.run(feeds)

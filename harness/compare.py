@@ -16,7 +16,6 @@ from common.agreement import OutputError, outputs_error
 from common.errors import UserError
 from common.plotting import figure
 from runtimes.base import Runtime, get_runtime
-from runtimes.model_io import check_feeds
 from runtimes.source import open_model
 
 
@@ -100,7 +99,7 @@ def compare(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarray],
         allow_nonfinite: run NaN/Inf inputs instead of refusing them.
     """
     source = open_model(model)
-    check_feeds(source.inputs, feeds, source.index_bounds, allow_nonfinite)
+    source.check_feeds(feeds, allow_nonfinite)
     rts = [get_runtime(r) if isinstance(r, str) else r for r in runtimes]
     ref_rt = rts[0] if reference is None else (get_runtime(reference) if isinstance(reference, str) else reference)
     others = [r for r in rts if r is not ref_rt]

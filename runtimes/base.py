@@ -10,8 +10,6 @@ import numpy as np
 
 from common.errors import UserError
 
-from .model_io import check_feeds
-
 
 @dataclass(frozen=True)
 class Availability:
@@ -86,7 +84,7 @@ class Runtime(ABC):
         if not self._prepared:
             raise UserError(f"{self.name}: call prepare(model) before run()")
         if self.source is not None:
-            check_feeds(self.source.inputs, feeds, self.source.index_bounds, self.allow_nonfinite)
+            self.source.check_feeds(feeds, self.allow_nonfinite)
         return self.run_checked(feeds)
 
     def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

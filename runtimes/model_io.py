@@ -82,14 +82,17 @@ def metadata(model) -> dict:
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: dict[str, int] | None = None,
-                allow_nonfinite: bool = False) -> None:
+                allow_nonfinite: bool = False, lengths: dict[str, list] | None = None) -> None:
     """The runtime contract's feed check, once per run; raises UserError naming the first problem.
 
     Names, dtypes, ranks, fixed and symbolic dims against the graph's declared inputs; no empty
     dimension (an empty batch or zero time steps has nothing to compute, and runtimes disagree on
     what to return: ORT aborts the process, OpenVINO returns uninitialised memory); index inputs
     within their table (`bounds`: out of range, TVM reads past the table or crashes); no NaN or Inf
-    unless `allow_nonfinite` (runtimes disagree on what NaN state gives: some NaN, some finite).
+    unless `allow_nonfinite` (runtimes disagree on what NaN state gives: some NaN, some finite);
+    sequence lengths (`lengths`: input -> [the X input it measures, its time axis]) in [1, T], as
+    torch requires (ORT refuses lengths past T, TVM and OpenVINO ran them; OpenVINO got a zero
+    length wrong).
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in feeds]
@@ -123,6 +126,14 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
         if np.issubdtype(a.dtype, np.floating) and not allow_nonfinite and not np.isfinite(a).all():
             raise UserError(f"input {s.name} holds {int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} Inf "
                             "values; fix the input, or pass --allow-nonfinite (allow_nonfinite=True) to run it")
+        if s.name in (lengths or {}):
+            x_name, axis = lengths[s.name]
+            t = feeds[x_name].shape[axis] if x_name in feeds and feeds[x_name].ndim > axis else None
+            t = t if t is not None else next((v for k, (v, _) in bound.items() if k == "time"), None)
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 1 or (t is not None and hi > t):
+                raise UserError(f"input {s.name} holds sequence lengths {lo}..{hi}, outside [1, {t if t else 'T'}]"
+                                f"{f' (the {t} time steps given)' if t else ''}; every sequence needs 1 to T steps")
         n = (bounds or {}).get(s.name)
         if n is not None and np.issubdtype(a.dtype, np.integer):
             lo, hi = int(a.min()), int(a.max())
@@ -159,6 +170,22 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
             raise UserError(f"--dim expects name=positive_int, got {item!r}")
         dims[name.strip()] = int(value)
     return dims
+
+
+RNN_OPS = {"LSTM": 4, "GRU": 4, "RNN": 4}  # op -> the position of its sequence_lens input
+
+
+def length_inputs(model) -> dict[str, list]:
+    """Graph inputs used as an RNN node's sequence_lens -> [its X when X is a graph input (else ""),
+    X's time axis]. Without X among the inputs, T comes from a dim named 'time'."""
+    graph_inputs = {i.name for i in model.graph.input}
+    out = {}
+    for node in model.graph.node:
+        k = RNN_OPS.get(node.op_type)
+        if k is not None and len(node.input) > k and node.input[k] in graph_inputs:
+            layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+            out[node.input[k]] = [node.input[0] if node.input[0] in graph_inputs else "", 1 if layout else 0]
+    return out
 
 
 def index_bounds(model) -> dict[str, int]:

@@ -73,7 +73,7 @@ class OrtCpuRuntime(Runtime):
             so.inter_op_num_threads = 1
         if not self.optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # fatal only: a failed run is raised (and reported once) by us, not logged
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix

@@ -13,7 +13,16 @@ import numpy as np
 
 from common.errors import UserError
 
-from .model_io import TensorSpec, index_bounds, input_specs, load_onnx, metadata, output_specs
+from .model_io import (
+    TensorSpec,
+    check_feeds,
+    index_bounds,
+    input_specs,
+    length_inputs,
+    load_onnx,
+    metadata,
+    output_specs,
+)
 
 SOURCE_ONNX = "model.onnx"  # the copy of its ONNX model a compiled folder keeps
 
@@ -55,6 +64,7 @@ class ModelSource:
     compiled: CompiledModel | None = None
     digest: str = ""  # sha256 of the ONNX bytes: the compile cache's key
     index_bounds: dict[str, int] = field(default_factory=dict)  # index input -> rows of its table
+    length_inputs: dict[str, list] = field(default_factory=dict)  # sequence_lens input -> [X input, time axis]
 
     @property
     def input_names(self) -> list[str]:
@@ -63,6 +73,10 @@ class ModelSource:
     @property
     def output_names(self) -> list[str]:
         return [s.name for s in self.outputs]
+
+    def check_feeds(self, feeds: dict[str, np.ndarray], allow_nonfinite: bool = False) -> None:
+        """The runtime contract's feed check against this model (model_io.check_feeds)."""
+        check_feeds(self.inputs, feeds, self.index_bounds, allow_nonfinite, self.length_inputs)
 
     def metadata(self) -> dict:
         return metadata(self.proto) if self.proto is not None else {}
@@ -88,7 +102,8 @@ def open_model(path: str | Path | ModelSource) -> ModelSource:
         specs = [[TensorSpec(s["name"], np.dtype(s["dtype"]), tuple(s["shape"])) for s in compiled.meta[k]]
                  for k in ("inputs", "outputs")]
         return ModelSource(path, *specs, compiled=compiled, digest=compiled.meta.get("onnx_sha256", ""),
-                           index_bounds=compiled.meta.get("index_bounds", {}))
+                           index_bounds=compiled.meta.get("index_bounds", {}),
+                           length_inputs=compiled.meta.get("length_inputs", {}))
     return _from_onnx(path, path, None)
 
 
@@ -96,4 +111,4 @@ def _from_onnx(path: Path, onnx_path: Path, compiled: CompiledModel | None) -> M
     proto = load_onnx(onnx_path)
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     return ModelSource(path, input_specs(proto), output_specs(proto), proto, onnx_path, compiled, digest,
-                       index_bounds(proto))
+                       index_bounds(proto), length_inputs(proto))

@@ -190,6 +190,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         "source": str(source.path),
         "onnx_sha256": source.digest,
         "index_bounds": source.index_bounds,
+        "length_inputs": source.length_inputs,
         "dims": dict(dims or {}),
         "compile_s": round(time.perf_counter() - t0, 3),
         "tuning_db": str(db_dir) if db is not None else None,
