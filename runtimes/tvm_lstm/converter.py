@@ -46,15 +46,16 @@ def _decode(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
-def _cell_specs(attr: dict, hidden: int, num_dirs: int, node: str, has_lens: bool) -> list[CellSpec]:
-    """One CellSpec per direction from activations / alpha / beta / clip / input_forget."""
-    acts = [_decode(a) for a in attr.get("activations", ())] or list(DEFAULT_ACTIVATIONS) * num_dirs
-    if len(acts) != 3 * num_dirs:
-        raise UserError(f"LSTM node {node!r}: activations lists {len(acts)} functions, expected {3 * num_dirs} "
-                        f"(f, g, h per direction)")
+def activation_triples(attr: dict, per_dir: int, num_dirs: int, defaults: tuple, op: str, node: str) -> list:
+    """(name, alpha, beta) for every activation of every direction, from activations /
+    activation_alpha / activation_beta (LSTM: f, g, h per direction; GRU: f, g; RNN: f)."""
+    acts = [_decode(a) for a in attr.get("activations", ())] or list(defaults) * num_dirs
+    if len(acts) != per_dir * num_dirs:
+        raise UserError(f"{op} node {node!r}: activations lists {len(acts)} functions, expected "
+                        f"{per_dir * num_dirs} ({per_dir} per direction)")
     for a in acts:
         if a.lower() not in {s.lower() for s in SUPPORTED_ACTIVATIONS}:
-            raise UserError(f"LSTM node {node!r}: activation {a!r} is not an ONNX RNN activation; "
+            raise UserError(f"{op} node {node!r}: activation {a!r} is not an ONNX RNN activation; "
                             f"use one of {', '.join(SUPPORTED_ACTIVATIONS)}")
     alphas, betas = list(attr.get("activation_alpha", ())), list(attr.get("activation_beta", ()))
     # alpha/beta are consumed in order by the activations that take them, as ONNX Runtime does.
@@ -65,6 +66,12 @@ def _cell_specs(attr: dict, hidden: int, num_dirs: int, node: str, has_lens: boo
         alpha = alphas.pop(0) if a.lower() in takes_alpha and alphas else None
         beta = betas.pop(0) if a.lower() in takes_beta and betas else None
         triples.append((a, alpha, beta))
+    return triples
+
+
+def _cell_specs(attr: dict, hidden: int, num_dirs: int, node: str, has_lens: bool) -> list[CellSpec]:
+    """One CellSpec per direction from activations / alpha / beta / clip / input_forget."""
+    triples = activation_triples(attr, 3, num_dirs, DEFAULT_ACTIVATIONS, "LSTM", node)
     clip = attr.get("clip")
     direction = _decode(attr.get("direction", "forward"))
     specs = []
@@ -230,21 +237,23 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
 
 @contextlib.contextmanager
 def lstm_registered(cuda: bool = False, plan=None):
-    """Within this block TVM's ONNX importer knows LSTM, and its Gather checks indices on the CPU
+    """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather checks indices on the CPU
     (safe_gather.py); TVM's files are not touched. CPU kernels are laid out by `plan` (a
     cpu_plan.KernelPlan; None: the portable TIR loop only).
 
     TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
     getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
+    from .gru_rnn import GRU, RNN
     from .safe_gather import SafeGather
     converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
     gather = type("Gather", (SafeGather,), {"cuda": cuda})
+    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda}) for c in (GRU, RNN))
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 
         def with_lstm():
             table = dict(original())
-            table["LSTM"], table["Gather"] = converter, gather
+            table["LSTM"], table["Gather"], table["GRU"], table["RNN"] = converter, gather, gru, rnn
             return table
 
         onnx_frontend._get_convert_map = with_lstm

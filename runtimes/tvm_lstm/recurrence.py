@@ -77,9 +77,12 @@ class CellSpec:
 class GateMath:
     """The per-unit LSTM update on PrimExprs, shared by the CPU and the CUDA loops."""
 
-    def __init__(self, spec: CellSpec):
+    def __init__(self, spec):
+        """spec: a CellSpec, or any spec with clip, reverse and has_lens (the GRU and RNN loops use
+        the clip, length and step-index rules only)."""
         self.spec = spec
-        self.f, self.g, self.h = (activation(*a) for a in (spec.f, spec.g, spec.h))
+        if isinstance(spec, CellSpec):
+            self.f, self.g, self.h = (activation(*a) for a in (spec.f, spec.g, spec.h))
 
     def clip(self, x):
         c = self.spec.clip

@@ -10,14 +10,11 @@ from runtimes.base import Availability, Runtime, RuntimeFailure
 from runtimes.ort import OrtCpuRuntime
 
 
-def _gru(path, I=3, H=4):
-    """A one-layer GRU: ORT runs it; TVM 0.27 has no converter for it."""
-    rng = np.random.default_rng(0)
-    inits = [helper.make_tensor(n, TensorProto.FLOAT, s, rng.standard_normal(s).astype(np.float32).ravel())
-             for n, s in (("W", [1, 3 * H, I]), ("R", [1, 3 * H, H]))]
-    node = helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=H, name="gru0")
-    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 2, I])],
-                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [5, 1, 2, H])], inits)
+def _det(path):
+    """Batched determinants: ORT and the reference evaluator run Det; TVM 0.27 has no converter."""
+    node = helper.make_node("Det", ["X"], ["Y"], name="det0")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [5, 3, 3])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [5])])
     import onnx
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path
@@ -32,8 +29,8 @@ class _Broken(OrtCpuRuntime):
 
 
 def test_a_runtime_that_raises_is_a_named_row_and_the_others_go_on(tmp_path):
-    path = _gru(tmp_path / "gru.onnx")
-    feeds = {"X": np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32)}
+    path = _det(tmp_path / "det.onnx")
+    feeds = {"X": np.random.default_rng(1).standard_normal((5, 3, 3)).astype(np.float32)}
     report = compare(path, ["ort-cpu", _Broken(), "onnx-reference"], feeds)
     rows = {r.runtime: r for r in report.results}
     assert rows["broken"].error == "broken failed to run: ValueError: device lost" and not report.passed
@@ -46,18 +43,18 @@ def test_a_runtime_that_raises_is_a_named_row_and_the_others_go_on(tmp_path):
 
 def test_tvm_that_cannot_import_a_model_is_a_row(tmp_path):
     pytest.importorskip("tvm")
-    path = _gru(tmp_path / "gru.onnx")
-    feeds = {"X": np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32)}
+    path = _det(tmp_path / "det.onnx")
+    feeds = {"X": np.random.default_rng(1).standard_normal((5, 3, 3)).astype(np.float32)}
     report = compare(path, ["ort-cpu", "tvm-llvm", "onnx-reference"], feeds)
     rows = {r.runtime: r for r in report.results}
-    assert "GRU" in rows["tvm-llvm"].error and rows["tvm-llvm"].error.count("\n") == 0
+    assert "Det" in rows["tvm-llvm"].error and rows["tvm-llvm"].error.count("\n") == 0
     assert rows["onnx-reference"].passed
 
 
 def test_the_reference_failing_is_an_error_not_a_report(tmp_path):
-    path = _gru(tmp_path / "gru.onnx")
+    path = _det(tmp_path / "det.onnx")
     with pytest.raises(UserError, match="broken failed to run"):
-        compare(path, [_Broken(), "ort-cpu"], {"X": np.zeros((5, 2, 3), np.float32)})
+        compare(path, [_Broken(), "ort-cpu"], {"X": np.zeros((5, 3, 3), np.float32)})
 
 
 class _Unprepared(Runtime):
@@ -78,10 +75,10 @@ def test_the_contract_checks_feeds_before_any_backend_runs(tmp_path):
     rt = _Unprepared()
     with pytest.raises(UserError, match="call prepare"):
         rt.run({})
-    rt.prepare(_gru(tmp_path / "gru.onnx"))
-    for feeds, needle in [({}, "inputs missing: X"), ({"X": np.zeros((5, 2, 3))}, "dtype float64"),
-                          ({"X": np.full((5, 2, 3), np.inf, np.float32)}, "0 NaN and 30 Inf")]:
+    rt.prepare(_det(tmp_path / "det.onnx"))
+    for feeds, needle in [({}, "inputs missing: X"), ({"X": np.zeros((5, 3, 3))}, "dtype float64"),
+                          ({"X": np.full((5, 3, 3), np.inf, np.float32)}, "0 NaN and 45 Inf")]:
         with pytest.raises(UserError, match=needle):
             rt.run(feeds)
     rt.allow_nonfinite = True
-    assert set(rt.run({"X": np.full((5, 2, 3), np.inf, np.float32)})) == {"Y"}
+    assert set(rt.run({"X": np.full((5, 3, 3), np.inf, np.float32)})) == {"Y"}

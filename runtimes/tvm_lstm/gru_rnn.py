@@ -1,0 +1,133 @@
+"""Relax converters for the ONNX GRU and RNN operators (the whole spec, opset 7 on), the LSTM
+converter's variants: the same parsing of directions, layout, activations and shapes, one GEMM for
+every step's input projection, then a TIR time loop per direction (gru_rnn_loop.py).
+
+Not yet: the packed fast CPU kernel of the LSTM (these run the portable loop) and CUDA.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from common.errors import UserError
+
+from .converter import _decode, _direction, _static_shape, activation_triples
+from .gru_rnn_loop import LoopSpec, make_loop
+from .marks import mark
+
+KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
+               "clip", "linear_before_reset", "tvm_custom"}
+DEFAULTS = {"GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
+GATES = {"GRU": 3, "RNN": 1}
+
+
+class GRU(onnx_frontend.OnnxOpConverter):
+    """ONNX GRU -> input projection GEMM + the GRU loop per direction."""
+
+    cuda = False
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda)
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda)
+
+
+class RNN(GRU):
+    """ONNX RNN -> input projection GEMM + the RNN loop per direction."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda)
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda)
+
+
+def _check_shape(got, want, what, op, node):
+    if len(got) != len(want) or any(g not in (w, None) for g, w in zip(got, want)):
+        raise UserError(f"{op} node {node!r}: {what} has shape {got}, expected {want}")
+
+
+def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False):
+    node = attr.get("tvm_custom", {}).get("name", op)
+    unknown = set(attr) - KNOWN_ATTRS - ({"linear_before_reset"} if op == "GRU" else set())
+    if unknown or (op == "RNN" and "linear_before_reset" in attr):
+        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown) or ['linear_before_reset']}")
+    if cuda:
+        raise UserError(f"{op} node {node!r}: {op} runs on llvm targets only so far; compile with --target llvm")
+    inputs = list(inputs) + [None] * (6 - len(inputs))
+    X, W, R, B, seq_lens, h0 = inputs[:6]
+    if X is None or W is None or R is None:
+        raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
+    direction = _decode(attr.get("direction", "forward"))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise UserError(f"{op} node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
+    D, G = (2 if direction == "bidirectional" else 1), GATES[op]
+    layout = int(attr.get("layout", 0))
+    if layout not in (0, 1):
+        raise UserError(f"{op} node {node!r}: layout {layout} must be 0 or 1")
+    r_shape = _static_shape(R)
+    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
+    if hidden is None:
+        raise UserError(f"{op} node {node!r}: hidden_size is missing and R's shape is unknown")
+    H = int(hidden)
+    x_shape = _static_shape(X)
+    if layout == 1:
+        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
+        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
+    if len(x_shape) != 3:
+        raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    _check_shape(_static_shape(W), [D, G * H, x_shape[2]], "W", op, node)
+    _check_shape(r_shape, [D, G * H, H], "R", op, node)
+    if B is not None:
+        _check_shape(_static_shape(B), [D, 2 * G * H], "B", op, node)
+
+    triples = activation_triples(attr, len(DEFAULTS[op]), D, DEFAULTS[op], op, node)
+    clip = attr.get("clip")
+    lbr = bool(attr.get("linear_before_reset", 0))
+    n_t, n_b = X.ty.shape.values[0], X.ty.shape.values[1]
+    if h0 is not None and layout == 1:
+        h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
+    zeros = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None else None
+    lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
+        bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32"))  # ignored: every sequence runs all T
+
+    ys, hs = [], []
+    per_dir = len(DEFAULTS[op])
+    for d in range(D):
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        spec = LoopSpec(op, H, tuple(triples[per_dir * d:per_dir * (d + 1)]), float(clip) if clip is not None else None,
+                        reverse, seq_lens is not None, lbr)
+        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(_direction(W, d)), [1, 0])))  # (T, B, G*H)
+        rbh = relax.const(np.zeros(H, np.float32))
+        if B is not None:
+            halves = bb.emit(relax.op.split(bb.emit(_direction(B, d)), 2, axis=0))  # Wb, Rb: (G*H,) each
+            wb, rb = bb.emit(halves[0]), bb.emit(halves[1])
+            if lbr:  # Rbh sits inside r (.) (Ht-1*Rh + Rbh): kept apart, the rest goes into the projection
+                parts = bb.emit(relax.op.split(rb, [2 * H], axis=0))
+                rb_zr, rbh = bb.emit(parts[0]), bb.emit(parts[1])
+                rb = bb.emit(relax.op.concat([rb_zr, relax.op.zeros(relax.ShapeExpr([H]), "float32")], axis=0))
+            xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
+        r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, G*H)
+        h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros
+        loop = bb.add_func(mark(make_loop(spec)), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
+        out = bb.emit(relax.call_tir(loop, [xw, r_t, rbh, h_d, lens],
+                                     [relax.TensorType([n_t, n_b, H], "float32"),
+                                      relax.TensorType([n_b, H], "float32")]))
+        ys.append(bb.emit(relax.TupleGetItem(out, 0)))
+        hs.append(bb.emit(relax.TupleGetItem(out, 1)))
+    if D == 1:
+        Y = bb.emit(relax.op.reshape(ys[0], relax.ShapeExpr([n_t, 1, n_b, H])))  # (T, 1, B, H)
+        Y_h = bb.emit(relax.op.reshape(hs[0], relax.ShapeExpr([1, n_b, H])))
+    else:
+        Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
+        Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
+    if layout == 1:
+        Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
+        Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
+    return relax.Tuple([Y, Y_h])
