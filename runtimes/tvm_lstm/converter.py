@@ -37,6 +37,29 @@ def _const(expr) -> np.ndarray | None:
     return value.numpy() if hasattr(value, "numpy") else None
 
 
+def as_float32(bb, inputs: list) -> tuple[list, str | None]:
+    """A float16 node's float inputs in float32, and "float16" to cast its outputs back to (else
+    None): computed in float32 as ONNX Runtime does (its CPU provider has no float16 RNN kernels
+    and casts around them). Constants are converted here, so they stay constants for packing."""
+    x = inputs[0]
+    if x is None or str(getattr(getattr(x.ty, "dtype", None), "dtype", "")) != "float16":
+        return inputs, None
+    out = []
+    for v in inputs:
+        value = _const(v) if v is not None else None
+        if value is not None and value.dtype == np.float16:
+            out.append(relax.const(value.astype(np.float32)))
+        elif v is not None and str(getattr(getattr(v.ty, "dtype", None), "dtype", "")) == "float16":
+            out.append(bb.emit(relax.op.astype(v, "float32")))
+        else:
+            out.append(v)  # absent, or sequence_lens
+    return out, "float16"
+
+
+def cast_back(bb, outputs: list, dtype: str | None):
+    return relax.Tuple([bb.emit(relax.op.astype(o, dtype)) for o in outputs] if dtype else outputs)
+
+
 def _direction(x, d: int):
     """x[d] for a constant d, as slice + squeeze (take with a constant index warns on every call)."""
     return relax.op.squeeze(relax.op.strided_slice(x, axes=[0], begin=[d], end=[d + 1]), [0])
@@ -103,7 +126,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
     unknown = set(attr) - KNOWN_ATTRS
     if unknown:
         raise UserError(f"LSTM node {node!r}: unsupported attribute(s) {sorted(unknown)}")
-    inputs = list(inputs) + [None] * (8 - len(inputs))
+    inputs, back = as_float32(bb, list(inputs) + [None] * (8 - len(inputs)))
     X, W, R, B, seq_lens, h0, c0, P = inputs[:8]
     if X is None or W is None or R is None:
         raise UserError(f"LSTM node {node!r}: inputs X, W and R are required")
@@ -189,7 +212,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
         Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
         Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
         Y_c = bb.emit(relax.op.permute_dims(Y_c, [1, 0, 2]))
-    return relax.Tuple([Y, Y_h, Y_c])
+    return cast_back(bb, [Y, Y_h, Y_c], back)
 
 
 def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda):

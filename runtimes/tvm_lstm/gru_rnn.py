@@ -12,7 +12,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
-from .converter import _decode, _direction, _static_shape, activation_triples
+from .converter import _decode, _direction, _static_shape, activation_triples, as_float32, cast_back
 from .gru_rnn_loop import LoopSpec, make_loop
 from .marks import mark
 
@@ -60,7 +60,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
         raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown) or ['linear_before_reset']}")
     if cuda:
         raise UserError(f"{op} node {node!r}: {op} runs on llvm targets only so far; compile with --target llvm")
-    inputs = list(inputs) + [None] * (6 - len(inputs))
+    inputs, back = as_float32(bb, list(inputs) + [None] * (6 - len(inputs)))
     X, W, R, B, seq_lens, h0 = inputs[:6]
     if X is None or W is None or R is None:
         raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
@@ -130,4 +130,4 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     if layout == 1:
         Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
         Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
-    return relax.Tuple([Y, Y_h])
+    return cast_back(bb, [Y, Y_h], back)

@@ -192,3 +192,38 @@ def test_a_torch_exported_bidirectional_gru_ocr_head(tmp_path):
         x = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32)
         want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_allclose(rt.run({"x": x})["y"], want, rtol=1e-3, atol=1e-4)
+
+
+def _to_float16(model):
+    """The model with float16 weights, inputs and outputs (as a float16 export would be)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if a.dtype == np.float32:
+            init.CopyFrom(numpy_helper.from_array(a.astype(np.float16), init.name))
+    for vi in [*m.graph.input, *m.graph.output]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return m
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_float16_models_compute_in_float32_as_ort_does(tmp_path, op):
+    from .lstm_cases import lstm_model
+    model = _to_float16(lstm_model(2, 0, direction="bidirectional") if op == "LSTM" else
+                        rnn_model(op, 2, 0, direction="bidirectional"))
+    path = tmp_path / "m16.onnx"
+    onnx.save(model, path)
+    rt = TvmLlvmRuntime(cache=False)
+    rt.prepare(path)
+    rng = np.random.default_rng(0)
+    feeds = {vi.name: (rng.integers(1, 6, 3).astype(np.int32) if vi.name == "sequence_lens" else
+                       rng.standard_normal((5, 3, 3) if vi.name == "X" else (2, 3, 4 if op == "LSTM" else H))
+                       .astype(np.float16)) for vi in model.graph.input}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = rt.run(feeds)
+    for vi, w in zip(model.graph.output, want):
+        assert got[vi.name].dtype == np.float16
+        np.testing.assert_allclose(got[vi.name].astype(np.float32), w.astype(np.float32), rtol=1e-3, atol=1e-3,
+                                   err_msg=vi.name)
