@@ -60,12 +60,14 @@ class BenchReport:
         return "\n".join(rows)
 
     def table(self) -> str:
-        rows = [f"{'shape':<32}{'runtime':<28}{'median ms':>10}{'p90':>9}{'p99':>9}{'GFLOP/s':>9}{'%peak':>6}"
+        w = max([32, *(len(t.shape) + 2 for t in self.timings)])  # a model bench's label can be long
+        rows = [f"{'shape':<{w}}{'runtime':<28}{'median ms':>10}{'p90':>9}{'p99':>9}{'GFLOP/s':>9}{'%peak':>6}"
                 f"{'vs best peer':>13}  status"]
         for t in self.timings:
             f = lambda v, fmt: format(v, fmt) if v is not None else "-".rjust(int(fmt.split(".")[0]))  # noqa: E731
-            rows.append(f"{t.shape:<32}{t.entry:<28}{f(t.median_ms, '10.3f')}{f(t.p90_ms, '9.3f')}{f(t.p99_ms, '9.3f')}"
-                        f"{f(t.gflops, '9.1f')}{f(t.pct_peak, '6.0f')}{f(t.ratio_to_best_peer, '13.2f')}  {t.status}")
+            rows.append(f"{t.shape:<{w}}{t.entry:<28}{f(t.median_ms, '10.3f')}{f(t.p90_ms, '9.3f')}"
+                        f"{f(t.p99_ms, '9.3f')}{f(t.gflops, '9.1f')}{f(t.pct_peak, '6.0f')}"
+                        f"{f(t.ratio_to_best_peer, '13.2f')}  {t.status}")
         return "\n".join(rows)
 
 
