@@ -237,9 +237,10 @@ def _bench_model(args) -> int:
     reference = args.reference or names[0]
     feeds, _ = _feeds(args, source)
     source.check_feeds(feeds)
-    rts = [_runtime(n, None, args.no_cache) for n in dict.fromkeys([reference, *names])]
+    rts = [_runtime(n, None, args.no_cache, args.threads) for n in dict.fromkeys([reference, *names])]
+    import os
     report = bench_model(source, rts, feeds, reference=rts[0], min_s=args.min_s, rounds=args.rounds,
-                         threads=args.threads or 0)
+                         threads=args.threads or len(os.sched_getaffinity(0)))  # runtimes default to every core
     print(report.table())
     if args.json:
         report.to_json(args.json)
@@ -266,13 +267,16 @@ def _feeds(args, source):
     return random_feeds(source, args.seed, parse_dims(args.dim)), args.seed
 
 
-def _runtime(name: str, checkpoint, no_cache: bool = False):
-    from runtimes.base import get_runtime
+def _runtime(name: str, checkpoint, no_cache: bool = False, threads: int | None = None):
+    from runtimes.base import get_runtime, runtime_class
     if name in ("torch", "torch-nn", "numpy-f64"):
         if not checkpoint:
             raise UserError(f"runtime {name} runs our model, not an ONNX file: pass --checkpoint CKPT")
         return get_runtime(name, checkpoint=checkpoint)
-    return get_runtime(name, cache=False) if no_cache and name.startswith("tvm") else get_runtime(name)
+    kwargs = {"cache": False} if no_cache and name.startswith("tvm") else {}
+    if threads and "threads" in runtime_class(name).__init__.__code__.co_varnames:
+        kwargs["threads"] = threads
+    return get_runtime(name, **kwargs)
 
 
 def _check_writable(*paths) -> None:
