@@ -36,7 +36,7 @@ main = vm["main"]
 
 def tensor(a):
     # the README's way: an aligned array is shared with the VM (DLPack), any other one copied
-    a = np.ascontiguousarray(a)
+    a = a if a.flags.c_contiguous else np.ascontiguousarray(a)  # a 0-d array stays 0-d
     return tvm.runtime.from_dlpack(a) if a.ctypes.data % 64 == 0 else tvm.runtime.tensor(a)
 
 

@@ -22,8 +22,17 @@ import numpy as np
 SHAPE_OPS = {"Shape", "Size"}
 
 
+def _nodes(graph):
+    """Every node of `graph` and of the subgraphs in its nodes' attributes."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _nodes(a.g)
+
+
 def needs_simplifying(model) -> bool:
-    return any(n.op_type in SHAPE_OPS for n in model.graph.node)
+    return any(n.op_type in SHAPE_OPS for n in _nodes(model.graph))
 
 
 def simplify(model, dims: dict[str, int] | None = None):
@@ -44,25 +53,30 @@ def simplify(model, dims: dict[str, int] | None = None):
     return onnxscript.optimizer.optimize(m)
 
 
-def _known_dims(model) -> dict[str, list]:
-    """Value name -> its dims (int, or None where symbolic), for every value shape inference typed."""
-    out = {}
-    g = model.graph
-    for v in [*g.input, *g.value_info, *g.output]:
+def _known_dims(graph, outer: dict | None = None) -> dict[str, list]:
+    """Value name -> its dims (int, or None where symbolic), for every value shape inference typed
+    in `graph`, over those of the graphs around it."""
+    out = dict(outer or {})
+    for v in [*graph.input, *graph.value_info, *graph.output]:
         t = v.type.tensor_type
         if t.HasField("shape"):
             out[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    for init in g.initializer:
+    for init in graph.initializer:
         out[init.name] = list(init.dims)
     return out
 
 
 def _fold_static_shape_picks(model) -> int:
-    """Replaces picks of static dims by constants, in place; returns how many."""
-    from onnx import helper, numpy_helper
-    g = model.graph
-    dims = _known_dims(model)
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    """Replaces picks of static dims by constants, in place, in the graph and in the branches and
+    bodies of its If/Loop/Scan nodes (exporters put whole models inside If branches); returns how many."""
+    return _fold_graph(model, model.graph, {}, {})
+
+
+def _fold_graph(model, g, outer_dims: dict, outer_consts: dict) -> int:
+    from onnx import AttributeProto, helper, numpy_helper
+    dims = _known_dims(g, outer_dims)
+    consts = dict(outer_consts)  # a subgraph sees the constants of the graphs around it
+    consts.update({i.name: numpy_helper.to_array(i) for i in g.initializer})
     for n in g.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -74,6 +88,7 @@ def _fold_static_shape_picks(model) -> int:
             start, end = attrs.get("start", 0), attrs.get("end", len(full))
             shapes[n.output[0]] = full[slice(start, end)]
     folded = {}  # node position -> its constant value (positions: protobuf hands out fresh wrappers)
+    inner = 0
     for i, n in enumerate(g.node):
         if n.op_type == "Shape" and n.output[0] in shapes and None not in shapes[n.output[0]]:
             folded[i] = [np.array(shapes[n.output[0]], np.int64)]
@@ -88,13 +103,16 @@ def _fold_static_shape_picks(model) -> int:
                 folded[i] = outs
         for out, value in zip(g.node[i].output, folded.get(i, [])):
             consts[out] = value  # later nodes of the chain fold in the same pass
+        for a in g.node[i].attribute:  # If branches, Loop and Scan bodies
+            if a.type == AttributeProto.GRAPH:
+                inner += _fold_graph(model, a.g, dims, consts)
     for i, values in sorted(folded.items(), reverse=True):
         node = g.node[i]
         g.node.remove(node)
         for k, (out, value) in enumerate(zip(node.output, values)):
             g.node.insert(i + k, helper.make_node("Constant", [], [out],
                                                   value=numpy_helper.from_array(np.asarray(value), out + "_folded")))
-    return len(folded)
+    return len(folded) + inner
 
 
 # shape arithmetic: cheap, deterministic ops whose results on constants are small

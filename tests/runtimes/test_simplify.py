@@ -67,3 +67,53 @@ def test_padding_from_a_symbolic_dim_needs_it_fixed(cli_here, tmp_path, monkeypa
     with get_runtime("tvm-llvm") as rt:
         rt.prepare(tmp_path / "fixed")
         np.testing.assert_allclose(rt.run({"x": x})["y"], _ort(path, x), rtol=1e-3, atol=1e-4)
+
+
+def _vad_like(path):
+    """A graph that picks its branch by a scalar sample-rate input, as voice-activity detectors do;
+    each branch pads its input to a multiple of k computed from x.shape (k = 4 or 3)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, v):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.int64), name))
+
+    def branch(k, p):
+        nodes = [helper.make_node("Shape", ["x"], [p + "s"]), const(p + "i", 2),
+                 helper.make_node("Gather", [p + "s", p + "i"], [p + "L"], axis=0), const(p + "k", k),
+                 helper.make_node("Mod", [p + "L", p + "k"], [p + "m"]),
+                 helper.make_node("Sub", [p + "k", p + "m"], [p + "d"]),
+                 helper.make_node("Mod", [p + "d", p + "k"], [p + "p"]), const(p + "z", [0] * 5), const(p + "a0", [0]),
+                 helper.make_node("Unsqueeze", [p + "p", p + "a0"], [p + "pu"]),
+                 helper.make_node("Concat", [p + "z", p + "pu"], [p + "pads"], axis=0),
+                 helper.make_node("Pad", ["x", p + "pads"], [p + "xp"]), const(p + "a2", [2]),
+                 helper.make_node("ReduceSum", [p + "xp", p + "a2"], [p + "y"], keepdims=0),
+                 helper.make_node("Shape", [p + "xp"], [p + "s2"]),
+                 helper.make_node("Gather", [p + "s2", p + "i"], [p + "L2"], axis=0),
+                 helper.make_node("Cast", [p + "L2"], [p + "L2f"], to=TensorProto.FLOAT),
+                 helper.make_node("Mul", [p + "y", p + "L2f"], [p + "out"])]
+        return helper.make_graph(nodes, p, [], [helper.make_tensor_value_info(p + "out", TensorProto.FLOAT,
+                                                                              ["batch", 3])])
+
+    nodes = [const("sr16k", 16000), helper.make_node("Equal", ["sr", "sr16k"], ["is16k"]),
+             helper.make_node("If", ["is16k"], ["y"], then_branch=branch(4, "a"), else_branch=branch(3, "b"))]
+    g = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 10]),
+                                         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, path)
+    return path
+
+
+def test_shape_arithmetic_inside_if_branches_folds_and_a_scalar_input_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = _vad_like(tmp_path / "vad.onnx")
+    branches = [a.g for n in simplify(onnx.load(path)).graph.node if n.op_type == "If" for a in n.attribute]
+    assert all(n.op_type not in ("Shape", "Mod") for b in branches for n in b.node)
+    x = np.random.default_rng(0).standard_normal((2, 3, 10)).astype(np.float32)
+    with get_runtime("tvm-llvm") as rt, get_runtime("ort-cpu") as oracle:
+        rt.prepare(path)
+        oracle.prepare(path)
+        for sr in (16000, 8000):  # a 0-d input: it had been turned 1-d on its way into the VM
+            feeds = {"x": x, "sr": np.array(sr, np.int64)}
+            np.testing.assert_allclose(rt.run(feeds)["y"], oracle.run(feeds)["y"], rtol=1e-5, atol=1e-4)
