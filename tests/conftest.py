@@ -12,6 +12,22 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_of_this_run(tmp_path_factory):
+    """The compile cache (and other XDG caches) in this run's temporary folder: tests neither fill
+    the user's ~/.cache nor find compiles an earlier run left there (every run starts cold, as on
+    a fresh CI machine). One folder for all xdist workers; its entries are written atomically."""
+    folder = tmp_path_factory.getbasetemp().parent / "xdg-cache"
+    folder.mkdir(exist_ok=True)
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """About 12k characters of varied English-like text, the same on every machine."""
