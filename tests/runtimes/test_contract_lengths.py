@@ -12,7 +12,8 @@ from runtimes.base import get_runtime, list_runtimes
 RUNTIMES = [n for n in ("ort-cpu", "tvm-llvm", "openvino") if list_runtimes()[n]]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["time-major", "batch-first"])
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)],
+                ids=["time-major", "batch-first"])
 def model(request, tmp_path_factory):
     torch.manual_seed(0)
     m = LSTM(3, 5, 1, bidirectional=True, batch_first=request.param).eval()

@@ -162,6 +162,7 @@ def test_onnx_conformance(tmp_path, case):
             np.testing.assert_allclose(got[vi.name], want, rtol=1e-3, atol=1e-5, err_msg=f"{case.name} {vi.name}")
 
 
+@pytest.mark.slow
 def test_a_torch_exported_bidirectional_gru_ocr_head(tmp_path):
     """An OCR-style head as torch.onnx.export writes it (GRU with linear_before_reset=1, Slice
     and Concat around it), on one artifact for any batch and width."""
@@ -208,7 +209,7 @@ def _to_float16(model):
     return m
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("op", one_fast(["LSTM", "GRU", "RNN"]))
 def test_float16_models_compute_in_float32_as_ort_does(tmp_path, op):
     from .lstm_cases import lstm_model
     model = _to_float16(lstm_model(2, 0, direction="bidirectional") if op == "LSTM" else

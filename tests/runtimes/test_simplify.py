@@ -55,6 +55,7 @@ def test_padding_from_a_static_dim_folds_and_the_batch_stays_symbolic(tmp_path, 
             np.testing.assert_allclose(rt.run({"x": x})["y"], _ort(path, x), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_padding_from_a_symbolic_dim_needs_it_fixed(cli_here, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = _export(tmp_path / "m.onnx", {0: "batch", 2: "length"})

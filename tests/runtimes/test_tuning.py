@@ -107,20 +107,20 @@ def test_an_interrupted_swap_keeps_the_old_database(tmp_path, monkeypatch):
     assert {f: (db_dir / f).read_bytes() for f in tuning._DB_FILES} == before
 
 
-def test_bad_tuning_arguments_say_what_to_do(cli, tmp_path):
+def test_bad_tuning_arguments_say_what_to_do(cli_here, tmp_path):
     path = _export(tmp_path, "unrolled")
-    r = cli("compile", path, "--out", tmp_path / "o", "--tuning-db", tmp_path / "nowhere")
+    r = cli_here("compile", path, "--out", tmp_path / "o", "--tuning-db", tmp_path / "nowhere")
     assert r.returncode != 0 and "holds no MetaSchedule database" in r.stderr and "--tune" in r.stderr
     assert "Traceback" not in r.stderr
-    r = cli("compile", path, "--out", tmp_path / "o", "--tune", "--trials", "0")
+    r = cli_here("compile", path, "--out", tmp_path / "o", "--tune", "--trials", "0")
     assert r.returncode == 2 and "argument --trials: must be an integer at least 1, got 0" in r.stderr
-    r = cli("compile", path, "--out", tmp_path / "o", "--target", "cuda", "--tune")
+    r = cli_here("compile", path, "--out", tmp_path / "o", "--target", "cuda", "--tune")
     assert r.returncode != 0 and "--tune works with llvm targets only" in r.stderr
     garbage = tmp_path / "garbage"
     garbage.mkdir()
     for f in ("database_workload.json", "database_tuning_record.json"):
         (garbage / f).write_text("not json\n")
-    r = cli("compile", path, "--out", tmp_path / "o", "--tuning-db", garbage)
+    r = cli_here("compile", path, "--out", tmp_path / "o", "--tuning-db", garbage)
     assert r.returncode == 2 and "is not a readable MetaSchedule database" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

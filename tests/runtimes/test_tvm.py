@@ -150,7 +150,7 @@ def test_compile_cli_writes_the_contract_and_loads_with_the_runtime_alone(cli, t
         np.testing.assert_allclose(out["h_n"], expected[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["unrolled", "native"])
+@pytest.mark.parametrize("mode", one_fast(["native", "unrolled"]))
 def test_tvm_llvm_runs_our_exports_in_compare(cli, tmp_path, mode):
     m = LSTM(I, H, 2, bidirectional=True).eval()
     path = export_onnx(m, tmp_path / f"{mode}.onnx", mode, seq_len=7 if mode == "unrolled" else None)
@@ -232,7 +232,8 @@ def test_cuda_compile_without_nvcc_says_so(cli, tmp_path):
     assert r.returncode == 2 and "needs nvcc" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("bidirectional,lengths", one_fast([(False, False), (True, True)], multi=True))
+@pytest.mark.slow  # the fast subset checks the kernels against float64 in test_isa_variant_against_float64
+@pytest.mark.parametrize("bidirectional,lengths", [(False, False), (True, True)])
 def test_tvm_against_the_float64_reference(tmp_path, bidirectional, lengths):
     """Our exported native graph on tvm-llvm against lstm_export.reference (float64 numpy)."""
     from runtimes.numpy_reference import NumpyReferenceRuntime

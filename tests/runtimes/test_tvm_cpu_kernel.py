@@ -186,6 +186,7 @@ def test_tiles_at_one_step_and_wide_batches(tmp_path, optional, split):
     check(lstm_model(2, 0, optional, direction="bidirectional"), tmp_path, shapes=((1, 1), (1, 7), (3, 7)), plan=plan)
 
 
+@pytest.mark.slow  # unit-block tails run in the fast subset: test_isa_variant_against_float64
 @pytest.mark.parametrize("hidden,split", one_fast([(30, "step"), (24, "batch"), (28, "batch")], multi=True))
 def test_unit_blocks_full_and_narrow(tmp_path, hidden, split):
     """Hidden sizes whose last unit block is 8, 12 or 16 lanes wide with 16 lanes (8, 12 and 14 real
@@ -196,6 +197,7 @@ def test_unit_blocks_full_and_narrow(tmp_path, hidden, split):
           shapes=((3, 7), (2, 13), (4, 2)), plan=plan)
 
 
+@pytest.mark.slow  # the batch split itself runs in the fast subset: test_tiles_at_one_step_and_wide_batches
 @pytest.mark.parametrize("threads,batches",
                          one_fast([(3, (13, 20, 23)), (1, (6, 7, 13, 16)), (5, (7, 29))], multi=True))
 def test_batch_shares_for_any_core_count(tmp_path, threads, batches):
@@ -208,6 +210,7 @@ def test_batch_shares_for_any_core_count(tmp_path, threads, batches):
           shapes=tuple((3 + k % 3, b) for k, b in enumerate(batches)), plan=host_plan(threads=threads))
 
 
+@pytest.mark.slow  # the step split itself runs in the fast subset: test_tiles_at_one_step_and_wide_batches
 @pytest.mark.parametrize("threads", one_fast([3, 1, 5]))
 def test_small_batch_shares_for_any_core_count(tmp_path, threads):
     """Below MR rows each of the `threads` cores keeps one share of the (row, unit block) items,
