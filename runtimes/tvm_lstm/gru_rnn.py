@@ -13,7 +13,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from common.errors import UserError
 
 from .converter import _decode, _direction, _static_shape, activation_triples, as_float32, cast_back
-from .gru_rnn_loop import LoopSpec, make_loop
+from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from .marks import mark
 
 KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
@@ -115,7 +115,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
             xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
         r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, G*H)
         h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros
-        loop = bb.add_func(mark(make_loop(spec)), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
+        loop = bb.add_func(mark(schedule_loop(make_loop(spec))), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
         out = bb.emit(relax.call_tir(loop, [xw, r_t, rbh, h_d, lens],
                                      [relax.TensorType([n_t, n_b, H], "float32"),
                                       relax.TensorType([n_b, H], "float32")]))

@@ -66,6 +66,7 @@ def make_loop(spec: LoopSpec):
             T.reads()
             T.writes()
             acc = T.sblock_alloc_buffer((n_b, G * H), "float32")
+            acc_h = T.sblock_alloc_buffer((n_b, H), "float32")  # (r (.) Ht-1) * Rh: its own buffer, its own writer
             gate_r = T.sblock_alloc_buffer((n_b, H), "float32")
             hnext = T.sblock_alloc_buffer((n_b, H), "float32")
             for b0, j0 in T.grid(n_b, H):
@@ -91,8 +92,8 @@ def make_loop(spec: LoopSpec):
                         with T.sblock("recurrent_h"):
                             vb, vj, vk = T.axis.remap("SSR", [b3, j3, k3])
                             with T.init():
-                                acc[vb, 2 * H + vj] = T.float32(0)
-                            acc[vb, 2 * H + vj] = acc[vb, 2 * H + vj] + gate_r[vb, vk] * rt[vk, 2 * H + vj]
+                                acc_h[vb, vj] = T.float32(0)
+                            acc_h[vb, vj] = acc_h[vb, vj] + gate_r[vb, vk] * rt[vk, 2 * H + vj]
                 for b4, j4 in T.grid(n_b, H):
                     with T.sblock("cell"):
                         vb, vj = T.axis.remap("SS", [b4, j4])
@@ -108,7 +109,7 @@ def make_loop(spec: LoopSpec):
                                 hh = T.meta_var(g(m.clip(xw[tc, vb, 2 * H + vj] + r * (acc[vb, 2 * H + vj] + rbh[vj]))))
                                 hnext[vb, vj] = (one - z) * hh + z * hn[vb, vj]
                             else:
-                                hh = T.meta_var(g(m.clip(xw[tc, vb, 2 * H + vj] + acc[vb, 2 * H + vj])))
+                                hh = T.meta_var(g(m.clip(xw[tc, vb, 2 * H + vj] + acc_h[vb, vj])))
                                 hnext[vb, vj] = (one - z) * hh + z * hn[vb, vj]
                 for b5, j5 in T.grid(n_b, H):
                     with T.sblock("store"):
@@ -127,3 +128,30 @@ def make_loop(spec: LoopSpec):
                             y[vt, vb, vj] = T.float32(0)
 
     return rnn_loop
+
+
+def schedule_loop(func, lanes: int = 16):
+    """The loop's per-step products across cores and vector lanes (the time loop stays serial):
+    output units split into lanes, the reduction outside them, (batch row, unit block) pairs in
+    parallel."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(func)
+    for name in ("recurrent", "recurrent_h"):
+        try:
+            block = sch.get_sblock(name)
+        except Exception:  # recurrent_h exists only for GRU with linear_before_reset = 0
+            continue
+        _, b, j, k = sch.get_loops(block)
+        extent = int(sch.get(j).extent)
+        if extent % lanes == 0:
+            jo, ji = sch.split(j, [None, lanes])
+            sch.reorder(b, jo, k, ji)
+            sch.parallel(sch.fuse(b, jo))
+            sch.vectorize(ji)
+        else:
+            sch.reorder(b, k, j)
+            sch.parallel(b)
+        # no decompose_reduction: inside the serial time loop it fails; the init lowers to a k == 0 branch
+    # the element-wise blocks (B*H per step against the products' B*H*H) stay serial: their opaque
+    # time axis makes them blocks `parallel` refuses
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
