@@ -6,7 +6,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
-from .types import SEED, count, real
+from .types import SEED, check_out_folder, check_writable, count, real
 
 MODES = ("unrolled", "native", "streaming")
 
@@ -137,7 +137,7 @@ def cmd_export(args) -> int:
         raise UserError(f"--out {out} is a file; --mode all writes a folder")
     if args.mode != "all" and out.is_dir():
         raise UserError(f"--out {out} is a folder; name the .onnx file to write (or use --mode all)")
-    _check_writable(out / "model.native.onnx" if args.mode == "all" else out)  # before loading anything
+    check_writable(out / "model.native.onnx" if args.mode == "all" else out)  # before loading anything
     ck = ckpt_io.load(args.checkpoint)
     model = ck.build_model()
     modes = MODES if args.mode == "all" else (args.mode,)
@@ -185,21 +185,16 @@ def cmd_compile(args) -> int:
 
 
 def _check_artifact_folder(out: Path, force: bool) -> None:
-    """Before any compiling: --out must be a folder we may write, and not hold a compiled model
-    unless --force (compiling for minutes and then failing, or replacing one silently, loses work)."""
-    import os
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; name a folder")
-    if not force and any((out / n).exists() for n in ("model.so", "model.tar", "meta.json")):
+    """Before any compiling: --out must not hold a compiled model unless --force (replacing one
+    silently loses work), and must be a folder we may write."""
+    if not force and out.is_dir() and any((out / n).exists() for n in ("model.so", "model.tar", "meta.json")):
         raise UserError(f"--out {out} already holds a compiled model; pass --force to replace it")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {parent} is not writable; choose another folder")
+    check_out_folder(out)
 
 
 def cmd_bench(args) -> int:
     from harness.bench import DEFAULT_SHAPES, Shape, bench, plot
-    _check_writable(args.json, args.plot, args.markdown)
+    check_writable(args.json, args.plot, args.markdown)
     if args.model is not None:
         return _bench_model(args)
     extra = [Shape.parse(s) for s in args.shape]
@@ -279,21 +274,10 @@ def _runtime(name: str, checkpoint, no_cache: bool = False, threads: int | None 
     return get_runtime(name, **kwargs)
 
 
-def _check_writable(*paths) -> None:
-    """Output files are checked before the work, not found unwritable after it."""
-    import os
-    for p in filter(None, paths):
-        p = Path(p)
-        parent = next((q for q in [p.parent, *p.parent.parents] if q.exists()), Path("."))
-        if p.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-            raise UserError(f"cannot write {p}: {'it is a folder' if p.is_dir() else 'not writable'}; "
-                            "choose another path")
-
-
 def cmd_run(args) -> int:
     from runtimes.model_io import save_outputs
     from runtimes.source import open_model
-    _check_writable(args.outputs)
+    check_writable(args.outputs)
     source = open_model(args.model)
     feeds, _ = _feeds(args, source)
     source.check_feeds(feeds, args.allow_nonfinite)  # before any compiling
@@ -340,7 +324,7 @@ def cmd_compare(args) -> int:
     from harness.compare import compare, plot_errors
     from runtimes.model_io import random_feeds
     from runtimes.source import open_model
-    _check_writable(args.report, args.plot)
+    check_writable(args.report, args.plot)
     source = open_model(args.model)
     names = _runtime_names(args)
     reference = args.reference or names[0]

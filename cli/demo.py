@@ -11,6 +11,7 @@ from lstm_export.config import ModelConfig, TrainConfig, load_preset
 from lstm_export.data import default_corpus
 from lstm_export.export import export_onnx
 from lstm_export.train import sample, train
+from runtimes.source import open_model
 
 MARKER = ".lstm-export-demo"  # a folder the demo made, and so may replace
 
@@ -18,7 +19,6 @@ MARKER = ".lstm-export-demo"  # a folder the demo made, and so may replace
 def feeds_for(model, batch: int = 4) -> dict:
     """Random inputs for a demo model: 64 time steps, `batch` rows, ids within the vocabulary."""
     from runtimes.model_io import random_feeds
-    from runtimes.source import open_model
     return random_feeds(open_model(model), seed=0, dims={"batch": batch, "time": 64})
 
 
@@ -70,11 +70,12 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
     _step("compare: every available runtime against our torch model, same inputs")
     names = [n for n, a in list_runtimes().items() if a and n in ONNX_RUNTIMES]
     ok = True
-    for mode, source in sources.items():
+    for mode, where in sources.items():
         rts = [get_runtime("torch", model=model), get_runtime("torch-nn", model=model)]
+        source = open_model(where)  # read once for the feeds and the comparison
         report = compare(source, rts + [get_runtime(n) for n in names], feeds_for(source), atol=1e-4, rtol=1e-4,
                          seed=0)
-        print(f"\n[{mode}: {source}]\n{report.table()}")
+        print(f"\n[{mode}: {where}]\n{report.table()}")
         ok = ok and report.passed
 
     _step("serve: two interleaved streams on one micro-batched session, then one generated line")
@@ -93,7 +94,8 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
         label = (f"this char LM (vocab {cfg.vocab_size}, embed {cfg.embed}, hidden {cfg.hidden}, "
                  f"{cfg.layers} layers), T=64 B=1")
         _step(f"bench: {label}, from {compiled.folder} (median ms; the full benchmark is scripts/bench.sh)")
-        report = bench_model(compiled.folder, ["ort-cpu", "tvm-llvm"], feeds_for(compiled.folder, batch=1),
+        folder = open_model(compiled.folder)
+        report = bench_model(folder, ["ort-cpu", "tvm-llvm"], feeds_for(folder, batch=1),
                              label=label, min_s=0.3)
         print(report.table())
     return 0 if ok else 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
-from .types import SEED, OneLineParser, count, real
+from .types import SEED, OneLineParser, check_out_folder, count, real
 
 # Flags of `train` that map onto ModelConfig / TrainConfig fields (flag name -> field name).
 MODEL_FLAGS = {"embed": "embed", "hidden": "hidden", "layers": "layers", "dropout": "dropout", "cell": "cell"}
@@ -92,7 +92,7 @@ def cmd_train(args) -> int:
                             "pass a larger --steps to continue")
     elif (out / "ckpt.pt").exists():
         raise UserError(f"{out / 'ckpt.pt'} exists; pass --resume to continue it or choose another --out")
-    _check_out_folder(out)
+    check_out_folder(out)
     text_path = args.text
     if resume is not None and resume.corpus and text_path is None:
         text_path = resume.corpus.get("path")  # resume reads the text the run trained on
@@ -112,16 +112,6 @@ def cmd_train(args) -> int:
         print(f"resume with: lstm-export train --out {out} --resume", file=sys.stderr)
         return 130
     return 0
-
-
-def _check_out_folder(out: Path) -> None:
-    """Before any training: --out must be a folder we can write (found at the first checkpoint, a
-    read-only or file --out had cost the training up to it)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; name a folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {parent} is not writable; choose another folder")
 
 
 def cmd_sample(args) -> int:

@@ -3,12 +3,17 @@
 Every numeric flag of every command is parsed by one of these, so a bad value (`--lr nan`,
 `--max-batch 0`, `--port 99999`, `--hidden 1e9`, `--minutes -1`) stops the command before any
 work starts, with one line that names the flag's rule, and exit status 2. Commands then check only
-what depends on several flags or on files.
+what depends on several flags or on files; the output checks every command makes before its work
+are here too (check_out_folder, check_writable).
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
+from pathlib import Path
+
+from common.errors import UserError
 
 
 def count(low: int = 0, high: int | None = None):
@@ -52,3 +57,26 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next((p for p in [path, *path.parents] if p.exists()), Path("."))
+
+
+def check_out_folder(out: Path) -> None:
+    """Before any work: an output folder must be a folder (or not exist yet) in a place we may
+    write. Found after the work (a compile, training up to its first checkpoint), it cost that work."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; name a folder")
+    parent = _nearest_existing(out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; choose another folder")
+
+
+def check_writable(*paths) -> None:
+    """Output files (None: not asked for) are checked before the work, not found unwritable after it."""
+    for p in map(Path, filter(None, paths)):
+        parent = _nearest_existing(p.parent)
+        if p.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+            raise UserError(f"cannot write {p}: {'it is a folder' if p.is_dir() else 'not writable'}; "
+                            "choose another path")

@@ -22,6 +22,7 @@ import numpy as np
 from common.agreement import output_error
 from common.errors import UserError
 from common.timing import ratio_to_best, time_runs
+from runtimes.base import describe
 
 from .bench_report import PEERS, BenchReport, Timing, plot  # noqa: F401 (plot, PEERS: the bench's API)
 
@@ -159,12 +160,6 @@ class _Unavailable(Exception):
     pass
 
 
-def describe(e: Exception) -> str:
-    """An exception as one short line: its type and the first line of its message."""
-    first = str(e).splitlines()[0][:120] if str(e) else ""
-    return f"{type(e).__name__}: {first}"
-
-
 @contextlib.contextmanager
 def _recorded(t: Timing):
     """Runs the block; a failure becomes t's status (one broken entry must not lose the others' numbers)."""
@@ -175,7 +170,7 @@ def _recorded(t: Timing):
     except UserError as e:
         t.status = f"error: {e}"
     except Exception as e:
-        t.status = f"error: {describe(e)}"
+        t.status = f"error: {describe(e, 120)}"
 
 
 def machine_description(threads: int, target: str | None = None) -> dict:

@@ -27,8 +27,7 @@ import numpy as np
 from common.agreement import output_error
 from common.errors import UserError
 from common.timing import ratio_to_best, time_runs
-
-from .bench import describe
+from runtimes.base import describe
 
 HIDDENS = (256, 512, 1024)
 BATCHES = (1, 8, 64)
@@ -139,7 +138,7 @@ def run(art_dir, batches=BATCHES, steps: int = STEPS, atol: float = 1e-4) -> dic
                                 row["p90_us"] = round(float(np.percentile(secs, 90)) * 1e6, 2)
                                 row["us_per_step"] = round(row["median_us"] / steps, 3)
                     except Exception as e:  # one broken entry must not lose the others' numbers
-                        row["status"] = f"error: {describe(e)}"
+                        row["status"] = f"error: {describe(e, 120)}"
                 rows.append(row)
             peers = [x.get("median_us") for x in rows if x["entry"] != "tvm-cuda native"]
             for row in rows:
@@ -179,7 +178,7 @@ def _tvm_vm(state, d):
     except Exception as e:
         import traceback
         traceback.print_exc()
-        return describe(e)
+        return describe(e, 120)
 
 
 def _ort_cuda(model, x):

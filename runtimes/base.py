@@ -33,6 +33,11 @@ def first_line(e: BaseException, limit: int = 240) -> str:
     return (text.splitlines()[0][:limit] if text else "") or type(e).__name__
 
 
+def describe(e: BaseException, limit: int = 240) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {first_line(e, limit)}"
+
+
 @contextlib.contextmanager
 def _failures_named(runtime: str, doing: str):
     """UserErrors pass unchanged (they already say what to fix); any other Exception (MemoryError
@@ -42,7 +47,7 @@ def _failures_named(runtime: str, doing: str):
     except UserError:
         raise
     except Exception as e:
-        raise RuntimeFailure(f"{runtime} {doing}: {type(e).__name__}: {first_line(e)}") from e
+        raise RuntimeFailure(f"{runtime} {doing}: {describe(e)}") from e
 
 
 class Runtime(ABC):

@@ -129,7 +129,7 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
         if s.name in (lengths or {}):
             x_name, axis = lengths[s.name]
             t = feeds[x_name].shape[axis] if x_name in feeds and feeds[x_name].ndim > axis else None
-            t = t if t is not None else next((v for k, (v, _) in bound.items() if k == "time"), None)
+            t = t if t is not None else bound.get("time", (None,))[0]
             lo, hi = int(a.min()), int(a.max())
             if lo < 1 or (t is not None and hi > t):
                 raise UserError(f"input {s.name} holds sequence lengths {lo}..{hi}, outside [1, {t if t else 'T'}]"

@@ -243,27 +243,12 @@ def _json_body(raw: bytes):
     """The request's JSON object, or a 400 response naming what is wrong with it: not JSON, NaN or
     Infinity (not JSON either, though Python's parser takes them), nesting deeper than MAX_DEPTH
     (the parser recurses), an integer too long to convert."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in (raw or b"").decode("utf-8", errors="replace"):  # bracket depth outside strings, before parsing
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    if deepest > MAX_DEPTH:
+    raw = raw or b"{}"
+    # the scan is Python per byte: only bodies with enough brackets to be too deep pay for it
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
         return _error(400, "malformed_json", f"body nests deeper than {MAX_DEPTH} levels")
     try:
-        body = json.loads(raw or b"{}", parse_constant=_no_constant)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         return _error(400, "malformed_json", f"body is not valid JSON: {str(e).splitlines()[0][:200]}")
     if not isinstance(body, dict):
@@ -285,6 +270,28 @@ def _generate(session: StreamingSession, prime: str, chars: int, temperature: fl
         return prime + session.vocab.decode(ids)
     finally:
         session.close(sid)
+
+
+def _depth(raw: bytes) -> int:
+    """The deepest bracket nesting outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in raw.decode("utf-8", errors="replace"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _no_constant(name: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from common.errors import UserError
 
+from ..base import first_line
 from ..source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
 from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
@@ -43,7 +44,7 @@ def import_onnx(model, cuda: bool = False, plan=None):
         nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
         where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
                  f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        why = first_line(e, 200)
         hint = ("; if it comes from shape arithmetic on a symbolic dimension, fix that dimension with "
                 "`lstm-export compile --dim NAME=N`" if "ynamic" in why else "")
         raise UserError(f"TVM cannot import {where}: {why}{hint}") from None

@@ -55,9 +55,9 @@ def _check_shape(got, want, what, op, node):
 
 def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False):
     node = attr.get("tvm_custom", {}).get("name", op)
-    unknown = set(attr) - KNOWN_ATTRS - ({"linear_before_reset"} if op == "GRU" else set())
-    if unknown or (op == "RNN" and "linear_before_reset" in attr):
-        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown) or ['linear_before_reset']}")
+    unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
+    if unknown:
+        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")
     if cuda:
         raise UserError(f"{op} node {node!r}: {op} runs on llvm targets only so far; compile with --target llvm")
     inputs, back = as_float32(bb, list(inputs) + [None] * (6 - len(inputs)))
