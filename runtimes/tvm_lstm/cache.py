@@ -3,7 +3,8 @@
 An entry is a compiled folder (compile.compile_onnx's output) under
 $XDG_CACHE_HOME/lstm-export/tvm/KEY, KEY a hash of everything the library depends on: the ONNX
 bytes, the full target (for `llvm`: this CPU's triple, mcpu, features and cores), the CUDA arch, the
-kernel plan, and TVM's, tvm-ffi's and our versions. Invariants:
+kernel plan, TVM's, tvm-ffi's and our versions, and the compiler's own source (so that a changed
+converter or kernel in a development install never loads an entry it did not build). Invariants:
 - an entry appears whole or not at all: compiled into a temporary folder beside it, then renamed;
 - a hit is checked against the library's sha256 recorded at write time; a corrupted or truncated
   entry is removed and compiled again;
@@ -18,6 +19,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 from ..source import CompiledModel, ModelSource
@@ -45,8 +47,20 @@ def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan)
     tgt = parse_target(target, threads, arch)
     parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": arch if tgt.kind.name == "cuda" else "",
              "plan": {k: v for k, v in asdict(plan).items() if k != "info"} if plan is not None else None,
-             "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__}
+             "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__, "compiler": compiler_digest()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+COMPILER_ROOT = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=None)
+def compiler_digest(root: Path = COMPILER_ROOT) -> str:
+    """sha256 of the compiler's Python sources (this package: converters, kernels, plan, passes)."""
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:

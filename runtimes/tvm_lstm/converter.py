@@ -270,7 +270,7 @@ def lstm_registered(cuda: bool = False, plan=None):
     from .safe_gather import SafeGather
     converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
     gather = type("Gather", (SafeGather,), {"cuda": cuda})
-    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda}) for c in (GRU, RNN))
+    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan}) for c in (GRU, RNN))
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 

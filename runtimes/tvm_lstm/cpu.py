@@ -9,16 +9,16 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .cpu_cells import KernelCell, make_finish
 from .cpu_plan import KernelPlan, tile_counts
-from .fast_math import FastGateMath
 from .packing import packed_size, padded, tail_width
-from .recurrence import CellSpec
 
 
-def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool = True,
-                   has_peepholes: bool = True):
+def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, has_peepholes: bool = True):
     """One direction of one layer, projection included: PrimFunc(x (T, B, K), wp, bias, rp (packed
-    by packing.py with plan.lanes), p (3, HP), h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn, cn (B, H).
+    by packing.py with plan.lanes), p (3, UB*lanes), h0, c0 (B, H), lens (B,)) -> y (T, B, H), hn, cn (B, H).
+    spec: a CellSpec (LSTM) or a gru_rnn_loop.LoopSpec (GRU with linear_before_reset, RNN); the
+    cell (cpu_cells) says what the four column groups are. For GRU and RNN cn means nothing.
 
     The whole sequence is one parallel launch.
     - B >= MR, packed W + R up to plan.batch_split_bytes (one core's L2): thread i of plan.threads
@@ -35,18 +35,18 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
     starts at zero; without lengths lens is a (1,) placeholder; without `has_peepholes` p is unread.
     """
     LANES, MR, MS, RA, threads = plan.lanes, plan.mr, plan.ms, plan.ra, plan.threads
-    H = spec.hidden
-    HP = padded(H, LANES)
-    UB = HP // LANES
-    TW = tail_width(H, LANES)
+    cell = KernelCell(spec)
+    H, U = cell.hidden, cell.units  # hidden units (h, y, rows of R); units per column group
+    HP = cell.width(LANES)  # of a batch row of h and c
+    UB = padded(U, LANES) // LANES
+    TW = tail_width(U, LANES)
     FULL = UB if TW == LANES else UB - 1  # unit blocks of full width; a narrower last one is the tail
-    LAST = H - (UB - 1) * LANES  # real units in the last unit block
-    NP = packed_size(H, 1, LANES)
+    NP = packed_size(U, 1, LANES)
     K = k_dim
-    m = FastGateMath(spec)
+    m = cell.math
     first_product = tirx.const(0 if has_state else 1, "int64")
     unit_major = K * NP * 4 > plan.unit_major_bytes
-    batch_split = (packed_size(H, K, LANES) + packed_size(H, H, LANES)) * 4 <= plan.batch_split_bytes
+    batch_split = (packed_size(U, K, LANES) + packed_size(U, H, LANES)) * 4 <= plan.batch_split_bytes
 
     def state_dims(n_b):
         return (n_b, H) if has_state else (1, H)
@@ -64,6 +64,8 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
 
     def peep(p, i, u, v):
         return p[i, u * LANES + v] if has_peepholes else None
+
+    finish = make_finish(cell, LANES, step_of, peep)
 
     def n_tiles(n_b):  # batch tiles of MR rows (the last one repeats the last row as needed)
         return (n_b + MR - 1) // MR
@@ -136,38 +138,6 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
             add_x_w(lo(mr), 0, bw, acc, rt, rb, u, k, x, wp)
             if mr > RA:
                 add_x_w(hi(mr), RA, bw, acc2, rt, rb, u, k, x, wp)
-
-    @T.macro
-    def finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
-        """The cell update of rows r0.. (those inside the batch) of unit block u from the gate
-        pre-activations in acc (mr, 4*bw): gate g of unit v at acc[r, g*bw + v]."""
-        for r in T.unroll(mr):
-            if r0 + r < n_b:
-                if t < m.seq_len(lens[r0 + r], n_t):
-                    for v in T.vectorized(bw):
-                        cs[r0 + r, u * LANES + v] = m.cell_c(
-                            acc[r, v], acc[r, 2 * bw + v], acc[r, 3 * bw + v], peep(p, 0, u, v), peep(p, 2, u, v),
-                            cs[r0 + r, u * LANES + v])
-                    for v in T.vectorized(bw):
-                        hb[1 - t % 2, r0 + r, u * LANES + v] = m.cell_h(
-                            acc[r, bw + v], peep(p, 1, u, v), cs[r0 + r, u * LANES + v])
-                    if bw < LANES or u == UB - 1:  # the last block holds LAST real units
-                        for v in T.vectorized(LAST):
-                            y[step_of(t, m.seq_len(lens[r0 + r], n_t), n_t), r0 + r, u * LANES + v] = \
-                                hb[1 - t % 2, r0 + r, u * LANES + v]
-                    else:
-                        for v in T.vectorized(LANES):
-                            y[step_of(t, m.seq_len(lens[r0 + r], n_t), n_t), r0 + r, u * LANES + v] = \
-                                hb[1 - t % 2, r0 + r, u * LANES + v]
-                else:
-                    for v in T.vectorized(bw):
-                        hb[1 - t % 2, r0 + r, u * LANES + v] = hb[t % 2, r0 + r, u * LANES + v]
-                    if bw < LANES or u == UB - 1:
-                        for v in T.vectorized(LAST):
-                            y[t, r0 + r, u * LANES + v] = T.float32(0)
-                    else:
-                        for v in T.vectorized(LANES):
-                            y[t, r0 + r, u * LANES + v] = T.float32(0)
 
     @T.macro
     def tile(mr, bw, u, r0, t, n_t, n_b, fused, x, wp, bias, xw, rp, p, lens, y, cs, hb):
@@ -346,9 +316,9 @@ def make_cpu_layer(spec: CellSpec, k_dim: int, plan: KernelPlan, has_state: bool
                 fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb)
 
     @T.prim_func(private=True)
-    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(H, K, LANES),), "float32"),
-                       bias: T.Buffer((NP,), "float32"), rp: T.Buffer((packed_size(H, H, LANES),), "float32"),
-                       p: T.Buffer((3, HP), "float32"), var_h0: T.handle, var_c0: T.handle, var_lens: T.handle,
+    def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((packed_size(U, K, LANES),), "float32"),
+                       bias: T.Buffer((NP,), "float32"), rp: T.Buffer((packed_size(U, H, LANES),), "float32"),
+                       p: T.Buffer((3, UB * LANES), "float32"), var_h0: T.handle, var_c0: T.handle, var_lens: T.handle,
                        var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
         T.func_attr({"tirx.noalias": True})
         n_t = T.int64()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .recurrence import CellSpec, GateMath
+from .recurrence import CellSpec, GateMath, activation
 
 # Rational tanh approximation for float32 (Eigen's generic_fast_tanh_float coefficients).
 _A = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
@@ -76,3 +76,13 @@ class FastGateMath(GateMath):
         no, qo = sigmoid_parts(self.clip(self.peephole(xo, po, c_new)))
         nc, qc = tanh_parts(c_new)
         return (no * nc) / (qo * qc)
+
+
+class FastLoopMath(GateMath):
+    """GRU and RNN activations (spec.acts: f, g or f) with sigmoid and tanh swapped for their
+    vectorizable approximations; clip, lengths and step order as GateMath."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        fast = {"sigmoid": fast_sigmoid, "tanh": fast_tanh}
+        self.acts = tuple(fast.get(a[0].lower()) or activation(*a) for a in spec.acts)

@@ -2,7 +2,9 @@
 converter's variants: the same parsing of directions, layout, activations and shapes, one GEMM for
 every step's input projection, then a TIR time loop per direction (gru_rnn_loop.py).
 
-Not yet: the packed fast CPU kernel of the LSTM (these run the portable loop) and CUDA.
+With constant weights on a CPU target, GRU (linear_before_reset != 0) and RNN run the LSTM's packed
+fast kernel (cpu.py) with their own cell (cpu_cells.py); GRU with linear_before_reset = 0 and
+computed weights run the portable loop. Not yet: CUDA.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
-from .converter import _decode, _direction, _static_shape, activation_triples, as_float32, cast_back
+from .converter import _const, _decode, _direction, _static_shape, activation_triples, as_float32, cast_back
 from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from .marks import mark
 
@@ -26,14 +28,15 @@ class GRU(onnx_frontend.OnnxOpConverter):
     """ONNX GRU -> input projection GEMM + the GRU loop per direction."""
 
     cuda = False
+    plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: the portable loop only
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan)
 
 
 class RNN(GRU):
@@ -41,11 +44,11 @@ class RNN(GRU):
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan)
 
 
 def _check_shape(got, want, what, op, node):
@@ -53,7 +56,7 @@ def _check_shape(got, want, what, op, node):
         raise UserError(f"{op} node {node!r}: {what} has shape {got}, expected {want}")
 
 
-def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False):
+def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False, plan=None):
     node = attr.get("tvm_custom", {}).get("name", op)
     unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
     if unknown:
@@ -93,9 +96,17 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     n_t, n_b = X.ty.shape.values[0], X.ty.shape.values[1]
     if h0 is not None and layout == 1:
         h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
-    zeros = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None else None
-    lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
-        bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32"))  # ignored: every sequence runs all T
+    weights = [_const(v) if v is not None else None for v in (W, R, B)]
+    fast = (plan is not None and x_shape[2] is not None and (op == "RNN" or lbr)
+            and all(w is not None for w, v in zip(weights, (W, R, B)) if v is not None))
+    if fast:  # the kernel starts from zero itself and ignores absent lengths: (1, ...) placeholders
+        zeros = relax.const(np.zeros((1, H), np.float32)) if h0 is None else None
+        lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
+            relax.const(np.zeros(1, np.int32))
+    else:
+        zeros = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None else None
+        lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
+            bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32"))  # ignored: every sequence runs all T
 
     ys, hs = [], []
     per_dir = len(DEFAULTS[op])
@@ -103,6 +114,13 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
         spec = LoopSpec(op, H, tuple(triples[per_dir * d:per_dir * (d + 1)]), float(clip) if clip is not None else None,
                         reverse, seq_lens is not None, lbr)
+        h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros
+        if fast:
+            y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights],
+                                       h0 is not None, h_d, lens, n_t, n_b, int(x_shape[2]), plan)
+            ys.append(y)
+            hs.append(h)
+            continue
         xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(_direction(W, d)), [1, 0])))  # (T, B, G*H)
         rbh = relax.const(np.zeros(H, np.float32))
         if B is not None:
@@ -114,7 +132,6 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
                 rb = bb.emit(relax.op.concat([rb_zr, relax.op.zeros(relax.ShapeExpr([H]), "float32")], axis=0))
             xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
         r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, G*H)
-        h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros
         loop = bb.add_func(mark(schedule_loop(make_loop(spec))), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
         out = bb.emit(relax.call_tir(loop, [xw, r_t, rbh, h_d, lens],
                                      [relax.TensorType([n_t, n_b, H], "float32"),
@@ -131,3 +148,23 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
         Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
         Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
     return cast_back(bb, [Y, Y_h], back)
+
+
+def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
+    """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py)."""
+    from . import cpu, packing
+    H, lanes = spec.hidden, plan.lanes
+    w, r, b = weights
+    as_gates = packing.gru_as_gates if spec.kind == "GRU" else packing.rnn_as_gates
+    w4, r4, b4 = as_gates(w, r, b, H)
+    units = w4.shape[0] // 4  # per column group
+    p = np.zeros((3, packing.padded(units, lanes)), np.float32)  # no peepholes: never read
+    layer = bb.add_func(mark(cpu.make_cpu_layer(spec, I, plan, has_state=has_state, has_peepholes=False)),
+                        f"{spec.kind.lower()}_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
+    out = bb.emit(relax.call_tir(layer, [X, relax.const(packing.pack_gates(w4, units, lanes)),
+                                         relax.const(packing.pack_bias(b4, units, lanes)),
+                                         relax.const(packing.pack_gates(r4, units, lanes)), relax.const(p), h_d, h_d,
+                                         lens],
+                                 [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
+                                  relax.TensorType([n_b, H], "float32")]))
+    return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))

@@ -52,3 +52,30 @@ def pack_gates(w: np.ndarray, hidden: int, lanes: int) -> np.ndarray:
 def pack_bias(b: np.ndarray, hidden: int, lanes: int) -> np.ndarray:
     """(4H,) -> flat, in the packed column order (one row of pack_gates)."""
     return pack_gates(np.asarray(b, np.float32).reshape(4 * hidden, 1), hidden, lanes)
+
+
+def gru_as_gates(w: np.ndarray, r: np.ndarray, b: np.ndarray | None, hidden: int):
+    """A GRU direction with linear_before_reset as the kernel's four column groups (cpu_cells):
+    (z, r, x*Wh + Wbh, h*Rh + Rbh). Returns (W (4H, K), R (4H, H), bias (4H,)), ONNX-ordered for
+    pack_gates: the input part of the last group and the recurrent part of the third are zero."""
+    H = hidden
+    b = np.zeros(6 * H, np.float32) if b is None else np.asarray(b, np.float32)
+    zero_w, zero_r = np.zeros((H, w.shape[1]), np.float32), np.zeros((H, H), np.float32)
+    w4 = np.concatenate([w[:2 * H], w[2 * H:], zero_w])
+    r4 = np.concatenate([r[:2 * H], zero_r, r[2 * H:]])
+    bias = np.concatenate([b[:2 * H] + b[3 * H:5 * H], b[2 * H:3 * H], b[5 * H:]])
+    return w4.astype(np.float32), r4.astype(np.float32), bias.astype(np.float32)
+
+
+def rnn_as_gates(w: np.ndarray, r: np.ndarray, b: np.ndarray | None, hidden: int):
+    """An RNN direction as four column groups of U = ceil(H/4) units (unit j of group g is hidden
+    unit g*U + j, cpu_cells): (W (4U, K), R (4U, H), bias (4U,)) for pack_gates with hidden U,
+    zero past the H real units."""
+    H, U = hidden, -(-hidden // 4)
+    b = np.zeros(2 * H, np.float32) if b is None else np.asarray(b, np.float32)
+
+    def rows(a):
+        out = np.zeros((4 * U,) + a.shape[1:], np.float32)
+        out[:H] = a
+        return out
+    return rows(np.asarray(w, np.float32)), rows(np.asarray(r, np.float32)), rows(b[:H] + b[H:])

@@ -6,101 +6,22 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 pytest.importorskip("tvm")
 
 from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
 from ..marks import one_fast  # noqa: E402
+from .rnn_cases import H, check, rnn_model  # noqa: E402
 
 pytestmark = pytest.mark.tvm
-H, I = 5, 3
-GATES = {"GRU": 3, "RNN": 1}
 
-
-def rnn_model(op, D=1, layout=0, optional=("B", "sequence_lens", "initial_h"), outputs=("Y", "Y_h"), opset=14,
-              seed=0, **attrs):
-    g_ = GATES[op]
-    rng = np.random.default_rng(seed)
-    inits = {"W": rng.standard_normal((D, g_ * H, I)) * 0.5, "R": rng.standard_normal((D, g_ * H, H)) * 0.5,
-             "B": rng.standard_normal((D, 2 * g_ * H)) * 0.3}
-    t_, b_ = ("time", "batch") if layout == 0 else ("batch", "time")
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [t_, b_, I])]
-    if "sequence_lens" in optional:
-        inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["batch"]))
-    if "initial_h" in optional:
-        inputs.append(helper.make_tensor_value_info("initial_h", TensorProto.FLOAT,
-                                                    [D, "batch", H] if layout == 0 else ["batch", D, H]))
-    node_inputs = [n if n in ("X", "W", "R") or n in optional else "" for n in
-                   ("X", "W", "R", "B", "sequence_lens", "initial_h")]
-    while node_inputs[-1] == "":
-        node_inputs.pop()
-    node_outputs = [o if o in outputs else "" for o in ("Y", "Y_h")]
-    while node_outputs[-1] == "":
-        node_outputs.pop()
-    if opset >= 14:
-        attrs["layout"] = layout
-    node = helper.make_node(op, node_inputs, node_outputs, name="the_rnn", hidden_size=H, **attrs)
-    g = helper.make_graph([node], "rnn", inputs,
-                          [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * (4 if o == "Y" else 3))
-                           for o in outputs],
-                          [numpy_helper.from_array(inits[k].astype(np.float32), k) for k in ("W", "R", "B")
-                           if k in ("W", "R") or k in optional])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    return m
-
-
-def _feeds(model, T, B, seed):
-    rng = np.random.default_rng(seed)
-    node = model.graph.node[0]
-    layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
-    D = 2 if any(a.name == "direction" and a.s == b"bidirectional" for a in node.attribute) else 1
-    feeds = {"X": rng.standard_normal((T, B, I) if layout == 0 else (B, T, I)).astype(np.float32)}
-    names = {vi.name for vi in model.graph.input}
-    if "sequence_lens" in names:
-        feeds["sequence_lens"] = rng.integers(1, T + 1, B).astype(np.int32)
-    if "initial_h" in names:
-        feeds["initial_h"] = rng.standard_normal((D, B, H) if layout == 0 else (B, D, H)).astype(np.float32)
-    return feeds
-
-
-def _ort(model, feeds):
-    """ONNX Runtime's outputs; layout 1 (which ORT refuses) as layout 0 on transposed data."""
-    node = model.graph.node[0]
-    if next((a.i for a in node.attribute if a.name == "layout"), 0) == 0:
-        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-    m0 = onnx.ModelProto()
-    m0.CopyFrom(model)
-    next(a for a in m0.graph.node[0].attribute if a.name == "layout").i = 0
-    for vi in m0.graph.input:
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 3:
-            a, b = dims[0].SerializeToString(), dims[1].SerializeToString()
-            dims[0].ParseFromString(b)
-            dims[1].ParseFromString(a)
-    f0 = {k: (v.transpose(1, 0, 2) if v.ndim == 3 else v) for k, v in feeds.items()}
-    outs = ort.InferenceSession(m0.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, f0)
-    names = [o.name for o in model.graph.output]
-    return [o.transpose(2, 0, 1, 3) if n == "Y" else o.transpose(1, 0, 2) for n, o in zip(names, outs)]
-
-
-def check(model, tmp_path, shapes=((5, 3), (8, 2))):
-    path = tmp_path / "m.onnx"
-    onnx.save(model, path)
-    rt = TvmLlvmRuntime(cache=False)
-    rt.prepare(path)
-    for k, (T, B) in enumerate(shapes):
-        feeds = _feeds(model, T, B, seed=k)
-        got = rt.run(feeds)
-        for name, want in zip([o.name for o in model.graph.output], _ort(model, feeds)):
-            np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5, err_msg=f"{name} T={T} B={B}")
-    rt.release()
-
-
-GRID = list(itertools.product(["GRU", "RNN"], ["bidirectional", "forward", "reverse"], [1, 0],
-                              [("B", "sequence_lens", "initial_h"), ()]))
+# the first case of each op is in the fast subset: the RNN's runs the packed kernel in one direction
+GRID = list(itertools.product(["GRU"], ["bidirectional", "forward", "reverse"], [1, 0],
+                              [("B", "sequence_lens", "initial_h"), ()])) + \
+    list(itertools.product(["RNN"], ["reverse", "bidirectional", "forward"], [1, 0],
+                           [("B", "sequence_lens", "initial_h"), ()]))
 
 
 @pytest.mark.parametrize("op,direction,layout,optional", one_fast([g for g in GRID if g[0] == "GRU"], multi=True)
@@ -110,7 +31,7 @@ def test_directions_layouts_and_optional_inputs(tmp_path, op, direction, layout,
     check(rnn_model(op, D, layout, optional, direction=direction), tmp_path)
 
 
-@pytest.mark.parametrize("lbr", [1, 0])
+@pytest.mark.parametrize("lbr", one_fast([0, 1]))  # 1 (the packed kernel) is in test_gru_rnn_kernel's fast cases
 def test_gru_linear_before_reset_both_ways(tmp_path, lbr):
     check(rnn_model("GRU", 2, 0, direction="bidirectional", linear_before_reset=lbr), tmp_path)
 
@@ -209,7 +130,7 @@ def _to_float16(model):
     return m
 
 
-@pytest.mark.parametrize("op", one_fast(["RNN", "LSTM", "GRU"]))
+@pytest.mark.parametrize("op", one_fast(["GRU", "RNN", "LSTM"]))  # GRU (linear_before_reset=0): cheapest compile
 def test_float16_models_compute_in_float32_as_ort_does(tmp_path, op):
     from .lstm_cases import lstm_model
     model = _to_float16(lstm_model(2, 0, direction="bidirectional") if op == "LSTM" else

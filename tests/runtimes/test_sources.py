@@ -3,6 +3,7 @@ compiled again; an .onnx on tvm-* compiles once per model and target. Oracles: O
 same ONNX file, and the cache folder's own contents (what was written, when)."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,6 +143,25 @@ def test_eviction_keeps_the_cache_under_its_cap(tmp_path):
         os.utime(root / n, (1_000_000 + i, 1_000_000 + i))
     removed = evict(root, cap_mb=1.2, keep=root / "old")  # 1.8 MB: one must go; never the one just used
     assert [p.name for p in removed] == ["mid"] and sorted(p.name for p in root.iterdir()) == ["new", "old"]
+
+
+def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
+    """A development install whose converter or kernel changed must not load an entry built by the
+    old code (it once timed a GRU on its old portable loop after the packed kernel landed)."""
+    import shutil
+
+    import runtimes.tvm_lstm as pkg
+    from runtimes.tvm_lstm import cache
+    copy = tmp_path / "compiler"
+    shutil.copytree(Path(pkg.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "tuning_db"))
+    before = cache.compiler_digest(copy)
+    assert before == cache.compiler_digest.__wrapped__(copy)  # the same source, the same digest
+    (copy / "cpu_cells.py").write_text((copy / "cpu_cells.py").read_text() + "\n# changed\n")
+    assert cache.compiler_digest.__wrapped__(copy) != before
+    a = open_model(_export(tmp_path / "a.onnx", seed=0))
+    key = cache_key(a, "llvm", "sm_90", None, _plan())
+    monkeypatch.setattr(cache, "compiler_digest", lambda: "another compiler")
+    assert cache_key(a, "llvm", "sm_90", None, _plan()) != key
 
 
 def _plan():

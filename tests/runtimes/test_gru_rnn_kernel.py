@@ -1,0 +1,117 @@
+"""GRU (linear_before_reset) and RNN on the fast CPU kernel (cpu.py with cpu_cells.py): every tile
+path and every ISA variant this machine can run, against ONNX Runtime; computed weights keep the
+portable loop."""
+import dataclasses
+
+import onnx
+import pytest
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed")
+pytestmark = pytest.mark.tvm
+
+from runtimes.tvm_lstm.compile import import_onnx  # noqa: E402
+from runtimes.tvm_lstm.cpu_plan import plan_for  # noqa: E402
+from runtimes.tvm_lstm.targets import host_target, parse_target  # noqa: E402
+
+from ..marks import one_fast  # noqa: E402
+from .rnn_cases import check, rnn_model  # noqa: E402
+from .test_tvm_cpu_kernel import VARIANTS, _variant_target  # noqa: E402
+
+ALL = ("B", "sequence_lens", "initial_h")
+
+
+def host_plan(**changes):
+    return dataclasses.replace(plan_for(host_target()), **changes)
+
+
+def kernels(model) -> set[str]:
+    """The names of the PrimFuncs the import emits for the model's recurrent node."""
+    mod = import_onnx(model, plan=host_plan())
+    return {gv.name_hint for gv in mod.functions if "layer_cpu" in gv.name_hint or "_loop_" in gv.name_hint}
+
+
+@pytest.mark.parametrize("op,attrs,want", [
+    ("GRU", {"linear_before_reset": 1}, {"gru_layer_cpu_fwd"}),
+    ("GRU", {"linear_before_reset": 0}, {"gru_loop_fwd"}),  # r is needed before h @ Rh
+    ("RNN", {}, {"rnn_layer_cpu_fwd"}),
+])
+def test_constant_weights_take_the_packed_kernel(op, attrs, want):
+    assert kernels(rnn_model(op, **attrs)) == want
+    assert kernels(rnn_model(op, computed_weights=True, **attrs)) == {f"{op.lower()}_loop_fwd"}
+
+
+@pytest.mark.parametrize("op", ["GRU", "RNN"])
+def test_computed_weights_run_the_portable_loop(tmp_path, op):
+    check(rnn_model(op, 2, 0, ALL, direction="bidirectional", linear_before_reset=1, computed_weights=True)
+          if op == "GRU" else rnn_model(op, 2, 0, ALL, direction="bidirectional", computed_weights=True), tmp_path)
+
+
+# hidden sizes with 16 lanes: GRU 30 = a full block and a 14-unit tail, 32 = full blocks only.
+# RNN groups are ceil(H/4) units: 97 -> 25 (the last group 22: masked in the tail block), 65 -> 17
+# (a 1-unit tail block; the last group's 14 units end inside the full block), 128 -> 32 (full only).
+SIZES = [("GRU", 30), ("GRU", 32), ("RNN", 97), ("RNN", 65), ("RNN", 128)]
+
+
+@pytest.mark.parametrize("op,hidden,split", one_fast([(op, h, sp) for op, h in SIZES for sp in ("batch", "step")],
+                                                     multi=True))
+def test_unit_blocks_and_splits(tmp_path, op, hidden, split):
+    """Bidirectional with lengths and initial state on the batched paths (7 and 13 rows: full and
+    partial tiles) and the row path (2 rows, and one streaming step)."""
+    plan = host_plan() if split == "batch" else host_plan(batch_split_bytes=0)
+    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+    check(rnn_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden, inputs_size=7, **attrs), tmp_path,
+          shapes=((3, 7), (2, 13), (4, 2), (1, 1)), plan=plan, atol=2e-5)
+
+
+@pytest.mark.parametrize("op", one_fast(["RNN", "GRU"]))
+def test_zero_state_and_no_lengths(tmp_path, op):
+    """Without initial_h the kernel starts from zero and skips h @ R at the first step; without
+    lengths every sequence runs all T steps."""
+    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+    check(rnn_model(op, 1, 0, ("B",), direction="reverse", hidden=20, **attrs), tmp_path,
+          shapes=((4, 7), (3, 1)), plan=host_plan())
+
+
+@pytest.mark.slow  # the shares are the LSTM's (its fast cases run them); here with the GRU cell
+@pytest.mark.parametrize("threads", [3, 1])
+def test_shares_for_any_core_count(tmp_path, threads):
+    """Batch shares of 1 to 8 rows for 1 or 3 cores (the process runs 2 threads whatever the kernel
+    assumed)."""
+    check(rnn_model("GRU", 2, 1, ALL, direction="bidirectional", hidden=20, linear_before_reset=1), tmp_path,
+          shapes=((3, 13), (4, 20), (2, 5)), plan=host_plan(threads=threads))
+
+
+@pytest.mark.parametrize("variant,op", [
+    # all slow: the ISA variants of the shared kernel run in the fast subset with the LSTM cell
+    pytest.param(v, op, marks=[pytest.mark.slow]) for v in VARIANTS for op in ("GRU", "RNN")])
+def test_isa_variants(tmp_path, variant, op):
+    """The kernel each ISA gets (lanes 16, 8 or 4), on a full block plus a narrow one, both splits'
+    batch sizes, against ONNX Runtime."""
+    target = _variant_target(variant)
+    lanes = plan_for(parse_target(target)).lanes
+    hidden = 2 * lanes + 1 if op == "GRU" else 4 * (2 * lanes + 1) - 2
+    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+    plan = plan_for(parse_target(target, threads=2))
+    check(rnn_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden, **attrs), tmp_path,
+          shapes=((4, 1), (3, 7), (2, 13)), plan=plan, target=target, atol=2e-5)
+
+
+@pytest.mark.slow  # the float16 casts themselves are in the fast subset (test_gru_rnn)
+def test_float16_gru_on_the_kernel(tmp_path):
+    """A float16 GRU computes in float32 on the packed kernel and casts back, as ORT does."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from runtimes.tvm_runtime import TvmLlvmRuntime
+
+    from .test_gru_rnn import _to_float16
+    model = _to_float16(rnn_model("GRU", 1, 0, ("B",), linear_before_reset=1, hidden=20))
+    assert kernels(model) == {"gru_layer_cpu_fwd"}
+    onnx.save(model, tmp_path / "m16.onnx")
+    rt = TvmLlvmRuntime(cache=False)
+    rt.prepare(tmp_path / "m16.onnx")
+    feeds = {"X": np.random.default_rng(0).standard_normal((5, 7, 3)).astype(np.float16)}
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for (name, got), w in zip(rt.run(feeds).items(), want):
+        assert got.dtype == np.float16
+        np.testing.assert_allclose(got.astype(np.float32), w.astype(np.float32), rtol=1e-3, atol=1e-3, err_msg=name)
