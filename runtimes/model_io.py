@@ -189,13 +189,14 @@ def length_inputs(model) -> dict[str, list]:
 
 
 def index_bounds(model) -> dict[str, int]:
-    """Graph inputs used as a Gather's indices over a constant table -> the table's size on that axis."""
+    """Graph inputs used as a Gather's or GatherElements' indices over a constant table -> the table's
+    size on that axis. (GatherND's coordinates each have their own bound: the artifact checks them.)"""
     inits = {i.name: i for i in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     out = {}
     for node in model.graph.node:
         if (
-            node.op_type == "Gather"
+            node.op_type in ("Gather", "GatherElements")
             and len(node.input) > 1
             and node.input[0] in inits
             and node.input[1] in graph_inputs

@@ -260,23 +260,24 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
 
 @contextlib.contextmanager
 def lstm_registered(cuda: bool = False, plan=None):
-    """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather checks indices on the CPU
-    (safe_gather.py); TVM's files are not touched. CPU kernels are laid out by `plan` (a
-    cpu_plan.KernelPlan; None: the portable TIR loop only).
+    """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
+    GatherND check indices on the CPU (safe_gather.py); TVM's files are not touched. CPU kernels are
+    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only).
 
     TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
     getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
     from .gru_rnn import GRU, RNN
-    from .safe_gather import SafeGather
+    from .safe_gather import SafeGather, SafeGatherElements, SafeGatherND
     converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
-    gather = type("Gather", (SafeGather,), {"cuda": cuda})
+    gathers = {c.__name__[4:]: type(c.__name__[4:], (c,), {"cuda": cuda})
+               for c in (SafeGather, SafeGatherElements, SafeGatherND)}
     gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan}) for c in (GRU, RNN))
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 
         def with_lstm():
             table = dict(original())
-            table["LSTM"], table["Gather"], table["GRU"], table["RNN"] = converter, gather, gru, rnn
+            table.update(gathers, LSTM=converter, GRU=gru, RNN=rnn)
             return table
 
         onnx_frontend._get_convert_map = with_lstm
