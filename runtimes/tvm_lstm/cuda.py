@@ -1,4 +1,5 @@
-"""CUDA lowering: our recurrence as a persistent kernel, and dlight schedules for everything else.
+"""CUDA lowering: our LSTM, GRU and RNN recurrences as persistent kernels, and dlight schedules for
+everything else.
 
 The recurrence kernel runs one thread block per sequence for the whole time loop: h lives in
 shared memory, each thread owns hidden units j (its four gate columns of R^T stream from L2),
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .recurrence import CellSpec, GateMath
+from .recurrence import CellSpec, GateMath, activation
 
 MAX_THREADS = 1024
 
@@ -96,3 +97,96 @@ def schedule_for_cuda(mod, target):
         mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                       dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
     return mod
+
+
+def make_cuda_loop(spec):
+    """The GRU / RNN loop (gru_rnn_loop.make_loop's signature and semantics) as the same persistent
+    kernel: one thread block per sequence, h in shared memory, each thread owning hidden units.
+    GRU with linear_before_reset = 0 needs r of every unit before (r (.) Ht-1) * Rh: r (.) Ht-1 goes
+    to a second shared buffer between two more block barriers."""
+    H, G = spec.hidden, spec.gates
+    NT = min(H, MAX_THREADS)
+    J = (H + NT - 1) // NT
+    m = GateMath(spec)  # clip, lengths and step order
+    f = activation(*spec.acts[0])
+    g = activation(*spec.acts[1]) if spec.kind == "GRU" else None
+    two_phase = spec.kind == "GRU" and not spec.linear_before_reset
+    first = 2 if two_phase else G  # groups of R read from h itself
+    one = T.float32(1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def rnn_loop_cuda(var_xw: T.handle, var_rt: T.handle, var_rbh: T.handle, var_h0: T.handle,
+                      var_lens: T.handle, var_y: T.handle, var_hn: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n_t = T.int64()
+        n_b = T.int64()
+        xw = T.match_buffer(var_xw, (n_t, n_b, G * H), "float32")
+        rt = T.match_buffer(var_rt, (H, G * H), "float32")
+        rbh = T.match_buffer(var_rbh, (H,), "float32")
+        h0 = T.match_buffer(var_h0, (n_b, H), "float32")
+        lens = T.match_buffer(var_lens, (n_b,), "int32")
+        y = T.match_buffer(var_y, (n_t, n_b, H), "float32")
+        hn = T.match_buffer(var_hn, (n_b, H), "float32")
+        for bx in T.thread_binding(n_b, thread="blockIdx.x"):
+            for tx in T.thread_binding(NT, thread="threadIdx.x"):
+                with T.sblock("rnn_persistent"):
+                    T.reads()
+                    T.writes()
+                    h_s = T.sblock_alloc_buffer((H,), "float32", scope="shared")
+                    rh_s = T.sblock_alloc_buffer((H,), "float32", scope="shared")  # r (.) Ht-1 (two_phase)
+                    h_l = T.sblock_alloc_buffer((J,), "float32", scope="local")
+                    z_l = T.sblock_alloc_buffer((J,), "float32", scope="local")
+                    acc = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                    for jj in T.serial(J):
+                        if jj * NT + tx < H:
+                            h_s[jj * NT + tx] = h0[bx, jj * NT + tx]
+                            h_l[jj] = h0[bx, jj * NT + tx]
+                    T.tvm_storage_sync("shared")
+                    length: T.let[T.int64] = m.seq_len(lens[bx], n_t)
+                    for t in T.serial(n_t):
+                        ts: T.let[T.int64] = T.max(T.min(m.step_index(t, length), n_t - 1), T.int64(0))
+                        for jj in T.serial(J):
+                            if jj * NT + tx < H:
+                                if t < length:
+                                    for q in T.unroll(first):
+                                        acc[q] = T.float32(0)
+                                    for k in T.serial(H):
+                                        for q in T.unroll(first):
+                                            acc[q] = acc[q] + h_s[k] * rt[k, q * H + jj * NT + tx]
+                                    if G == 1:
+                                        h_l[jj] = f(m.clip(xw[ts, bx, jj * NT + tx] + acc[0]))
+                                        y[ts, bx, jj * NT + tx] = h_l[jj]
+                                    elif not two_phase:
+                                        z_l[jj] = f(m.clip(xw[ts, bx, jj * NT + tx] + acc[0]))
+                                        acc[1] = f(m.clip(xw[ts, bx, H + jj * NT + tx] + acc[1]))  # r
+                                        acc[2] = g(m.clip(xw[ts, bx, 2 * H + jj * NT + tx]
+                                                          + acc[1] * (acc[2] + rbh[jj * NT + tx])))
+                                        h_l[jj] = (one - z_l[jj]) * acc[2] + z_l[jj] * h_l[jj]
+                                        y[ts, bx, jj * NT + tx] = h_l[jj]
+                                    else:
+                                        z_l[jj] = f(m.clip(xw[ts, bx, jj * NT + tx] + acc[0]))
+                                        rh_s[jj * NT + tx] = f(m.clip(xw[ts, bx, H + jj * NT + tx] + acc[1])) * \
+                                            h_s[jj * NT + tx]
+                                else:
+                                    y[t, bx, jj * NT + tx] = T.float32(0)
+                        if two_phase:
+                            T.tvm_storage_sync("shared")  # r (.) Ht-1 is complete
+                            for jj in T.serial(J):
+                                if jj * NT + tx < H:
+                                    if t < length:
+                                        acc[2] = T.float32(0)
+                                        for k in T.serial(H):
+                                            acc[2] = acc[2] + rh_s[k] * rt[k, 2 * H + jj * NT + tx]
+                                        acc[2] = g(m.clip(xw[ts, bx, 2 * H + jj * NT + tx] + acc[2]))
+                                        h_l[jj] = (one - z_l[jj]) * acc[2] + z_l[jj] * h_l[jj]
+                                        y[ts, bx, jj * NT + tx] = h_l[jj]
+                        T.tvm_storage_sync("shared")  # everyone has read Ht-1 (and r (.) Ht-1)
+                        for jj in T.serial(J):
+                            if jj * NT + tx < H:
+                                h_s[jj * NT + tx] = h_l[jj]
+                        T.tvm_storage_sync("shared")  # Ht is complete before step t+1 reads it
+                    for jj in T.serial(J):
+                        if jj * NT + tx < H:
+                            hn[bx, jj * NT + tx] = h_l[jj]
+
+    return rnn_loop_cuda

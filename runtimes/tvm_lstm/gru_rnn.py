@@ -4,7 +4,7 @@ every step's input projection, then a TIR time loop per direction (gru_rnn_loop.
 
 With constant weights on a CPU target, GRU (linear_before_reset != 0) and RNN run the LSTM's packed
 fast kernel (cpu.py) with their own cell (cpu_cells.py); GRU with linear_before_reset = 0 and
-computed weights run the portable loop. Not yet: CUDA.
+computed weights run the portable loop. On CUDA they run a persistent kernel (cuda.py).
 """
 from __future__ import annotations
 
@@ -61,8 +61,6 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
     if unknown:
         raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")
-    if cuda:
-        raise UserError(f"{op} node {node!r}: {op} runs on llvm targets only so far; compile with --target llvm")
     inputs, back = as_float32(bb, list(inputs) + [None] * (6 - len(inputs)))
     X, W, R, B, seq_lens, h0 = inputs[:6]
     if X is None or W is None or R is None:
@@ -132,7 +130,12 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
                 rb = bb.emit(relax.op.concat([rb_zr, relax.op.zeros(relax.ShapeExpr([H]), "float32")], axis=0))
             xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
         r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, G*H)
-        loop = bb.add_func(mark(schedule_loop(make_loop(spec))), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
+        if cuda:
+            from .cuda import make_cuda_loop
+            func = make_cuda_loop(spec)
+        else:
+            func = schedule_loop(make_loop(spec))
+        loop = bb.add_func(mark(func), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
         out = bb.emit(relax.call_tir(loop, [xw, r_t, rbh, h_d, lens],
                                      [relax.TensorType([n_t, n_b, H], "float32"),
                                       relax.TensorType([n_b, H], "float32")]))

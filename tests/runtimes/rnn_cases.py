@@ -95,13 +95,13 @@ def ort_outputs(model, feeds):
     return [o.transpose(2, 0, 1, 3) if n == "Y" else o.transpose(1, 0, 2) for n, o in zip(names, outs)]
 
 
-def check(model, tmp_path, shapes=((5, 3), (8, 2)), plan=None, target=None, atol=1e-5):
-    """Compiles once (with a KernelPlan and target where given) and checks every output at each
-    (T, B) against ONNX Runtime."""
+def check(model, tmp_path, shapes=((5, 3), (8, 2)), plan=None, target=None, atol=1e-5, runtime=None):
+    """Compiles once (with a KernelPlan and target where given; on `runtime`, a TVM runtime class,
+    default tvm-llvm) and checks every output at each (T, B) against ONNX Runtime."""
     from runtimes.tvm_runtime import TvmLlvmRuntime
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    rt = TvmLlvmRuntime(cache=False, plan=plan, target=target)
+    rt = (runtime or TvmLlvmRuntime)(cache=False, plan=plan, target=target)
     rt.prepare(path)
     for k, (T, B) in enumerate(shapes):
         feeds = feeds_for(model, T, B, seed=k)

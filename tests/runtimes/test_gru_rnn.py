@@ -149,3 +149,33 @@ def test_float16_models_compute_in_float32_as_ort_does(tmp_path, op):
         assert got[vi.name].dtype == np.float16
         np.testing.assert_allclose(got[vi.name].astype(np.float32), w.astype(np.float32), rtol=1e-3, atol=1e-3,
                                    err_msg=vi.name)
+
+
+CUDA_CASES = [("GRU", {"linear_before_reset": 0}), ("GRU", {"linear_before_reset": 1}), ("RNN", {})]
+
+
+@pytest.mark.parametrize("op,attrs", one_fast(CUDA_CASES, multi=True))
+def test_cuda_compiles_here(tmp_path, op, attrs):
+    """GRU (both resets: the second needs r of every unit before its recurrent product) and RNN
+    compile for CUDA with nvcc here; they run in test_cuda_matches_ort where a device is."""
+    import json
+    import shutil
+
+    from runtimes.tvm_lstm.compile import compile_onnx
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH")
+    onnx.save(rnn_model(op, 2, 0, direction="bidirectional", hidden=40, **attrs), tmp_path / "m.onnx")
+    art = compile_onnx(tmp_path / "m.onnx", tmp_path / "cuda", "cuda", arch="sm_90", progress=False)
+    assert art.library.stat().st_size > 0
+    assert json.loads((tmp_path / "cuda" / "meta.json").read_text())["target_kind"] == "cuda"
+
+
+@pytest.mark.parametrize("op,attrs", CUDA_CASES)
+def test_cuda_matches_ort(tmp_path, op, attrs):
+    from runtimes.tvm_runtime import TvmCudaRuntime
+    available = TvmCudaRuntime.availability()
+    if not available:
+        pytest.skip(available.reason)
+    for hidden in (H, 1100):  # one thread per unit; more units than a block's threads
+        check(rnn_model(op, 2, 0, direction="bidirectional", hidden=hidden, **attrs), tmp_path,
+              runtime=TvmCudaRuntime, atol=1e-4)
