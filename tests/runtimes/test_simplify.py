@@ -118,3 +118,37 @@ def test_shape_arithmetic_inside_if_branches_folds_and_a_scalar_input_runs(tmp_p
         for sr in (16000, 8000):  # a 0-d input: it had been turned 1-d on its way into the VM
             feeds = {"x": x, "sr": np.array(sr, np.int64)}
             np.testing.assert_allclose(rt.run(feeds)["y"], oracle.run(feeds)["y"], rtol=1e-5, atol=1e-4)
+
+
+class ConvGRU(ConvLSTM):
+    """The same front end before a GRU (the dynamo exporter writes GRU with linear_before_reset=1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.GRU(8, 16, batch_first=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("net", [ConvLSTM, ConvGRU])
+def test_the_dynamo_exporter_s_models_compile_and_match(tmp_path, net):
+    """torch.onnx.export(dynamo=True) writes its own shape chain (Shape/Slice/Concat/Expand for the
+    initial state); the batch stays symbolic."""
+    import logging
+    import warnings
+    torch.manual_seed(0)
+    logging.disable(logging.WARNING)  # the exporter's progress lines
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(net().eval(), (torch.randn(2, 3, 10),), dynamo=True, input_names=["x"],
+                                        output_names=["y"], dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    finally:
+        logging.disable(logging.NOTSET)
+    path = tmp_path / "m.onnx"
+    program.save(str(path))
+    assert {"Shape", "GRU" if net is ConvGRU else "LSTM"} <= {n.op_type for n in onnx.load(path).graph.node}
+    with get_runtime("tvm-llvm", cache=False) as rt:
+        rt.prepare(path)
+        for batch in (1, 3):
+            x = np.random.default_rng(batch).standard_normal((batch, 3, 10)).astype(np.float32)
+            np.testing.assert_allclose(rt.run({"x": x})["y"], _ort(path, x), rtol=1e-3, atol=1e-4)
