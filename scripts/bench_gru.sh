@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GRU and RNN speed benchmark: torch.nn.GRU / torch.nn.RNN (seed 0) exported by torch.onnx at the
-# bench shapes, each timed with `lstm-export bench MODEL` against every available runtime ->
+# bench shapes (gru0: the GRU export with linear_before_reset set to 0, Keras' reset_after=False cell), each timed with `lstm-export bench MODEL` against every available runtime ->
 # benchmarks/bench_model_{gru,rnn}_<shape>_<machine>.{json,md,png}.
 # TARGET='llvm -mcpu=haswell' ./scripts/bench_gru.sh compiles tvm-llvm's artifact for AVX2 first (the
 # peers keep this CPU's ISA) and names the files ..._build-avx2.
@@ -13,7 +13,7 @@ trap 'rm -rf "$work"' EXIT
 name=$(.venv/bin/python -c 'import sys; from harness.bench_report import machine_slug; print(machine_slug(sys.argv[1] or None))' "${TARGET:-}")
 .venv/bin/python - "$work" <<'PY'
 import sys, warnings
-import torch
+import onnx, torch
 out = sys.argv[1]
 # (kind, T, B, I, H): the LSTM bench's throughput and streaming shapes
 for kind, T, B, I, H in (("gru", 50, 128, 20, 100), ("gru", 32, 1, 128, 256),
@@ -24,6 +24,12 @@ for kind, T, B, I, H in (("gru", 50, 128, 20, 100), ("gru", 32, 1, 128, 256),
         warnings.simplefilter("ignore")
         torch.onnx.export(m, (torch.randn(T, B, I),), f"{out}/{kind}_T{T}_B{B}.onnx", input_names=["x"],
                           output_names=["y", "h"], dynamo=False, opset_version=17)
+    if kind == "gru":
+        model = onnx.load(f"{out}/{kind}_T{T}_B{B}.onnx")
+        for a in next(n for n in model.graph.node if n.op_type == "GRU").attribute:
+            if a.name == "linear_before_reset":
+                a.i = 0
+        onnx.save(model, f"{out}/gru0_T{T}_B{B}.onnx")
 PY
 peers=ort-cpu,tvm-llvm
 .venv/bin/python -c 'import openvino' 2>/dev/null && peers=$peers,openvino

@@ -4,48 +4,84 @@ column groups, and the update a register tile ends with.
 The kernel computes, for a tile of batch rows and one unit block, four column groups of `bw` lanes,
 bias + x_t @ W + h @ R, in registers; the cell says what the groups are and what to do with them.
 - LSTM: the gates i, o, f, c of the block's units.
-- GRU (linear_before_reset only): z, r, x_t*Wh + Wbh and Ht-1*Rh + Rbh. The last two are kept
+- GRU with linear_before_reset: z, r, x_t*Wh + Wbh and Ht-1*Rh + Rbh. The last two are kept
   apart because r multiplies only the recurrent one, so W's 4th group and R's 3rd are zero
-  (packing.gru_as_gates): a quarter of the multiply-adds are wasted, for the LSTM's whole machinery.
-  With linear_before_reset = 0, r is needed before Ht-1*Rh can start: that GRU keeps the portable
-  loop.
+  (packing.gru_as_gates): a quarter of the multiply-adds are wasted, for one pass a step.
 - RNN: four groups of units. Unit j of group g is hidden unit g*U + j (U = ceil(H/4)), so a block
   computes 4 x bw units with no wasted lane but the padding (packing.rnn_as_gates).
+- GRU without linear_before_reset: two passes a step (PassLayout), both grouped like the RNN's.
 Invariants: the state buffer holds h in hidden-unit order (the h @ R loop reads units 0..H-1);
 nothing writes a unit at or past H of y, nor a unit of another group (RNN stores are masked).
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
 from .fast_math import FastGateMath, FastLoopMath
-from .packing import padded
+from .packing import packed_size, padded
 from .recurrence import CellSpec
 
 
+@dataclass(frozen=True)
+class PassLayout:
+    """One pass of a step over the unit blocks: a GEMM tile per (rows, block), then its update.
+    Every cell has one pass, but GRU without linear_before_reset: r (.) Ht-1 must be complete
+    before its product with Rh can start, so pass "GRU0A" computes z and r (.) Ht-1 into the
+    scratch zr (n_b, 2H), and pass "GRU0B" the new h from x*Wh + (r (.) Ht-1)*Rh."""
+
+    kind: str  # "LSTM", "GRU", "RNN", "GRU0A", "GRU0B"
+    units: int  # per column group
+    n_units: int  # units the pass computes (GRU0A: z then r, 2H)
+    grouped: bool  # the four groups are runs of units (RNN-style), not four gates of the same units
+    reads_zr: bool  # its recurrent product reads r (.) Ht-1 from zr instead of h
+    w_off: int = 0  # where its packed W, bias, R and projection columns start in the layer's buffers
+    b_off: int = 0
+    r_off: int = 0
+
+
 class KernelCell:
-    """One direction's cell as the kernel sees it: `units` per column group, `math` on PrimExprs."""
+    """One direction's cell as the kernel sees it: its passes, and `math` on PrimExprs."""
 
     def __init__(self, spec):
         self.spec = spec
         self.kind = "LSTM" if isinstance(spec, CellSpec) else spec.kind
-        if self.kind == "GRU" and not spec.linear_before_reset:
-            raise ValueError("the fast CPU kernel runs GRU with linear_before_reset only")
-        self.hidden = spec.hidden
-        self.units = -(-spec.hidden // 4) if self.kind == "RNN" else spec.hidden
+        H = self.hidden = spec.hidden
         self.math = FastGateMath(spec) if self.kind == "LSTM" else FastLoopMath(spec)
+        quarter = -(-H // 4)
+        if self.kind in ("LSTM", "GRU") and (self.kind == "LSTM" or spec.linear_before_reset):
+            self.passes = [PassLayout(self.kind, H, H, False, False)]
+        elif self.kind == "RNN":
+            self.passes = [PassLayout("RNN", quarter, H, True, False)]
+        else:
+            self.passes = [PassLayout("GRU0A", -(-2 * H // 4), 2 * H, True, False),
+                           PassLayout("GRU0B", quarter, H, True, True)]
+
+    def with_offsets(self, lanes: int, k_dim: int) -> list[PassLayout]:
+        """The passes with their offsets into the layer's concatenated packed buffers."""
+        out, w, b, r = [], 0, 0, 0
+        for p in self.passes:
+            out.append(dataclasses.replace(p, w_off=w, b_off=b, r_off=r))
+            w += packed_size(p.units, k_dim, lanes)
+            b += packed_size(p.units, 1, lanes)
+            r += packed_size(p.units, self.hidden, lanes)
+        return out
 
     def width(self, lanes: int) -> int:
         """Floats per batch row of the state buffers: every unit a block may store, padding included."""
-        return padded(self.units, lanes) + (3 * self.units if self.kind == "RNN" else 0)
+        last = self.passes[-1]
+        return padded(last.units, lanes) + (3 * last.units if last.grouped else 0)
 
 
-def make_finish(cell: KernelCell, lanes: int, step_of, peep):
-    """The macro finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb): the update of rows r0..
-    (those inside the batch) of unit block u from the column groups in acc (mr, 4*bw): group g of
-    lane v at acc[r, g*bw + v]. h is double-buffered: read hb[t % 2], write hb[1 - t % 2]."""
-    LANES, H, U, m = lanes, cell.hidden, cell.units, cell.math
+def make_finish(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep):
+    """The macro finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb, zr): the update of rows
+    r0.. (those inside the batch) of unit block u from the column groups in acc (mr, 4*bw): group g
+    of lane v at acc[r, g*bw + v]. h is double-buffered: read hb[t % 2], write hb[1 - t % 2]."""
+    LANES, H, U, m = lanes, cell.hidden, layout.units, cell.math
+    N = layout.n_units  # grouped passes: units past N are padding, never stored
     UB = padded(U, LANES) // LANES
     LAST = U - (UB - 1) * LANES  # real units in the last unit block
     one = tirx.const(1.0, "float32")
@@ -79,7 +115,7 @@ def make_finish(cell: KernelCell, lanes: int, step_of, peep):
                 y[t, row, u * LANES + v] = T.float32(0)
 
     @T.macro
-    def finish_lstm(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
+    def finish_lstm(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb, zr):
         for r in T.unroll(mr):
             if r0 + r < n_b:
                 if t < m.seq_len(lens[r0 + r], n_t):
@@ -95,7 +131,7 @@ def make_finish(cell: KernelCell, lanes: int, step_of, peep):
                     keep(bw, r0 + r, u, t, y, hb)
 
     @T.macro
-    def finish_gru(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
+    def finish_gru(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb, zr):
         for r in T.unroll(mr):
             if r0 + r < n_b:
                 if t < m.seq_len(lens[r0 + r], n_t):
@@ -107,38 +143,50 @@ def make_finish(cell: KernelCell, lanes: int, step_of, peep):
                 else:
                     keep(bw, r0 + r, u, t, y, hb)
 
-    def end(g):  # the first hidden unit past group g
-        return tirx.min(tirx.Select(g < 3, (g + 1) * U, tirx.const(H, "int64")), tirx.const(H, "int64"))
+    def end(g):  # the first unit past group g
+        return tirx.min(tirx.Select(g < 3, (g + 1) * U, tirx.const(N, "int64")), tirx.const(N, "int64"))
+
+    def new_h(j, a, t, row, hb, zr):
+        """The new h of unit j from its pre-activation a (RNN; GRU0B: a = x*Wh + (r (.) Ht-1)*Rh + b)."""
+        if layout.kind == "RNN":
+            return m.acts[0](m.clip(a))
+        z, h_prev = zr[row, j], hb[t % 2, row, j]
+        n = m.acts[1](m.clip(a))
+        return (one - z) * n + z * h_prev
 
     @T.macro
-    def rnn_unit(valid, row, j, c, r, t, n_t, lens, acc, y, hb):
+    def rnn_unit(valid, row, j, c, r, t, n_t, lens, acc, y, hb, zr):
         """Unit j of the row from column c of acc (valid: the row's sequence is still running)."""
-        if valid:
-            hb[1 - t % 2, row, j] = m.acts[0](m.clip(acc[r, c]))
+        if layout.kind == "GRU0A":  # z (units < H) and r (.) Ht-1 (units H..2H-1) into zr
+            if valid:
+                zr[row, j] = tirx.Select(j < H, m.acts[0](m.clip(acc[r, c])), m.acts[0](m.clip(acc[r, c])) *
+                                         hb[t % 2, row, tirx.max(j - H, tirx.const(0, "int64"))])
+        elif valid:
+            hb[1 - t % 2, row, j] = new_h(j, acc[r, c], t, row, hb, zr)
             y[step_of(t, m.seq_len(lens[row], n_t), n_t), row, j] = hb[1 - t % 2, row, j]
         else:  # past its length: keep the state, emit zeros
             hb[1 - t % 2, row, j] = hb[t % 2, row, j]
             y[t, row, j] = T.float32(0)
 
     @T.macro
-    def rnn_groups(valid, bw, r, row, u, t, n_t, lens, acc, y, hb):
+    def rnn_groups(valid, bw, r, row, u, t, n_t, lens, acc, y, hb, zr):
         # one loop body for the four groups (four copies of it took 50% longer to compile)
         for g in T.unroll(T.int64(4)):
             if g * U + u * LANES + bw <= end(g):  # the group's lanes are all real units
                 for v in T.vectorized(bw):
-                    rnn_unit(valid, row, g * U + u * LANES + v, g * bw + v, r, t, n_t, lens, acc, y, hb)
+                    rnn_unit(valid, row, g * U + u * LANES + v, g * bw + v, r, t, n_t, lens, acc, y, hb, zr)
             else:  # the group's last units: masked, so that no store reaches another group or y's next row
                 for v in T.serial(bw):
                     if g * U + u * LANES + v < end(g):
-                        rnn_unit(valid, row, g * U + u * LANES + v, g * bw + v, r, t, n_t, lens, acc, y, hb)
+                        rnn_unit(valid, row, g * U + u * LANES + v, g * bw + v, r, t, n_t, lens, acc, y, hb, zr)
 
     @T.macro
-    def finish_rnn(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb):
+    def finish_rnn(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb, zr):
         for r in T.unroll(mr):
             if r0 + r < n_b:
                 if t < m.seq_len(lens[r0 + r], n_t):
-                    rnn_groups(True, bw, r, r0 + r, u, t, n_t, lens, acc, y, hb)
+                    rnn_groups(True, bw, r, r0 + r, u, t, n_t, lens, acc, y, hb, zr)
                 else:
-                    rnn_groups(False, bw, r, r0 + r, u, t, n_t, lens, acc, y, hb)
+                    rnn_groups(False, bw, r, r0 + r, u, t, n_t, lens, acc, y, hb, zr)
 
-    return {"LSTM": finish_lstm, "GRU": finish_gru, "RNN": finish_rnn}[cell.kind]
+    return finish_rnn if layout.grouped else {"LSTM": finish_lstm, "GRU": finish_gru}[layout.kind]

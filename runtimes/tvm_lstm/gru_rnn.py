@@ -2,9 +2,9 @@
 converter's variants: the same parsing of directions, layout, activations and shapes, one GEMM for
 every step's input projection, then a TIR time loop per direction (gru_rnn_loop.py).
 
-With constant weights on a CPU target, GRU (linear_before_reset != 0) and RNN run the LSTM's packed
-fast kernel (cpu.py) with their own cell (cpu_cells.py); GRU with linear_before_reset = 0 and
-computed weights run the portable loop. On CUDA they run a persistent kernel (cuda.py).
+With constant weights on a CPU target, GRU (both resets) and RNN run the LSTM's packed fast kernel
+(cpu.py) with their own cell (cpu_cells.py); computed weights run the portable loop. On CUDA they
+run a persistent kernel (cuda.py).
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     if h0 is not None and layout == 1:
         h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
     weights = [_const(v) if v is not None else None for v in (W, R, B)]
-    fast = (plan is not None and x_shape[2] is not None and (op == "RNN" or lbr)
+    fast = (plan is not None and x_shape[2] is not None
             and all(w is not None for w, v in zip(weights, (W, R, B)) if v is not None))
     if fast:  # the kernel starts from zero itself and ignores absent lengths: (1, ...) placeholders
         zeros = relax.const(np.zeros((1, H), np.float32)) if h0 is None else None
@@ -154,20 +154,24 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
 
 
 def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
-    """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py)."""
+    """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py), each of
+    its passes' weights packed and concatenated in pass order."""
     from . import cpu, packing
     H, lanes = spec.hidden, plan.lanes
     w, r, b = weights
-    as_gates = packing.gru_as_gates if spec.kind == "GRU" else packing.rnn_as_gates
-    w4, r4, b4 = as_gates(w, r, b, H)
-    units = w4.shape[0] // 4  # per column group
-    p = np.zeros((3, packing.padded(units, lanes)), np.float32)  # no peepholes: never read
+    if spec.kind == "GRU" and spec.linear_before_reset:
+        parts = [packing.gru_as_gates(w, r, b, H)]
+    elif spec.kind == "GRU":
+        parts = packing.gru0_as_passes(w, r, b, H)
+    else:
+        parts = [packing.rnn_as_gates(w, r, b, H)]
+    packed = [np.concatenate([packing.pack_gates(w4, w4.shape[0] // 4, lanes) for w4, _, _ in parts]),
+              np.concatenate([packing.pack_bias(b4, b4.shape[0] // 4, lanes) for _, _, b4 in parts]),
+              np.concatenate([packing.pack_gates(r4, r4.shape[0] // 4, lanes) for _, r4, _ in parts])]
     layer = bb.add_func(mark(cpu.make_cpu_layer(spec, I, plan, has_state=has_state, has_peepholes=False)),
                         f"{spec.kind.lower()}_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
-    out = bb.emit(relax.call_tir(layer, [X, relax.const(packing.pack_gates(w4, units, lanes)),
-                                         relax.const(packing.pack_bias(b4, units, lanes)),
-                                         relax.const(packing.pack_gates(r4, units, lanes)), relax.const(p), h_d, h_d,
-                                         lens],
+    no_peepholes = relax.const(np.zeros((3, 1), np.float32))
+    out = bb.emit(relax.call_tir(layer, [X, *(relax.const(a) for a in packed), no_peepholes, h_d, h_d, lens],
                                  [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
                                   relax.TensorType([n_b, H], "float32")]))
     return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))

@@ -67,15 +67,31 @@ def gru_as_gates(w: np.ndarray, r: np.ndarray, b: np.ndarray | None, hidden: int
     return w4.astype(np.float32), r4.astype(np.float32), bias.astype(np.float32)
 
 
+def unit_groups(a: np.ndarray, n: int) -> np.ndarray:
+    """Rows 0..n-1 of `a` as four groups of ceil(n/4) (unit j of group g: row g*ceil(n/4) + j), zero
+    past n: the ONNX-ordered form pack_gates takes with hidden ceil(n/4)."""
+    out = np.zeros((4 * -(-n // 4),) + a.shape[1:], np.float32)
+    out[:n] = a[:n]
+    return out
+
+
 def rnn_as_gates(w: np.ndarray, r: np.ndarray, b: np.ndarray | None, hidden: int):
     """An RNN direction as four column groups of U = ceil(H/4) units (unit j of group g is hidden
     unit g*U + j, cpu_cells): (W (4U, K), R (4U, H), bias (4U,)) for pack_gates with hidden U,
     zero past the H real units."""
-    H, U = hidden, -(-hidden // 4)
+    H = hidden
     b = np.zeros(2 * H, np.float32) if b is None else np.asarray(b, np.float32)
+    return unit_groups(np.asarray(w, np.float32), H), unit_groups(np.asarray(r, np.float32), H), \
+        unit_groups(b[:H] + b[H:], H)
 
-    def rows(a):
-        out = np.zeros((4 * U,) + a.shape[1:], np.float32)
-        out[:H] = a
-        return out
-    return rows(np.asarray(w, np.float32)), rows(np.asarray(r, np.float32)), rows(b[:H] + b[H:])
+
+def gru0_as_passes(w: np.ndarray, r: np.ndarray, b: np.ndarray | None, hidden: int):
+    """A GRU direction without linear_before_reset as the kernel's two passes (cpu_cells.PassLayout):
+    z and r as 2H grouped units from x and h, then h's candidate from x*Wh and (r (.) Ht-1)*Rh
+    (Rbh sits outside the product: it joins the bias). [(W, R, bias) of pass A, of pass B]."""
+    H = hidden
+    w, r = np.asarray(w, np.float32), np.asarray(r, np.float32)
+    b = np.zeros(6 * H, np.float32) if b is None else np.asarray(b, np.float32)
+    bias = b[:3 * H] + b[3 * H:]
+    return [(unit_groups(w[:2 * H], 2 * H), unit_groups(r[:2 * H], 2 * H), unit_groups(bias[:2 * H], 2 * H)),
+            (unit_groups(w[2 * H:], H), unit_groups(r[2 * H:], H), unit_groups(bias[2 * H:], H))]

@@ -1,6 +1,6 @@
-"""GRU (linear_before_reset) and RNN on the fast CPU kernel (cpu.py with cpu_cells.py): every tile
-path and every ISA variant this machine can run, against ONNX Runtime; computed weights keep the
-portable loop."""
+"""GRU (both resets) and RNN on the fast CPU kernel (cpu.py with cpu_cells.py): every tile path and
+every ISA variant this machine can run, against ONNX Runtime; computed weights keep the portable
+loop."""
 import dataclasses
 
 import onnx
@@ -32,7 +32,7 @@ def kernels(model) -> set[str]:
 
 @pytest.mark.parametrize("op,attrs,want", [
     ("GRU", {"linear_before_reset": 1}, {"gru_layer_cpu_fwd"}),
-    ("GRU", {"linear_before_reset": 0}, {"gru_loop_fwd"}),  # r is needed before h @ Rh
+    ("GRU", {"linear_before_reset": 0}, {"gru_layer_cpu_fwd"}),  # two passes a step (cpu_cells.PassLayout)
     ("RNN", {}, {"rnn_layer_cpu_fwd"}),
 ])
 def test_constant_weights_take_the_packed_kernel(op, attrs, want):
@@ -49,7 +49,15 @@ def test_computed_weights_run_the_portable_loop(tmp_path, op):
 # hidden sizes with 16 lanes: GRU 30 = a full block and a 14-unit tail, 32 = full blocks only.
 # RNN groups are ceil(H/4) units: 97 -> 25 (the last group 22: masked in the tail block), 65 -> 17
 # (a 1-unit tail block; the last group's 14 units end inside the full block), 128 -> 32 (full only).
-SIZES = [("GRU", 30), ("GRU", 32), ("RNN", 97), ("RNN", 65), ("RNN", 128)]
+# GRU0 (linear_before_reset=0) runs two grouped passes: z|r over ceil(2H/4) units, then ceil(H/4):
+# 33 -> 17 (a 1-unit tail) and 9, 64 -> 32 and 16 (full blocks only).
+SIZES = [("GRU", 30), ("GRU0", 33), ("RNN", 97), ("GRU", 32), ("RNN", 65), ("RNN", 128), ("GRU0", 64)]
+
+
+def _model(op, *args, **kwargs):
+    if op.startswith("GRU"):
+        kwargs["linear_before_reset"] = 0 if op == "GRU0" else 1
+    return rnn_model(op[:3], *args, **kwargs)
 
 
 @pytest.mark.parametrize("op,hidden,split", one_fast([(op, h, sp) for op, h in SIZES for sp in ("batch", "step")],
@@ -58,41 +66,41 @@ def test_unit_blocks_and_splits(tmp_path, op, hidden, split):
     """Bidirectional with lengths and initial state on the batched paths (7 and 13 rows: full and
     partial tiles) and the row path (2 rows, and one streaming step)."""
     plan = host_plan() if split == "batch" else host_plan(batch_split_bytes=0)
-    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
-    check(rnn_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden, inputs_size=7, **attrs), tmp_path,
+    check(_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden, inputs_size=7), tmp_path,
           shapes=((3, 7), (2, 13), (4, 2), (1, 1)), plan=plan, atol=2e-5)
 
 
-@pytest.mark.parametrize("op", one_fast(["RNN", "GRU"]))
+@pytest.mark.parametrize("op", one_fast(["RNN", "GRU", "GRU0"]))
 def test_zero_state_and_no_lengths(tmp_path, op):
     """Without initial_h the kernel starts from zero and skips h @ R at the first step; without
     lengths every sequence runs all T steps."""
-    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
-    check(rnn_model(op, 1, 0, ("B",), direction="reverse", hidden=20, **attrs), tmp_path,
+    check(_model(op, 1, 0, ("B",), direction="reverse", hidden=20), tmp_path,
           shapes=((4, 7), (3, 1)), plan=host_plan())
 
 
 @pytest.mark.slow  # the shares are the LSTM's (its fast cases run them); here with the GRU cell
-@pytest.mark.parametrize("threads", [3, 1])
-def test_shares_for_any_core_count(tmp_path, threads):
-    """Batch shares of 1 to 8 rows for 1 or 3 cores (the process runs 2 threads whatever the kernel
-    assumed)."""
-    check(rnn_model("GRU", 2, 1, ALL, direction="bidirectional", hidden=20, linear_before_reset=1), tmp_path,
-          shapes=((3, 13), (4, 20), (2, 5)), plan=host_plan(threads=threads))
+@pytest.mark.parametrize("op,threads,split", [("GRU", 3, "batch"), ("GRU", 1, "batch"), ("GRU0", 3, "batch"),
+                                              ("GRU0", 3, "step"), ("GRU0", 1, "step")])
+def test_shares_for_any_core_count(tmp_path, op, threads, split):
+    """Batch shares of 1 to 8 rows and step shares for 1 or 3 cores (the process runs 2 threads
+    whatever the kernel assumed); GRU0's second pass waits for the first at a barrier in the step
+    split and the row path."""
+    plan = host_plan(threads=threads) if split == "batch" else host_plan(threads=threads, batch_split_bytes=0)
+    check(_model(op, 2, 1, ALL, direction="bidirectional", hidden=20), tmp_path,
+          shapes=((3, 13), (4, 20), (2, 5), (3, 1)), plan=plan)
 
 
 @pytest.mark.parametrize("variant,op", [
     # all slow: the ISA variants of the shared kernel run in the fast subset with the LSTM cell
-    pytest.param(v, op, marks=[pytest.mark.slow]) for v in VARIANTS for op in ("GRU", "RNN")])
+    pytest.param(v, op, marks=[pytest.mark.slow]) for v in VARIANTS for op in ("GRU", "RNN", "GRU0")])
 def test_isa_variants(tmp_path, variant, op):
     """The kernel each ISA gets (lanes 16, 8 or 4), on a full block plus a narrow one, both splits'
     batch sizes, against ONNX Runtime."""
     target = _variant_target(variant)
     lanes = plan_for(parse_target(target)).lanes
-    hidden = 2 * lanes + 1 if op == "GRU" else 4 * (2 * lanes + 1) - 2
-    attrs = {"linear_before_reset": 1} if op == "GRU" else {}
+    hidden = 2 * lanes + 1 if op.startswith("GRU") else 4 * (2 * lanes + 1) - 2
     plan = plan_for(parse_target(target, threads=2))
-    check(rnn_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden, **attrs), tmp_path,
+    check(_model(op, 2, 0, ALL, direction="bidirectional", hidden=hidden), tmp_path,
           shapes=((4, 1), (3, 7), (2, 13)), plan=plan, target=target, atol=2e-5)
 
 
