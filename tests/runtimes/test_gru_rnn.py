@@ -1,6 +1,5 @@
 """ONNX GRU and RNN on tvm-llvm against ONNX Runtime over the spec's attributes, and ONNX's own
 test_gru_* / test_rnn_* conformance cases."""
-import itertools
 
 import numpy as np
 import onnx
@@ -18,22 +17,25 @@ from .rnn_cases import H, check, rnn_model  # noqa: E402
 pytestmark = pytest.mark.tvm
 
 # the first case of each op is in the fast subset: the RNN's runs the packed kernel in one direction
-GRID = list(itertools.product(["GRU"], ["bidirectional", "forward", "reverse"], [1, 0],
-                              [("B", "sequence_lens", "initial_h"), ()])) + \
-    list(itertools.product(["RNN"], ["reverse", "bidirectional", "forward"], [1, 0],
-                           [("B", "sequence_lens", "initial_h"), ()]))
+# The spec's grid runs on the portable loop (weights fed as inputs, so nothing can pack them); the
+# packed kernel (constant weights) runs the bidirectional half, which holds both directions' code,
+# and test_gru_rnn_kernel.py its tile paths. The first case of each op is in the fast subset.
+GRID = [(op, d, lay, opt, "computed") for op in ("GRU", "RNN") for d in ("bidirectional", "forward", "reverse")
+        for lay in (1, 0) for opt in (("B", "sequence_lens", "initial_h"), ())]
+GRID += [(op, "bidirectional", 1, ("B", "sequence_lens", "initial_h"), "constant") for op in ("GRU", "RNN")]
 
 
-@pytest.mark.parametrize("op,direction,layout,optional", one_fast([g for g in GRID if g[0] == "GRU"], multi=True)
+@pytest.mark.parametrize("op,direction,layout,optional,weights",
+                         one_fast([g for g in GRID if g[0] == "GRU"], multi=True)
                          + one_fast([g for g in GRID if g[0] == "RNN"], multi=True))
-def test_directions_layouts_and_optional_inputs(tmp_path, op, direction, layout, optional):
+def test_directions_layouts_and_optional_inputs(tmp_path, op, direction, layout, optional, weights):
     D = 2 if direction == "bidirectional" else 1
-    check(rnn_model(op, D, layout, optional, direction=direction), tmp_path)
+    check(rnn_model(op, D, layout, optional, direction=direction, computed_weights=weights == "computed"), tmp_path)
 
 
-@pytest.mark.parametrize("lbr", one_fast([0, 1]))  # 1 (the packed kernel) is in test_gru_rnn_kernel's fast cases
+@pytest.mark.parametrize("lbr", [0, 1])  # on the packed kernel: test_gru_rnn_kernel.py
 def test_gru_linear_before_reset_both_ways(tmp_path, lbr):
-    check(rnn_model("GRU", 2, 0, direction="bidirectional", linear_before_reset=lbr), tmp_path)
+    check(rnn_model("GRU", 2, 0, direction="bidirectional", linear_before_reset=lbr, computed_weights=True), tmp_path)
 
 
 ACTS = {"GRU": [{"activations": ["HardSigmoid", "Softsign"] * 2, "activation_alpha": [0.3, 0.4],
@@ -42,17 +44,20 @@ ACTS = {"GRU": [{"activations": ["HardSigmoid", "Softsign"] * 2, "activation_alp
                  "activation_beta": [0.2]}],
         "RNN": [{"activations": ["Relu", "ScaledTanh"], "activation_alpha": [1.3], "activation_beta": [0.7]},
                 {"activations": ["Elu", "Softplus"], "clip": 0.5}]}
+# every case on the loop; on the kernel, the one of each op that has clip
+ACT_CASES = [(op, a, "computed") for op in ACTS for a in ACTS[op]] + \
+    [(op, a, "constant") for op in ACTS for a in ACTS[op] if "clip" in a]
 
 
-@pytest.mark.parametrize("op,attrs", one_fast([(op, a) for op in ACTS for a in ACTS[op]], multi=True))
-def test_activations_alpha_beta_and_clip(tmp_path, op, attrs):
-    check(rnn_model(op, 2, 0, direction="bidirectional", **attrs), tmp_path)
+@pytest.mark.parametrize("op,attrs,weights", one_fast(ACT_CASES, multi=True))
+def test_activations_alpha_beta_and_clip(tmp_path, op, attrs, weights):
+    check(rnn_model(op, 2, 0, direction="bidirectional", computed_weights=weights == "computed", **attrs), tmp_path)
 
 
 @pytest.mark.parametrize("op,outputs,opset", one_fast([("GRU", ("Y_h",), 7), ("RNN", ("Y",), 7), ("GRU", ("Y",), 14),
                                                        ("RNN", ("Y_h",), 22)], multi=True))
 def test_any_subset_of_outputs_and_every_opset(tmp_path, op, outputs, opset):
-    check(rnn_model(op, 1, 0, ("B", "initial_h"), outputs=outputs, opset=opset), tmp_path)
+    check(rnn_model(op, 1, 0, ("B", "initial_h"), outputs=outputs, opset=opset, computed_weights=True), tmp_path)
 
 
 def _conformance_cases():
@@ -134,6 +139,7 @@ def _to_float16(model):
 def test_float16_models_compute_in_float32_as_ort_does(tmp_path, op):
     from .lstm_cases import lstm_model
     model = _to_float16(lstm_model(2, 0, direction="bidirectional") if op == "LSTM" else
+                        rnn_model(op, 2, 0, direction="bidirectional", linear_before_reset=1) if op == "GRU" else
                         rnn_model(op, 2, 0, direction="bidirectional"))
     path = tmp_path / "m16.onnx"
     onnx.save(model, path)
