@@ -17,6 +17,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
+from .converter import _static_shape
 from .marks import mark
 
 
@@ -67,12 +68,6 @@ def index_check(bounds, dtype: str, node: str, op: str = "Gather"):
     return lstm_export_index_check
 
 
-def _static_dims(x) -> list | None:
-    shape = getattr(getattr(x, "ty", None), "shape", None)
-    values = getattr(shape, "values", None)
-    return None if values is None else [int(d.value) if hasattr(d, "value") else None for d in values]
-
-
 def checked_indices(bb, indices, bounds, node: str, op: str):
     """indices passed through index_check (same shape), or None where it cannot apply (a constant,
     folded and checked at import; an unknown shape; not an integer tensor)."""
@@ -116,8 +111,8 @@ class SafeGatherElements(onnx_frontend.GatherElements):
     def _impl_v13(cls, bb, inputs, attr, params):
         data, indices = inputs[0], inputs[1]
         axis, node = attr.get("axis", 0), _name(attr, "GatherElements")
-        dd, di = _static_dims(data), _static_dims(indices)
-        if dd is not None and di is not None:
+        dd, di = _static_shape(data), _static_shape(indices)
+        if dd and di:  # both ranks known
             if len(dd) != len(di):
                 raise UserError(f"GatherElements node {node!r}: indices have rank {len(di)}, data {len(dd)}; "
                                 "they must be equal")
@@ -138,9 +133,9 @@ class SafeGatherND(onnx_frontend.GatherND):
     def _impl_v13(cls, bb, inputs, attr, params):
         data, indices = inputs[0], inputs[1]
         batch_dims = attr.get("batch_dims", 0)
-        dd, di = _static_dims(data), _static_dims(indices)
+        dd, di = _static_shape(data), _static_shape(indices)
         bounds = None
-        if not cls.cuda and dd is not None and di and di[-1] is not None and batch_dims + di[-1] <= len(dd):
+        if not cls.cuda and dd and di and di[-1] is not None and batch_dims + di[-1] <= len(dd):
             bounds = dd[batch_dims:batch_dims + di[-1]]
         checked = None
         if bounds and all(b is not None for b in bounds):
