@@ -7,10 +7,12 @@ with (bb, inputs, attr, params); inputs absent from the node arrive as None.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import threading
 
 import numpy as np
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
@@ -240,7 +242,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
 
 def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, plan):
     """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
-    from . import cpu, packing
+    from . import packing
     H, lanes = spec.hidden, plan.lanes
     HP = packing.padded(H, lanes)
     w, r = weights[0][d], weights[1][d]
@@ -248,13 +250,26 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
-    layer = bb.add_func(mark(cpu.make_cpu_layer(spec, int(I), plan, has_state=has_state, has_peepholes=has_p)),
-                        f"lstm_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
-    out = bb.emit(relax.call_tir(layer, [X, relax.const(packing.pack_gates(w, H, lanes)),
-                                         relax.const(packing.pack_bias(bias, H, lanes)),
-                                         relax.const(packing.pack_gates(r, H, lanes)), relax.const(p), h_d, c_d, lens],
-                                 [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
-                                  relax.TensorType([n_b, H], "float32")]))
+    packed = (packing.pack_gates(w, H, lanes), packing.pack_bias(bias, H, lanes), packing.pack_gates(r, H, lanes), p)
+    return emit_cpu_layer(bb, spec, int(I), plan, has_state, has_p,
+                          [X, *(relax.const(a) for a in packed), h_d, c_d, lens], n_t, n_b)
+
+
+@functools.lru_cache(maxsize=16)  # built once for both directions, and for a layer compiled again
+def _cpu_layer(spec, k_dim: int, plan, has_state: bool, has_peepholes: bool):
+    from .cpu import make_cpu_layer
+    return make_cpu_layer(spec, k_dim, plan, has_state=has_state, has_peepholes=has_peepholes)
+
+
+def emit_cpu_layer(bb, spec, k_dim: int, plan, has_state: bool, has_peepholes: bool, args, n_t, n_b):
+    """Calls the fast CPU kernel (cpu.make_cpu_layer) on args (x, packed weights, peepholes, h0, c0,
+    lens) -> (y, hn, cn). Both directions of a layer build the same function, which the BlockBuilder
+    adds once; the direction is its scalar argument."""
+    func = _cpu_layer(dataclasses.replace(spec, reverse=False), k_dim, plan, has_state, has_peepholes)
+    layer = bb.add_func(mark(func), f"{getattr(spec, 'kind', 'LSTM').lower()}_layer_cpu")
+    y, state = relax.TensorType([n_t, n_b, spec.hidden], "float32"), relax.TensorType([n_b, spec.hidden], "float32")
+    out = bb.emit(relax.call_tir(layer, [*args, tirx.IntImm("int64", int(spec.reverse))],
+                                 [y, state, state]))
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 from tvm import tirx
 from tvm.script import tirx as T
+from tvm.tirx.analysis import verify_well_formed
 
 from .cpu_cells import KernelCell, make_finish
 from .cpu_plan import KernelPlan, tile_counts
@@ -19,8 +20,10 @@ from .packing import packed_size, padded, tail_width
 def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, has_peepholes: bool = True):
     """One direction of one layer, projection included: PrimFunc(x (T, B, K), wp, bias, rp (packed
     by packing.py with plan.lanes, each pass's after the other), p (3, P_WIDTH), h0, c0 (B, H), lens
-    (B,)) -> y (T, B, H), hn, cn (B, H). spec: a CellSpec (LSTM) or a gru_rnn_loop.LoopSpec (GRU,
-    RNN: cn means nothing); the cell (cpu_cells) says what the four column groups are.
+    (B,), rev (an int: 1 for the reverse direction)) -> y (T, B, H), hn, cn (B, H). spec: a
+    CellSpec (LSTM) or a gru_rnn_loop.LoopSpec (GRU, RNN: cn means nothing); the cell (cpu_cells)
+    says what the four column groups are. spec.reverse is not read: the direction is rev, so
+    both directions of a layer are one function.
 
     The whole sequence is one parallel launch.
     - B >= MR, packed W + R up to plan.batch_split_bytes (one core's L2): thread i of plan.threads
@@ -37,6 +40,7 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
     starts at zero; without lengths lens is a (1,) placeholder; without `has_peepholes` p is unread.
     """
     LANES, MR, MS, RA, threads = plan.lanes, plan.mr, plan.ms, plan.ra, plan.threads
+    rev = tirx.Var("rev", "int64")  # the direction, a parameter (see the end)
     cell = KernelCell(spec)
     H = cell.hidden  # hidden units (h, y, rows of R)
     HP = cell.width(LANES)  # of a batch row of h and c
@@ -61,7 +65,8 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         return tirx.if_then_else(j < H, buf[b, tirx.min(j, H - 1)], tirx.const(0.0, "float32"))
 
     def step_of(t, length, n_t):  # the time index step t handles, clamped (rows past their length)
-        return tirx.min(tirx.max(m.step_index(t, length), tirx.const(0, "int64")), n_t - 1)
+        index = tirx.Select(rev == 0, t, length - 1 - t)  # reverse: from the sequence's own last step
+        return tirx.min(tirx.max(index, tirx.const(0, "int64")), n_t - 1)
 
     def peep(p, i, u, v):
         return p[i, u * LANES + v] if has_peepholes else None
@@ -206,12 +211,6 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
                 for j in T.serial(fshare(n_b)):
                     step_item(0, j, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
 
-        def rows_of(i, n_b):  # batch rows [lo, hi) of share i (of `threads`) in the fused path
-            return i * n_b // threads, (i + 1) * n_b // threads
-
-        def tiles_of(n):  # (tiles of MR rows, tiles of MS rows) covering n rows, as expressions
-            return tile_counts(n, MR, MS)
-
         @T.macro
         def share_block(bw, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
             """Unit block u (bw lanes) of a share's tiles: sh[2] tiles of MR rows from row sh[0], then
@@ -230,10 +229,10 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
             share's alone, h included: no other thread reads or writes them, so steps need no barrier."""
             # rows [lo, hi), tiles of MR and MS rows: in a local opaque to the simplifier (compile time)
             sh = T.alloc_buffer((4,), "int64", scope="global")
-            sh[0] = rows_of(i, n_b)[0]
-            sh[1] = rows_of(i, n_b)[1]
-            sh[2] = tiles_of(sh[1] - sh[0])[0]
-            sh[3] = tiles_of(sh[1] - sh[0])[1]
+            sh[0] = i * n_b // threads
+            sh[1] = (i + 1) * n_b // threads
+            sh[2] = tile_counts(sh[1] - sh[0], MR, MS)[0]
+            sh[3] = tile_counts(sh[1] - sh[0], MR, MS)[1]
             if FULL > 0:  # (a Python bool: no code at all for a layer of one narrow block)
                 for u in T.serial(FULL):
                     share_block(LANES, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
@@ -255,9 +254,8 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         def row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
             """One step, B < MR: one row per work item, the projection read from xw. Thread i always
             takes the same contiguous share of the items (so the same unit blocks of R), walked forward
-            on even steps and backward on odd ones: the blocks it read last, still in its L2, come first.
-            Walked forward every step, a share as large as L2 is evicted just before it is read again,
-            and every step streams it from L3."""
+            on even steps and backward on odd ones: the blocks it read last, still in its L2, come first
+            (walked forward, a share as large as L2 is evicted just before it is read again)."""
             for i in T.parallel(T.int64(threads)):
                 for j in T.serial(share(n_b)):
                     if i * share(n_b) + j < n_b * UB:
@@ -344,10 +342,11 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         if TWO:
             B.project_rows(n_t, n_b, x, wp, bias, xw)
 
-    @T.prim_func(private=True)
+    @T.prim_func(private=True, check_well_formed=False)  # rev is defined below
     def lstm_layer_cpu(var_x: T.handle, wp: T.Buffer((W_SIZE,), "float32"), bias: T.Buffer((B_SIZE,), "float32"),
                        rp: T.Buffer((R_SIZE,), "float32"), p: T.Buffer((3, P_WIDTH), "float32"), var_h0: T.handle,
-                       var_c0: T.handle, var_lens: T.handle, var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
+                       var_c0: T.handle, var_lens: T.handle, rev_placeholder: T.int64, var_y: T.handle,
+                       var_hn: T.handle, var_cn: T.handle):
         T.func_attr({"tirx.noalias": True})
         n_t = T.int64()
         n_b = T.int64()
@@ -382,9 +381,7 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
                         if TWO:
                             with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
                                 B.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-            else:
-                # Made for one core: no launch point. Inside one, row_step's one-share loop folds
-                # away and every thread of the pool would run every item (and update c twice).
+            else:  # one core: no launch point (row_step's one-share loop would fold away inside one)
                 project(n_t, n_b, x, wp, bias, xw)
                 for t in T.serial(n_t):
                     A.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
@@ -395,4 +392,7 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
                 hn[b1, j1] = hb[n_t % 2, b1, j1]
                 cn[b1, j1] = cs[b1, j1]
 
-    return lstm_layer_cpu
+    f = lstm_layer_cpu  # its body reads the Var rev (through step_of): rev replaces the placeholder
+    f = tirx.PrimFunc([*f.params[:8], rev, *f.params[9:]], f.body, f.ret_type, f.attrs)
+    assert verify_well_formed(f)
+    return f

@@ -14,7 +14,16 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
-from .converter import _const, _decode, _direction, _static_shape, activation_triples, as_float32, cast_back
+from .converter import (
+    _const,
+    _decode,
+    _direction,
+    _static_shape,
+    activation_triples,
+    as_float32,
+    cast_back,
+    emit_cpu_layer,
+)
 from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from .marks import mark
 
@@ -156,7 +165,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
 def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
     """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py), each of
     its passes' weights packed and concatenated in pass order."""
-    from . import cpu, packing
+    from . import packing
     H, lanes = spec.hidden, plan.lanes
     w, r, b = weights
     if spec.kind == "GRU" and spec.linear_before_reset:
@@ -168,10 +177,7 @@ def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_
     packed = [np.concatenate([packing.pack_gates(w4, w4.shape[0] // 4, lanes) for w4, _, _ in parts]),
               np.concatenate([packing.pack_bias(b4, b4.shape[0] // 4, lanes) for _, _, b4 in parts]),
               np.concatenate([packing.pack_gates(r4, r4.shape[0] // 4, lanes) for _, r4, _ in parts])]
-    layer = bb.add_func(mark(cpu.make_cpu_layer(spec, I, plan, has_state=has_state, has_peepholes=False)),
-                        f"{spec.kind.lower()}_layer_cpu_{'rev' if spec.reverse else 'fwd'}")
     no_peepholes = relax.const(np.zeros((3, 1), np.float32))
-    out = bb.emit(relax.call_tir(layer, [X, *(relax.const(a) for a in packed), no_peepholes, h_d, h_d, lens],
-                                 [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
-                                  relax.TensorType([n_b, H], "float32")]))
-    return bb.emit(relax.TupleGetItem(out, 0)), bb.emit(relax.TupleGetItem(out, 1))
+    y, h, _ = emit_cpu_layer(bb, spec, I, plan, has_state, False,
+                             [X, *(relax.const(a) for a in packed), no_peepholes, h_d, h_d, lens], n_t, n_b)
+    return y, h
