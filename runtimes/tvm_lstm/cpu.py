@@ -29,23 +29,21 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
     - B >= MR, packed W + R up to plan.batch_split_bytes (one core's L2): thread i of plan.threads
       runs every step of batch rows [i*B/threads, (i+1)*B/threads) alone (share_step), in tiles of
       MR and MS rows: no barrier, no cache line of h, c or y shared between cores.
-    - B >= MR, larger weights: each step's work items are shared out (fused_step), one barrier per
-      step (h is double-buffered).
+    - B >= MR, larger weights: each step's work items (tiles of MR and MS rows x unit blocks) are
+      shared out (fused_step), one barrier per step (h is double-buffered).
     - B < MR (serving): the projection first, over all T*B rows, then one row per item (row_step).
     With B >= MR a tile starts from bias + x_t @ W and adds h @ R: the T*B*4H projection never goes
-    to memory. Rows past the batch in a tile repeat the last row and are never written; padded
-    units live only in the state buffers. Work items run unit-block-major, so each block's weights
-    are read from L2 once for all its tiles. plan.threads sets the shares; on more or fewer threads
-    the results are the same. Without `has_state` h0 and c0 are (1, H) placeholders and the state
-    starts at zero; without lengths lens is a (1,) placeholder; without `has_peepholes` p is unread.
+    to memory. A tile's spare rows repeat the last row and are never written; padded units live only
+    in the state buffers. Items run unit-block-major: each block's weights are read from L2 once for
+    all its tiles. On more or fewer threads than plan.threads the results are the same. Without
+    has_state h0, c0 are (1, H) placeholders (state from zero), without lengths lens is (1,).
     """
     LANES, MR, MS, RA, threads = plan.lanes, plan.mr, plan.ms, plan.ra, plan.threads
     rev = tirx.Var("rev", "int64")  # the direction, a parameter (see the end)
     cell = KernelCell(spec)
     H = cell.hidden  # hidden units (h, y, rows of R)
     HP = cell.width(LANES)  # of a batch row of h and c
-    K = k_dim
-    m = cell.math
+    K, m = k_dim, cell.math
     passes = cell.with_offsets(LANES, K)
     TWO = len(passes) == 2  # GRU without linear_before_reset: see cpu_cells.PassLayout
     W_SIZE, B_SIZE, R_SIZE = (sum(packed_size(q.units, n, LANES) for q in passes) for n in (K, 1, H))
@@ -82,24 +80,23 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         unit_major = K * NP * 4 > plan.unit_major_bytes
         finish = make_finish(cell, P, LANES, step_of, peep)
 
-        def n_tiles(n_b):  # batch tiles of MR rows (the last one repeats the last row as needed)
-            return (n_b + MR - 1) // MR
+        def n_tiles(nt):  # a block's tiles in the step split: nt = (of MR rows, of MS rows), see fused_step
+            return nt[0] + nt[1]
 
-        def tail_from(n_b):  # where the tail block's items start in a step's list: see fused_step
-            return FULL * n_tiles(n_b) // 2
+        def tail_from(nt):  # where the tail block's items start in a step's list: see fused_step
+            return FULL * n_tiles(nt) // 2
 
         def h_at(t, b, k, hb, zr):  # what the recurrent product reads: h, or r (.) Ht-1 (GRU0B)
             return zr[b, H + k] if P.reads_zr else hb[t % 2, b, k]
 
-        # Whether block u is full / item w is the tail's: a Python bool where the layer has only full
-        # blocks or only the tail, so that one branch is emitted (a dead one still costs compile time)
+        # Is block u full / item w the tail's: Python bools where all blocks are full or there is only the tail
         def is_full(u):
             return True if FULL == UB else False if FULL == 0 else u < FULL
 
-        def in_tail(w, n_b):
+        def in_tail(w, nt):
             if FULL == UB or FULL == 0:
                 return FULL == 0
-            return tirx.all(w >= tail_from(n_b), w < tail_from(n_b) + n_tiles(n_b))
+            return tirx.all(w >= tail_from(nt), w < tail_from(nt) + n_tiles(nt))
 
         def lo(mr):  # rows of a register tile held in its first buffer (the rest: mr - lo(mr))
             return min(mr, RA)
@@ -149,8 +146,7 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         @T.macro
         def tile(mr, bw, u, r0, t, n_t, n_b, fused, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
             """Rows r0 .. r0+mr-1 of unit block u (bw lanes wide): gates in registers, then the cell
-            update. Rows past the batch (in a block's last tile) repeat the batch's last row and are
-            not written."""
+            update. Rows past the batch repeat the batch's last row and are not written."""
             acc = T.alloc_buffer((lo(mr), 4 * bw), "float32", scope="global")  # rows < RA
             acc2 = T.alloc_buffer((max(mr - lo(mr), 1), 4 * bw), "float32", scope="global")  # the rest
             rb = T.alloc_buffer((mr,), "int64", scope="global")  # each row's batch index
@@ -173,54 +169,60 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
             if mr > RA:
                 finish(mr - lo(mr), bw, acc2, r0 + RA, u, t, n_t, n_b, p, lens, y, cs, hb, zr)
 
-        def n_items(n_b):  # a step's work items in the step split
-            return (FULL + (1 if FULL < UB else 0)) * n_tiles(n_b)
+        def n_items(nt):  # a step's work items in the step split
+            return (FULL + (1 if FULL < UB else 0)) * n_tiles(nt)
 
-        def fshare(n_b):  # and each thread's share of them
-            return (n_items(n_b) + threads - 1) // threads
+        def fshare(nt):  # and each thread's share of them
+            return (n_items(nt) + threads - 1) // threads
 
         @T.macro
-        def step_item(i, j, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
+        def block_tile(bw, u, j, first, big, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
+            """Tile j of unit block u over rows first..n_b-1: `big` tiles of MR rows, then of MS rows."""
+            if MS == MR or j < big:
+                tile(MR, bw, u, first + j * MR, t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+            else:
+                tile(MS, bw, u, first + big * MR + (j - big) * MS, t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y,
+                     cs, hb, zr)
+
+        @T.macro
+        def step_item(i, j, nt, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
             """Item j of thread i's share of step t (walked backward at odd steps, see fused_step)."""
-            if i * fshare(n_b) + j < n_items(n_b):
-                # the item, its block and first row, in a local opaque to the simplifier (compile time)
+            if i * fshare(nt) + j < n_items(nt):
+                # the item's index, in a local opaque to the simplifier (compile time)
                 it = T.alloc_buffer((3,), "int64", scope="global")
-                it[2] = i * fshare(n_b) + T.if_then_else(
-                    t % 2 == 0, j, T.min(fshare(n_b), n_items(n_b) - i * fshare(n_b)) - 1 - j)
-                if in_tail(it[2], n_b):
-                    it[1] = (it[2] - tail_from(n_b)) * MR
-                    tile(MR, TW, UB - 1, it[1], t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-                else:
-                    it[0] = T.if_then_else(FULL < UB and it[2] >= tail_from(n_b), it[2] - n_tiles(n_b), it[2])
-                    it[1] = it[0] % n_tiles(n_b) * MR
-                    it[0] = it[0] // n_tiles(n_b)
-                    tile(MR, LANES, it[0], it[1], t, n_t, n_b, True, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+                it[2] = i * fshare(nt) + T.if_then_else(
+                    t % 2 == 0, j, T.min(fshare(nt), n_items(nt) - i * fshare(nt)) - 1 - j)
+                if in_tail(it[2], nt):
+                    block_tile(TW, UB - 1, it[2] - tail_from(nt), 0, nt[0], t, n_t, n_b, x, wp, bias, xw, rp, p, lens,
+                               y, cs, hb, zr)
+                else:  # it[0]: the item's place in the list of full blocks' items (the tail's taken out)
+                    it[0] = T.if_then_else(FULL < UB and it[2] >= tail_from(nt), it[2] - n_tiles(nt), it[2])
+                    block_tile(LANES, it[0] // n_tiles(nt), it[0] % n_tiles(nt), 0, nt[0], t, n_t, n_b, x, wp, bias, xw,
+                               rp, p, lens, y, cs, hb, zr)
 
         @T.macro
         def fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
             """One step, B >= MR: every (batch tile, unit block), unit-block-major, thread i taking the
             same contiguous share every step (so the same unit blocks of W and R), walked backward at
-            odd steps: the blocks it read last, still in its L2, come first. The tail block's items
-            cost about a quarter of the others, so they sit in the middle of the list: two threads,
-            each given half the list, then get the same work."""
+            odd steps: the blocks it read last, still in its L2, come first. The tail block's cheaper
+            items sit in the middle of the list, so that two threads, each given half, get equal work."""
+            # tiles of MR, MS rows per block in a local: as Select chains in every bound, 30x the build time
+            nt = T.alloc_buffer((2,), "int64", scope="global")
+            nt[0] = tile_counts(n_b, MR, MS)[0]
+            nt[1] = tile_counts(n_b, MR, MS)[1]
             if threads > 1:
                 for i in T.parallel(T.int64(threads)):
-                    for j in T.serial(fshare(n_b)):
-                        step_item(i, j, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+                    for j in T.serial(fshare(nt)):
+                        step_item(i, j, nt, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
             else:  # no launch point around it (see lstm_layer_cpu)
-                for j in T.serial(fshare(n_b)):
-                    step_item(0, j, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+                for j in T.serial(fshare(nt)):
+                    step_item(0, j, nt, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
 
         @T.macro
         def share_block(bw, u, sh, t, n_t, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
-            """Unit block u (bw lanes) of a share's tiles: sh[2] tiles of MR rows from row sh[0], then
-            sh[3] of MS rows (rows from sh[1] on repeat sh[1] - 1 and are not written)."""
-            for j in T.serial(sh[2]):
-                tile(MR, bw, u, sh[0] + j * MR, t, n_t, sh[1], True, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-            if MS < MR:
-                for j in T.serial(sh[3]):
-                    tile(MS, bw, u, sh[0] + sh[2] * MR + j * MS, t, n_t, sh[1], True, x, wp, bias, xw, rp, p, lens, y,
-                         cs, hb, zr)
+            """Unit block u (bw lanes) of a share's tiles: rows sh[0]..sh[1]-1, sh[2] + sh[3] tiles."""
+            for j in T.serial(sh[2] + sh[3]):
+                block_tile(bw, u, j, sh[0], sh[2], t, n_t, sh[1], x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
 
         @T.macro
         def share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
