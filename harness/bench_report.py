@@ -38,7 +38,8 @@ class BenchReport:
         c = self.cpu
         if not c:
             return f"Machine: {self.machine}, {self.threads} threads."
-        peak = f"measured FP32 FMA peak {c['fma_peak_gflops']:.0f} GFLOP/s ({c['machine_isa']}, {self.threads} threads)"
+        peak = (f"measured FP32 FMA peak {c['fma_peak_gflops']:.0f} GFLOP/s ({c['machine_isa']}, {self.threads} "
+                "threads, the best of one measurement before the first shape and one after each)")
         if c.get("kernel_isa") != c.get("machine_isa"):
             peak += f", {c['kernel_peak_gflops']:.0f} GFLOP/s with {c['kernel_isa']} (our kernel's ISA)"
         return (f"Machine: {self.machine}; {c['cores']} cores; L1d {c['l1d_kb']} KB, L2 {c['l2_kb']} KB per core, "
