@@ -39,6 +39,14 @@ def test_constant_weights_take_the_packed_kernel(op, attrs, want):
     assert kernels(rnn_model(op, computed_weights=True, **attrs)) == {f"{op.lower()}_loop_fwd"}
 
 
+def test_both_directions_of_a_layer_share_one_kernel():
+    """The direction is the kernel's argument, so a bidirectional layer builds and compiles one
+    kernel (both directions are checked against ONNX Runtime in the tests around this one)."""
+    from .lstm_cases import lstm_model
+    assert kernels(rnn_model("GRU", 2, direction="bidirectional", linear_before_reset=0)) == {"gru_layer_cpu"}
+    assert kernels(lstm_model(2, direction="bidirectional")) == {"lstm_layer_cpu"}
+
+
 @pytest.mark.parametrize("op", ["GRU", "RNN"])
 def test_computed_weights_run_the_portable_loop(tmp_path, op):
     check(rnn_model(op, 2, 0, ALL, direction="bidirectional", linear_before_reset=1, computed_weights=True)
