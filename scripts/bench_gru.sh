@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GRU and RNN speed benchmark: torch.nn.GRU / torch.nn.RNN (seed 0) exported by torch.onnx at the
-# bench shapes (gru0: the GRU export with linear_before_reset set to 0, Keras' reset_after=False cell), each timed with `lstm-export bench MODEL` against every available runtime ->
+# bench shapes (gru0: the GRU export with linear_before_reset set to 0, Keras' reset_after=False
+# cell), each timed with `lstm-export bench MODEL` against every available runtime ->
 # benchmarks/bench_model_{gru,rnn}_<shape>_<machine>.{json,md,png}.
 # TARGET='llvm -mcpu=haswell' ./scripts/bench_gru.sh compiles tvm-llvm's artifact for AVX2 first (the
 # peers keep this CPU's ISA) and names the files ..._build-avx2.
