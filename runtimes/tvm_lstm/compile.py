@@ -28,7 +28,7 @@ def import_onnx(model, cuda: bool = False, plan=None):
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .converter import lstm_registered
+    from .registry import lstm_registered
     printed = io.StringIO()  # the frontend prints "Error converting operator X, with inputs: ..." itself
     try:
         with lstm_registered(cuda, plan), contextlib.redirect_stdout(printed):

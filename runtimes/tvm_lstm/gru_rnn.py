@@ -14,18 +14,18 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
-from .converter import (
-    _const,
-    _decode,
-    _direction,
-    _static_shape,
-    activation_triples,
-    as_float32,
-    cast_back,
-    emit_cpu_layer,
-)
+from .cpu_layer import emit_cpu_layer
 from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from .marks import mark
+from .onnx_node import (
+    activation_triples,
+    as_float32,
+    attribute_string,
+    cast_back,
+    constant_value,
+    direction_slice,
+    static_shape,
+)
 
 KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
                "clip", "linear_before_reset", "tvm_custom"}
@@ -74,28 +74,28 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     X, W, R, B, seq_lens, h0 = inputs[:6]
     if X is None or W is None or R is None:
         raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
-    direction = _decode(attr.get("direction", "forward"))
+    direction = attribute_string(attr.get("direction", "forward"))
     if direction not in ("forward", "reverse", "bidirectional"):
         raise UserError(f"{op} node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
     D, G = (2 if direction == "bidirectional" else 1), GATES[op]
     layout = int(attr.get("layout", 0))
     if layout not in (0, 1):
         raise UserError(f"{op} node {node!r}: layout {layout} must be 0 or 1")
-    r_shape = _static_shape(R)
+    r_shape = static_shape(R)
     hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
     if hidden is None:
         raise UserError(f"{op} node {node!r}: hidden_size is missing and R's shape is unknown")
     H = int(hidden)
-    x_shape = _static_shape(X)
+    x_shape = static_shape(X)
     if layout == 1:
         X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
         x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
     if len(x_shape) != 3:
         raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
-    _check_shape(_static_shape(W), [D, G * H, x_shape[2]], "W", op, node)
+    _check_shape(static_shape(W), [D, G * H, x_shape[2]], "W", op, node)
     _check_shape(r_shape, [D, G * H, H], "R", op, node)
     if B is not None:
-        _check_shape(_static_shape(B), [D, 2 * G * H], "B", op, node)
+        _check_shape(static_shape(B), [D, 2 * G * H], "B", op, node)
 
     triples = activation_triples(attr, len(DEFAULTS[op]), D, DEFAULTS[op], op, node)
     clip = attr.get("clip")
@@ -103,7 +103,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     n_t, n_b = X.ty.shape.values[0], X.ty.shape.values[1]
     if h0 is not None and layout == 1:
         h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
-    weights = [_const(v) if v is not None else None for v in (W, R, B)]
+    weights = [constant_value(v) if v is not None else None for v in (W, R, B)]
     fast = (plan is not None and x_shape[2] is not None
             and all(w is not None for w, v in zip(weights, (W, R, B)) if v is not None))
     if fast:  # the kernel starts from zero itself and ignores absent lengths: (1, ...) placeholders
@@ -121,24 +121,24 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
         reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
         spec = LoopSpec(op, H, tuple(triples[per_dir * d:per_dir * (d + 1)]), float(clip) if clip is not None else None,
                         reverse, seq_lens is not None, lbr)
-        h_d = bb.emit(_direction(h0, d)) if h0 is not None else zeros
+        h_d = bb.emit(direction_slice(h0, d)) if h0 is not None else zeros
         if fast:
             y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights],
                                        h0 is not None, h_d, lens, n_t, n_b, int(x_shape[2]), plan)
             ys.append(y)
             hs.append(h)
             continue
-        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(_direction(W, d)), [1, 0])))  # (T, B, G*H)
+        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(direction_slice(W, d)), [1, 0])))  # (T, B, G*H)
         rbh = relax.const(np.zeros(H, np.float32))
         if B is not None:
-            halves = bb.emit(relax.op.split(bb.emit(_direction(B, d)), 2, axis=0))  # Wb, Rb: (G*H,) each
+            halves = bb.emit(relax.op.split(bb.emit(direction_slice(B, d)), 2, axis=0))  # Wb, Rb: (G*H,) each
             wb, rb = bb.emit(halves[0]), bb.emit(halves[1])
             if lbr:  # Rbh sits inside r (.) (Ht-1*Rh + Rbh): kept apart, the rest goes into the projection
                 parts = bb.emit(relax.op.split(rb, [2 * H], axis=0))
                 rb_zr, rbh = bb.emit(parts[0]), bb.emit(parts[1])
                 rb = bb.emit(relax.op.concat([rb_zr, relax.op.zeros(relax.ShapeExpr([H]), "float32")], axis=0))
             xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
-        r_t = bb.emit(relax.op.permute_dims(_direction(R, d), [1, 0]))  # (H, G*H)
+        r_t = bb.emit(relax.op.permute_dims(direction_slice(R, d), [1, 0]))  # (H, G*H)
         if cuda:
             from .cuda import make_cuda_loop
             func = make_cuda_loop(spec)

@@ -17,8 +17,8 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from common.errors import UserError
 
-from .converter import _static_shape
 from .marks import mark
+from .onnx_node import static_shape
 
 
 def _extent(data, axis: int) -> int | None:
@@ -111,7 +111,7 @@ class SafeGatherElements(onnx_frontend.GatherElements):
     def _impl_v13(cls, bb, inputs, attr, params):
         data, indices = inputs[0], inputs[1]
         axis, node = attr.get("axis", 0), _name(attr, "GatherElements")
-        dd, di = _static_shape(data), _static_shape(indices)
+        dd, di = static_shape(data), static_shape(indices)
         if dd and di:  # both ranks known
             if len(dd) != len(di):
                 raise UserError(f"GatherElements node {node!r}: indices have rank {len(di)}, data {len(dd)}; "
@@ -133,7 +133,7 @@ class SafeGatherND(onnx_frontend.GatherND):
     def _impl_v13(cls, bb, inputs, attr, params):
         data, indices = inputs[0], inputs[1]
         batch_dims = attr.get("batch_dims", 0)
-        dd, di = _static_shape(data), _static_shape(indices)
+        dd, di = static_shape(data), static_shape(indices)
         bounds = None
         if not cls.cuda and dd and di and di[-1] is not None and batch_dims + di[-1] <= len(dd):
             bounds = dd[batch_dims:batch_dims + di[-1]]

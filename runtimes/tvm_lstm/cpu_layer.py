@@ -1,0 +1,28 @@
+"""Calling the packed CPU kernel (cpu.make_cpu_layer) from a converter: the LSTM, GRU and RNN
+converters all emit their constant-weight layers through `emit_cpu_layer`."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from tvm import relax, tirx
+
+from .marks import mark
+
+
+@functools.lru_cache(maxsize=16)  # built once for both directions, and for a layer compiled again
+def _cpu_layer(spec, k_dim: int, plan, has_state: bool, has_peepholes: bool):
+    from .cpu import make_cpu_layer
+    return make_cpu_layer(spec, k_dim, plan, has_state=has_state, has_peepholes=has_peepholes)
+
+
+def emit_cpu_layer(bb, spec, k_dim: int, plan, has_state: bool, has_peepholes: bool, args, n_t, n_b):
+    """Calls the fast CPU kernel (cpu.make_cpu_layer) on args (x, packed weights, peepholes, h0, c0,
+    lens) -> (y, hn, cn). Both directions of a layer build the same function, which the BlockBuilder
+    adds once; the direction is its scalar argument."""
+    func = _cpu_layer(dataclasses.replace(spec, reverse=False), k_dim, plan, has_state, has_peepholes)
+    layer = bb.add_func(mark(func), f"{getattr(spec, 'kind', 'LSTM').lower()}_layer_cpu")
+    y, state = relax.TensorType([n_t, n_b, spec.hidden], "float32"), relax.TensorType([n_b, spec.hidden], "float32")
+    out = bb.emit(relax.call_tir(layer, [*args, tirx.IntImm("int64", int(spec.reverse))],
+                                 [y, state, state]))
+    return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))

@@ -1,0 +1,43 @@
+"""The import path: TVM's ONNX frontend with our LSTM, GRU, RNN and checked Gather converters
+registered for the duration of one import, without editing TVM's files. It sits above every
+converter module (each of them imports only downward)."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from .converter import LSTM
+from .gru_rnn import GRU, RNN
+from .safe_gather import SafeGather, SafeGatherElements, SafeGatherND
+
+
+@contextlib.contextmanager
+def lstm_registered(cuda: bool = False, plan=None):
+    """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
+    GatherND check indices on the CPU (safe_gather.py); TVM's files are not touched. CPU kernels are
+    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only).
+
+    TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
+    getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
+    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
+    gathers = {c.__name__[4:]: type(c.__name__[4:], (c,), {"cuda": cuda})
+               for c in (SafeGather, SafeGatherElements, SafeGatherND)}
+    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan}) for c in (GRU, RNN))
+    with _CONVERT_MAP_LOCK:
+        original = onnx_frontend._get_convert_map
+
+        def with_lstm():
+            table = dict(original())
+            table.update(gathers, LSTM=converter, GRU=gru, RNN=rnn)
+            return table
+
+        onnx_frontend._get_convert_map = with_lstm
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map = original
+
+
+_CONVERT_MAP_LOCK = threading.RLock()
