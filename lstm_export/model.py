@@ -15,6 +15,8 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from common.errors import UserError
 
+from . import fused
+
 State = tuple[Tensor, Tensor]
 
 
@@ -139,6 +141,9 @@ class LSTM(nn.Module):
     """
 
     _cell_update = staticmethod(lstm_gates)
+    # The plain cell on the CPU in float32/float64 runs on the native kernel (fused.py) when it
+    # is available; False (on an instance) takes the autograd path, which computes the same numbers.
+    use_native_kernel = True
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
@@ -197,6 +202,11 @@ class LSTM(nn.Module):
         """The state update for direction `name` (e.g. 'l0_reverse'); plain LSTM here."""
         return self._cell_update
 
+    def _native(self, x: Tensor, *tensors) -> bool:
+        """The plain cell (not a subclass's) runs on the native kernel where it can."""
+        return (self.use_native_kernel and type(self)._cell is LSTM._cell
+                and type(self)._cell_update is LSTM._cell_update and fused.available(x, *tensors))
+
     def _projection(self, x: Tensor, name: str) -> Tensor:
         """All time steps' input projection as one matmul, with both biases folded in."""
         w_ih = getattr(self, f"weight_ih_{name}")
@@ -240,8 +250,9 @@ class LSTM(nn.Module):
         mask = None
         if lengths is not None:
             lengths = torch.as_tensor(lengths, device="cpu").long()
-            if lengths.shape != (B,) or int(lengths.max()) > T or int(lengths.min()) < 1:
-                raise ValueError(f"lengths must be B={B} integers in [1, {T}], got {lengths.tolist()}")
+            # 0 is a sequence with no steps (as ONNX's sequence_lens allows): zeros out, the initial state kept
+            if lengths.shape != (B,) or (B and (int(lengths.max()) > T or int(lengths.min()) < 0)):
+                raise ValueError(f"lengths must be B={B} integers in [0, {T}], got {lengths.tolist()}")
             steps = torch.arange(T).unsqueeze(1)  # (T, 1)
             mask = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1) bool
 
@@ -252,8 +263,14 @@ class LSTM(nn.Module):
             for d, sfx in enumerate(self._suffixes()):
                 name = f"l{layer}{sfx}"
                 k = layer * D + d
-                out, (h, c) = recur(self._projection(layer_in, name), getattr(self, f"weight_hh_{name}"),
-                                    h0[k], c0[k], mask, reverse=d == 1, cell=self._cell(name))
+                w_ih, w_hh = getattr(self, f"weight_ih_{name}"), getattr(self, f"weight_hh_{name}")
+                b_ih, b_hh = (getattr(self, f"bias_ih_{name}"), getattr(self, f"bias_hh_{name}")) if self.bias \
+                    else (None, None)
+                if self._native(layer_in, w_ih, w_hh, b_ih, h0):
+                    out, h, c = fused.lstm_layer(layer_in, w_ih, w_hh, b_ih, b_hh, h0[k], c0[k], lengths, d == 1)
+                else:
+                    out, (h, c) = recur(self._projection(layer_in, name), w_hh, h0[k], c0[k], mask, reverse=d == 1,
+                                        cell=self._cell(name))
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
