@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -179,10 +180,12 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
     elapsed = elapsed0
     train_loss = val_loss = float("nan")
     chars_done, interrupted = 0, False
-    # With a time budget the bar counts seconds (the step budget is then only a ceiling).
+    # With a time budget the bar counts seconds (the step budget is then only a ceiling). Where
+    # stderr is not a terminal (a log file, CI), one line per evaluation instead of a bar.
     timed = cfg.minutes > 0
+    lines = progress and dist_.main and not sys.stderr.isatty()
     bar = tqdm(total=round(cfg.minutes * 60) if timed else cfg.steps, initial=round(elapsed0) if timed else step,
-               disable=not (progress and dist_.main), unit="s" if timed else "step", dynamic_ncols=True,
+               disable=not (progress and dist_.main) or lines, unit="s" if timed else "step", dynamic_ncols=True,
                desc="train", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}{unit} [{elapsed}<{remaining}{postfix}]"
                if timed else None)
     model.train()
@@ -223,6 +226,9 @@ def train(text: str, model_cfg: ModelConfig, cfg: TrainConfig, out: str | Path,
                                 "chars_per_s": round(chars_done / max(time.perf_counter() - t0, 1e-9))})
                 ckpt_io.save(snapshot(), out / "ckpt.pt")
                 saved_step = step
+                if lines:
+                    print(f"step {step}: train loss {train_loss:.3f}, val loss {val_loss:.3f} nats/char, "
+                          f"{history[-1]['chars_per_s']:,} chars/s, {elapsed:.0f} s", file=sys.stderr, flush=True)
             if save_all_ranks and last:
                 torch.save(model.state_dict(), out / f"weights-rank{dist_.rank}.pt")
             rate = chars_done / max(time.perf_counter() - t0, 1e-9)
