@@ -35,6 +35,13 @@ def add_commands(sub) -> None:
     p.add_argument("--dim", action="append", default=[], metavar="NAME=N",
                    help="fix a symbolic dimension before the graph is simplified (for shape arithmetic "
                         "that reads it); the others stay symbolic")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME=1x512",
+                   help="compile for this static shape of input NAME (repeatable): the symbolic dims it "
+                        "binds are fixed everywhere, shape arithmetic on them folds away, and meta.json "
+                        "records the shapes the artifact takes")
+    p.add_argument("--input-value", action="append", default=[], metavar="NAME=NUMBER",
+                   help="fix a scalar input to one value (e.g. sr=16000): an If on it folds to the branch "
+                        "taken; the artifact refuses another value")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument(
@@ -159,9 +166,11 @@ def cmd_compile(args) -> int:
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
-    from runtimes.model_io import parse_dims
+    from runtimes.model_io import parse_dims, parse_input_shapes, parse_input_values
     compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
-                            tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim))
+                            tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim),
+                            input_shapes=parse_input_shapes(args.input_shape),
+                            input_values=parse_input_values(args.input_value))
     lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:

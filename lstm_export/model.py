@@ -137,7 +137,9 @@ class LSTM(nn.Module):
     """Drop-in for torch.nn.LSTM (without proj_size).
 
     forward(input, (h_0, c_0)=None, lengths=None) -> (output, (h_n, c_n)). `input` may be a
-    PackedSequence (the output is then packed too), or a padded tensor with `lengths=`.
+    PackedSequence (the output is then packed too), or a padded tensor with `lengths=` in [0, T]:
+    steps past a sequence's length emit zeros, and a length of 0 gives zeros and a zero state, as
+    the ONNX LSTM's sequence_lens does in ONNX Runtime.
     """
 
     _cell_update = staticmethod(lstm_gates)
@@ -279,6 +281,11 @@ class LSTM(nn.Module):
                 layer_in = nn.functional.dropout(layer_in, p=self.dropout, training=True)
         output = layer_in
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)  # (L*D, B, H)
+        if lengths is not None and bool((lengths == 0).any()):
+            # a sequence of no steps ends in a zero state, as ONNX Runtime's LSTM gives it (not h_0):
+            # the exported graph and this model agree
+            ran = (lengths > 0).to(h_n.device, h_n.dtype).view(1, -1, 1)
+            h_n, c_n = h_n * ran, c_n * ran
 
         if packed:
             data = pack_padded_sequence(output.index_select(1, sorted_indices), lengths[sorted_indices.cpu()],

@@ -55,7 +55,8 @@ def lstm_sequence(state: dict, x: np.ndarray, num_layers: int, bidirectional: bo
     """A whole (multi-layer, optionally bidirectional) LSTM over a time-major batch.
 
     state: PyTorch-named parameters (`model.state_dict()`), any array type. x: (T, B, I).
-    h0, c0: (L*D, B, H) or None for zeros. lengths: B ints or None; padded outputs are zero.
+    h0, c0: (L*D, B, H) or None for zeros. lengths: B ints in [0, T] or None; padded outputs are
+    zero, and a length of 0 leaves a zero final state.
     layernorm: {"eps": .., "forget_bias": ..} for a LayerNormLSTM, else None.
     Returns output (T, B, D*H), h_n (L*D, B, H), c_n (L*D, B, H), all float64.
     """
@@ -82,6 +83,7 @@ def lstm_sequence(state: dict, x: np.ndarray, num_layers: int, bidirectional: bo
                 for t in order:
                     h, c = lstm_cell(inp[t, b:b + 1], h, c, w_ih, w_hh, b_ih, b_hh, ln)
                     out[t, b, d * H:(d + 1) * H] = h[0]
-                h_n[k, b], c_n[k, b] = h[0], c[0]
+                if n:  # a sequence of no steps ends in zeros (ONNX Runtime's sequence_lens = 0)
+                    h_n[k, b], c_n[k, b] = h[0], c[0]
         inp = out
     return inp, h_n, c_n

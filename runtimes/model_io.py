@@ -90,9 +90,9 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
     what to return: ORT aborts the process, OpenVINO returns uninitialised memory); index inputs
     within their table (`bounds`: out of range, TVM reads past the table or crashes); no NaN or Inf
     unless `allow_nonfinite` (runtimes disagree on what NaN state gives: some NaN, some finite);
-    sequence lengths (`lengths`: input -> [the X input it measures, its time axis]) in [1, T], as
-    torch requires (ORT refuses lengths past T, TVM and OpenVINO ran them; OpenVINO got a zero
-    length wrong).
+    sequence lengths (`lengths`: input -> [the X input it measures, its time axis]) in [0, T], as the
+    ONNX spec and ORT allow (a 0 gives zeros and a zero final state; ORT refuses lengths past T,
+    which TVM and OpenVINO ran; OpenVINO gets a zero length wrong, which compare reports).
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in feeds]
@@ -131,9 +131,9 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
             t = feeds[x_name].shape[axis] if x_name in feeds and feeds[x_name].ndim > axis else None
             t = t if t is not None else bound.get("time", (None,))[0]
             lo, hi = int(a.min()), int(a.max())
-            if lo < 1 or (t is not None and hi > t):
-                raise UserError(f"input {s.name} holds sequence lengths {lo}..{hi}, outside [1, {t if t else 'T'}]"
-                                f"{f' (the {t} time steps given)' if t else ''}; every sequence needs 1 to T steps")
+            if lo < 0 or (t is not None and hi > t):
+                raise UserError(f"input {s.name} holds sequence lengths {lo}..{hi}, outside [0, {t if t else 'T'}]"
+                                f"{f' (the {t} time steps given)' if t else ''}; a sequence has 0 to T steps")
         n = (bounds or {}).get(s.name)
         if n is not None and np.issubdtype(a.dtype, np.integer):
             lo, hi = int(a.min()), int(a.max())
@@ -170,6 +170,65 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
             raise UserError(f"--dim expects name=positive_int, got {item!r}")
         dims[name.strip()] = int(value)
     return dims
+
+
+def parse_input_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """--input-shape NAME=1x512 pairs (dims joined by x or commas; like OpenVINO's reshape and
+    onnxsim's --overwrite-input-shape)."""
+    shapes = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        dims = value.replace(",", "x").split("x") if value else []
+        if not sep or not name.strip() or not dims or not all(d.strip().isdigit() for d in dims):
+            raise UserError(f"--input-shape expects NAME=D1xD2x... (e.g. input=1x512), got {item!r}")
+        shapes[name.strip()] = tuple(int(d) for d in dims)
+    return shapes
+
+
+def parse_input_values(items: list[str] | None) -> dict[str, float]:
+    """--input-value NAME=NUMBER pairs (a scalar input fixed to one value, e.g. sr=16000)."""
+    values = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise UserError(f"--input-value expects NAME=NUMBER (e.g. sr=16000), got {item!r}")
+        values[name.strip()] = int(number) if number.is_integer() else number
+    return values
+
+
+def bind_shapes(specs: list[TensorSpec], shapes: dict[str, tuple[int, ...]],
+                dims: dict[str, int] | None = None) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Every input's static shape from `shapes` (by input) and `dims` (by symbolic dim name), and the
+    symbolic dims they bind. Raises UserError naming the input on an unknown name, a wrong rank, a
+    dim that contradicts the model's fixed one, or a symbolic dim bound to two sizes."""
+    known = {s.name: s for s in specs}
+    unknown = [n for n in shapes if n not in known]
+    if unknown:
+        raise UserError(f"--input-shape names {', '.join(unknown)}, which the model has no input called; "
+                        f"its inputs are {'; '.join(s.describe() for s in specs)}")
+    bound = dict(dims or {})
+    for name, shape in shapes.items():
+        s = known[name]
+        if len(shape) != len(s.shape):
+            raise UserError(f"--input-shape {name}={'x'.join(map(str, shape))} has {len(shape)} dims; "
+                            f"{s.describe()} has {len(s.shape)}")
+        for want, got in zip(s.shape, shape):
+            if isinstance(want, int) and want > 0 and want != got:
+                raise UserError(f"--input-shape {name}={'x'.join(map(str, shape))} contradicts {s.describe()}")
+            if isinstance(want, str) and want != "?":
+                if bound.setdefault(want, got) != got:
+                    raise UserError(f"dimension {want!r} is {bound[want]} elsewhere but {got} in --input-shape {name}")
+    static = {}
+    for s in specs:
+        if s.name in shapes:
+            static[s.name] = tuple(shapes[s.name])
+        elif all((isinstance(d, int) and d > 0) or d in bound for d in s.shape):
+            static[s.name] = tuple(d if isinstance(d, int) and d > 0 else bound[d] for d in s.shape)
+    return static, bound
 
 
 RNN_OPS = {"LSTM": 4, "GRU": 4, "RNN": 4}  # op -> the position of its sequence_lens input

@@ -110,5 +110,9 @@ def open_model(path: str | Path | ModelSource) -> ModelSource:
 def _from_onnx(path: Path, onnx_path: Path, compiled: CompiledModel | None) -> ModelSource:
     proto = load_onnx(onnx_path)
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    return ModelSource(path, input_specs(proto), output_specs(proto), proto, onnx_path, compiled, digest,
+    inputs = input_specs(proto)
+    if compiled is not None and compiled.meta.get("input_shapes"):  # compiled for static shapes: those only
+        fixed = compiled.meta["input_shapes"]
+        inputs = [TensorSpec(s.name, s.dtype, tuple(fixed[s.name])) if s.name in fixed else s for s in inputs]
+    return ModelSource(path, inputs, output_specs(proto), proto, onnx_path, compiled, digest,
                        index_bounds(proto), length_inputs(proto))

@@ -91,14 +91,26 @@ class TorchNNRuntime(TorchRuntime):
         return ref
 
     def _call_lstm(self, x, state, lengths):
+        import torch
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
         if lengths is None:
             return self.module(x, state)
         bf = self.module.batch_first
-        packed = pack_padded_sequence(x, lengths.long(), batch_first=bf, enforce_sorted=False)
-        y, hc = self.module(packed, state)
-        y, _ = pad_packed_sequence(y, batch_first=bf, total_length=x.shape[1 if bf else 0])
-        return y, hc
+        ran = lengths > 0  # torch packs no empty sequence: those get ONNX's zeros without running
+        if not bool(ran.any()):
+            D = 2 if self.module.bidirectional else 1
+            zeros = x.new_zeros(self.module.num_layers * D, x.shape[0 if bf else 1], self.module.hidden_size)
+            return x.new_zeros(*x.shape[:2], D * self.module.hidden_size), (zeros, zeros.clone())
+        keep = torch.nonzero(ran).flatten()
+        sub = x.index_select(0 if bf else 1, keep)
+        sub_state = tuple(s.index_select(1, keep) for s in state) if state is not None else None
+        packed = pack_padded_sequence(sub, lengths[keep].long(), batch_first=bf, enforce_sorted=False)
+        y_sub, (h_sub, c_sub) = self.module(packed, sub_state)
+        y_sub, _ = pad_packed_sequence(y_sub, batch_first=bf, total_length=x.shape[1 if bf else 0])
+        y = x.new_zeros(*x.shape[:2], y_sub.shape[-1]).index_copy(0 if bf else 1, keep, y_sub)
+        h = h_sub.new_zeros(h_sub.shape[0], x.shape[0 if bf else 1], h_sub.shape[2]).index_copy(1, keep, h_sub)
+        c = torch.zeros_like(h).index_copy(1, keep, c_sub)
+        return y, (h, c)
 
 
 class TorchCompileRuntime(TorchRuntime):

@@ -27,10 +27,14 @@ class TvmLlvmRuntime(Runtime):
         self.threads, self.arch, self.plan, self.cache = threads, arch, plan, cache
         self.compile_target = target or self.target
         self.vm = self._main = None
-        self._tmp = None
+        self._tmps = []
         self._staging = {}
         self.compiled = None  # the source.CompiledModel loaded
         self.cache_hit = None  # for an .onnx: whether the compile cache had it
+        # an .onnx TVM cannot import with its symbolic dims: compiled per set of feed shapes at run
+        self._deferred = None  # (source, the symbolic import's error)
+        self._loaded = {}  # feed shapes (and switch values) -> (compiled, vm, main, owned, values)
+        self._values = {}  # inputs the loaded build was compiled for one value of
 
     @classmethod
     def availability(cls) -> Availability:
@@ -43,15 +47,25 @@ class TvmLlvmRuntime(Runtime):
         return tvm.cpu(0)
 
     def _prepare(self, source) -> None:
-        import tvm
-        from tvm.runtime.vm import VirtualMachine  # runtime only: deployed artifacts need no compiler
         if source.compiled is not None:
             compiled, where = source.compiled, source.path
             if compiled.meta.get("target_kind", "llvm") != self.target:
                 raise UserError(f"{source.path} was compiled for {compiled.meta.get('target_kind')}; run it with "
                                 f"--runtime tvm-{compiled.meta.get('target_kind')}, or compile it for {self.target}")
         else:
-            compiled, where = self._compile(source), self.compile_target
+            try:
+                compiled, where = self._compile(source), self.compile_target
+            except UserError as e:
+                if not _symbolic(source) or not _shape_bound(str(e)):
+                    raise
+                # the feeds fix every dim: run compiles for their shapes (compile --input-shape does this)
+                self._deferred = (source, e)
+                return
+        self._load(compiled, where)
+
+    def _load(self, compiled, where) -> None:
+        import tvm
+        from tvm.runtime.vm import VirtualMachine  # runtime only: deployed artifacts need no compiler
         meta = compiled.meta
         _check_runs_here(meta, where)
         if compiled.library.suffix != ".so":
@@ -62,22 +76,49 @@ class TvmLlvmRuntime(Runtime):
         # outputs the call allocates are handed out without a copy (artifacts from before
         # owned_outputs was recorded: none); see compile.owned_outputs
         self._owned = meta.get("owned_outputs") or [False] * len(self.output_names)
+        self._values = meta.get("input_values") or {}
         self.dev = self._device()
         self.vm = VirtualMachine(tvm.runtime.load_module(str(compiled.library)), self.dev)
         self._main = self.vm["main"]  # looked up once, not per call
 
-    def _compile(self, source):
+    def _compile(self, source, input_shapes=None, input_values=None):
         """An .onnx: from the compile cache, or compiled into a temporary folder with cache=False."""
         if self.cache:
             from .tvm_lstm.cache import cached_compile
-            compiled, self.cache_hit = cached_compile(source, self.compile_target, self.arch, self.threads, self.plan)
+            compiled, self.cache_hit = cached_compile(source, self.compile_target, self.arch, self.threads, self.plan,
+                                                      input_shapes=input_shapes, input_values=input_values)
             return compiled
         from .tvm_lstm.compile import compile_onnx
-        self._tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
-        return compile_onnx(source, self._tmp.name, self.compile_target, self.arch, self.threads,
-                            progress=False, plan=self.plan)
+        tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
+        self._tmps.append(tmp)
+        return compile_onnx(source, tmp.name, self.compile_target, self.arch, self.threads,
+                            progress=False, plan=self.plan, input_shapes=input_shapes,
+                            input_values=input_values)
+
+    def _specialise(self, feeds) -> None:
+        """Loads the build for these feeds' shapes (compiled, or from the cache, on first sight)."""
+        source, why = self._deferred
+        switches = _switch_inputs(source)
+        shapes = {n: tuple(feeds[n].shape) for n in source.input_names if n not in switches}
+        values = {n: feeds[n].item() for n in switches}
+        key = (tuple(sorted(shapes.items())), tuple(sorted(values.items())))
+        if key not in self._loaded:
+            try:
+                compiled = self._compile(source, shapes, values)
+            except UserError as e:
+                fixed = [f"{n}={_x(s)}" for n, s in shapes.items()] + [f"{n}={v}" for n, v in values.items()]
+                raise UserError(f"{e} (with the inputs fixed from the feeds: {', '.join(fixed)})") from None
+            self._load(compiled, self.compile_target)
+            self._loaded[key] = (self.compiled, self.vm, self._main, self._owned, self._values)
+        self.compiled, self.vm, self._main, self._owned, self._values = self._loaded[key]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._deferred is not None:
+            self._specialise(feeds)
+        for name, value in self._values.items():  # compiled with --input-value: that value only
+            if name in feeds and feeds[name].item() != value:
+                raise UserError(f"input {name} is {feeds[name].item()}, but this artifact was compiled for "
+                                f"{name}={value}; compile it again with --input-value {name}={feeds[name].item()}")
         args = [self._tensor(feeds[n], n) for n in self.input_names]
         out = self._main(*args)
         outs = list(out) if not hasattr(out, "numpy") else [out]
@@ -120,10 +161,34 @@ class TvmLlvmRuntime(Runtime):
 
     def _release(self) -> None:
         self.vm = self._main = self.compiled = None
-        self._staging = {}
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._staging, self._loaded, self._deferred = {}, {}, None
+        for tmp in self._tmps:
+            tmp.cleanup()
+        self._tmps = []
+
+
+def _switch_inputs(source) -> list[str]:
+    """Scalar integer or bool inputs of a model with If nodes: a sample-rate switch and the like,
+    whose value picks a branch; a build for the feeds fixes their values too (one branch imports)."""
+    proto = source.proto
+    if proto is None or not any(n.op_type == "If" for n in proto.graph.node):
+        return []
+    return [s.name for s in source.inputs
+            if not s.shape and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
+
+
+def _symbolic(source) -> bool:
+    return any(not (isinstance(d, int) and d > 0) for s in source.inputs for d in s.shape)
+
+
+def _shape_bound(message: str) -> bool:
+    """Whether an import error is one that static input shapes can cure (a symbolic extent where
+    TVM needs a static one, or shape arithmetic on a symbolic dim)."""
+    return any(w in message for w in ("symbolic", "ynamic", "--input-shape", "--dim"))
+
+
+def _x(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 # CPU flags (/proc/cpuinfo) an llvm artifact's kernel ISA needs; running without them is SIGILL

@@ -22,4 +22,11 @@ fi
 
 echo "setup: installing lstm-export and its CPU dependencies"
 quiet "${PIP[@]}" -e ".[dev]"
+# LSTM models other people exported, for the fidelity tests (tests/runtimes/test_real_models.py):
+# these packages ship .onnx files; --no-deps takes the files without their runtimes (silero-vad
+# would pull torchaudio, ddddocr opencv). Nothing downloads a model at run time.
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(p) for p in ("silero_vad", "faster_whisper", "ddddocr")))' 2>/dev/null; then
+  echo "setup: installing the packages whose ONNX models the fidelity tests run"
+  quiet "${PIP[@]}" --no-deps "silero-vad==6.2.3" "faster-whisper==1.2.1" "ddddocr==1.6.1"
+fi
 echo "setup: done; try .venv/bin/lstm-export --help"

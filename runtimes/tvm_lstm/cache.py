@@ -32,7 +32,8 @@ def cache_root() -> Path:
     return Path(base) / "lstm-export" / "tvm"
 
 
-def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan) -> str:
+def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan, input_shapes=None,
+              input_values=None) -> str:
     """The entry's name: a hash of the model's bytes and everything the compiled library depends on."""
     import tvm
 
@@ -48,6 +49,10 @@ def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan)
     parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": arch if tgt.kind.name == "cuda" else "",
              "plan": {k: v for k, v in asdict(plan).items() if k != "info"} if plan is not None else None,
              "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__, "compiler": compiler_digest()}
+    if input_shapes:  # a build specialised to these input shapes (absent: the key of a symbolic build)
+        parts["input_shapes"] = {k: list(v) for k, v in sorted(input_shapes.items())}
+    if input_values:
+        parts["input_values"] = dict(sorted(input_values.items()))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -83,9 +88,10 @@ def _valid(folder: Path) -> CompiledModel | None:
 
 
 def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", threads: int | None = None,
-                   plan=None, root: Path | None = None, cap_mb: float | None = None) -> tuple[CompiledModel, bool]:
-    """The compiled model for `source` on `target`, from the cache or compiled now.
-    Returns (compiled, hit)."""
+                   plan=None, root: Path | None = None, cap_mb: float | None = None,
+                   input_shapes: dict | None = None, input_values: dict | None = None) -> tuple[CompiledModel, bool]:
+    """The compiled model for `source` on `target` (specialised to `input_shapes`, if given), from
+    the cache or compiled now. Returns (compiled, hit)."""
     from .compile import compile_onnx
     from .targets import parse_target
     root = root or cache_root()
@@ -93,7 +99,7 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
     if plan is None and tgt.kind.name == "llvm":  # the plan from this machine's caches: part of the key
         from .cpu_plan import plan_for
         plan = plan_for(tgt)
-    key = cache_key(source, target, arch, threads, plan)
+    key = cache_key(source, target, arch, threads, plan, input_shapes, input_values)
     entry = root / key
     if entry.exists():
         compiled = _valid(entry)
@@ -104,7 +110,8 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        compiled = compile_onnx(source, work, target, arch, threads, progress=False, plan=plan)
+        compiled = compile_onnx(source, work, target, arch, threads, progress=False, plan=plan,
+                                input_shapes=input_shapes, input_values=input_values)
         meta = dict(compiled.meta, library_sha256=_sha256(compiled.library), cache_key=key)
         (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         try:

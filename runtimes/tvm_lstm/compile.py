@@ -24,30 +24,52 @@ from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  
 
 def import_onnx(model, cuda: bool = False, plan=None):
     """Relax IRModule from an ONNX ModelProto, with our LSTM converter registered (its CPU kernels
-    laid out by `plan`, a cpu_plan.KernelPlan for the llvm target; None on CUDA)."""
+    laid out by `plan`, a cpu_plan.KernelPlan for the llvm target; None on CUDA). TVM's own C++ log
+    lines (warnings of a failed import) go to this module's debug log, not the console."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
+    from .native_log import native_stderr_to_log
     from .registry import lstm_registered
     printed = io.StringIO()  # the frontend prints "Error converting operator X, with inputs: ..." itself
-    try:
-        with lstm_registered(cuda, plan), contextlib.redirect_stdout(printed):
-            return from_onnx(model, keep_params_in_input=False)
-    except tvm.error.OpNotImplemented as e:
-        ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
-        raise UserError(f"TVM cannot import this model: no converter for operator(s) {ops}") from None
-    except UserError:
-        raise
-    except Exception as e:  # one line: the op, the node, TVM's reason
-        found = re.search(r"Error converting operator (\w+)", printed.getvalue())
-        op = found.group(1) if found else None
-        nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
-        where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
-                 f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
-        why = first_line(e, 200)
-        hint = ("; if it comes from shape arithmetic on a symbolic dimension, fix that dimension with "
-                "`lstm-export compile --dim NAME=N`" if "ynamic" in why else "")
-        raise UserError(f"TVM cannot import {where}: {why}{hint}") from None
+    failure = None
+    with native_stderr_to_log("TVM import"):
+        try:
+            with lstm_registered(cuda, plan), contextlib.redirect_stdout(printed):
+                return from_onnx(model, keep_params_in_input=False)
+        except tvm.error.OpNotImplemented as e:
+            ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
+            failure = UserError(f"TVM cannot import this model: no converter for operator(s) {ops}")
+        except UserError as e:
+            failure = UserError(str(e))
+        except Exception as e:  # one line: the op, the node, TVM's reason
+            failure = UserError(_import_failure(model, printed.getvalue(), first_line(e, 200)))
+        # the failed import's frames (and the BlockBuilder they hold, which warns when destroyed)
+        # are freed here, while TVM's log still goes to the debug log
+        import gc
+        gc.collect()
+    raise failure
+
+
+def _import_failure(model, printed: str, why: str) -> str:
+    found = re.search(r"Error converting operator (\w+)", printed)
+    op = found.group(1) if found else None
+    nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+    where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
+             f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
+    hint = ""
+    if "ynamic" in why or "symbolic" in why:
+        from ..model_io import input_specs
+        open_dims = [(s.name, s.shape) for s in input_specs(model)
+                     if any(not (isinstance(d, int) and d > 0) for d in s.shape)]
+        if open_dims:
+            def dims(sh):
+                return "x".join(str(d) if isinstance(d, int) and d > 0 else f"<{d if d != '?' else f'dim{k}'}>"
+                                for k, d in enumerate(sh))
+            shown = " ".join(f"--input-shape {n}={dims(sh)}" for n, sh in open_dims)
+            hint = (f"; the model has symbolic input dims: compile it for the sizes you run, "
+                    f"`lstm-export compile MODEL {shown}` (numbers for the <names>)")
+    return f"TVM cannot import {where}: {why}{hint}"
 
 
 def legalize_cpu(mod, target):
@@ -125,7 +147,9 @@ def owned_outputs(main) -> list[bool]:
 def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, target: str = "llvm",
                  arch: str = "sm_90", threads: int | None = None, tuning_db: str | Path | None = None,
                  tune_trials: int = 0, progress: bool = True, plan=None,
-                 dims: dict[str, int] | None = None) -> CompiledModel:
+                 dims: dict[str, int] | None = None,
+                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 input_values: dict | None = None) -> CompiledModel:
     """Compiles an ONNX model; writes OUT/model.so (or, cross-compiled with no linker for that
     architecture here, OUT/model.tar of objects), OUT/meta.json and OUT/model.onnx (the source, so
     every runtime can run the folder); returns the CompiledModel.
@@ -145,15 +169,24 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         plan: the CPU kernel's cpu_plan.KernelPlan (default: plan_for(target)); tests pass their own.
         dims: sizes for named symbolic dims, fixed before the graph is simplified (simplify.py);
             the others stay symbolic.
+        input_shapes: whole static shapes of named inputs (compile --input-shape): written into
+            the graph with the symbolic dims they bind, so shape arithmetic on them folds away;
+            the artifact then takes those shapes only (meta.json records them).
+        input_values: scalar inputs fixed to one value (compile --input-value sr=16000): constants
+            in the graph, so an If on them folds to one branch; the artifact's main no longer takes
+            them, and a run with another value is refused (meta.json records them).
     """
     import tvm
     from tvm.target import codegen
 
+    from ..model_io import bind_shapes
     from .simplify import needs_simplifying, simplify
     source = open_model(model_path)
     model = source.onnx()
-    if dims or needs_simplifying(model):  # shape arithmetic TVM's importer cannot take: folded first
-        model = simplify(model, dims)
+    static, dims = bind_shapes(source.inputs, dict(input_shapes or {}), dims) if input_shapes else ({}, dims)
+    values = dict(input_values or {})
+    if dims or static or values or needs_simplifying(model):  # shape arithmetic TVM cannot take: folded first
+        model = simplify(model, dims, static, values, source.inputs)
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
     if kind != "llvm":
@@ -183,7 +216,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     out.mkdir(parents=True, exist_ok=True)
     lib = _export(ex, tgt, plan, out)
     meta = {
-        "inputs": [_spec(s) for s in source.inputs],
+        "inputs": [_spec(s, static.get(s.name)) for s in source.inputs if s.name not in values],
         "outputs": [_spec(s) for s in source.outputs],
         "target": str(tgt.export()) if hasattr(tgt, "export") else str(tgt),
         "target_kind": kind,
@@ -193,6 +226,8 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         "index_bounds": source.index_bounds,
         "length_inputs": source.length_inputs,
         "dims": dict(dims or {}),
+        "input_shapes": {k: list(v) for k, v in static.items()},
+        "input_values": values,
         "compile_s": round(time.perf_counter() - t0, 3),
         "tuning_db": str(db_dir) if db is not None else None,
         "kernels_from_db": from_db,
@@ -246,5 +281,6 @@ def _export(ex, tgt, plan, out: Path) -> Path:
     return lib
 
 
-def _spec(s) -> dict:
-    return {"name": s.name, "dtype": str(s.dtype), "shape": list(s.shape)}
+def _spec(s, static=None) -> dict:
+    """A meta.json input or output: its declared shape, or the static one it was compiled for."""
+    return {"name": s.name, "dtype": str(s.dtype), "shape": list(static if static is not None else s.shape)}

@@ -22,6 +22,7 @@ from .onnx_node import (
     constant_value,
     direction_slice,
     static_shape,
+    zero_where_empty,
 )
 from .recurrence import CellSpec, make_recurrence
 
@@ -135,6 +136,8 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
                                           h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, plan)
         else:
             y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
+        if seq_lens is not None:
+            h, c = zero_where_empty(bb, h, lens), zero_where_empty(bb, c, lens)
         ys.append(y)
         hs.append(h)
         cs.append(c)

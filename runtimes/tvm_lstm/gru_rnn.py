@@ -25,6 +25,7 @@ from .onnx_node import (
     constant_value,
     direction_slice,
     static_shape,
+    zero_where_empty,
 )
 
 KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
@@ -126,7 +127,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
             y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights],
                                        h0 is not None, h_d, lens, n_t, n_b, int(x_shape[2]), plan)
             ys.append(y)
-            hs.append(h)
+            hs.append(zero_where_empty(bb, h, lens) if seq_lens is not None else h)
             continue
         xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(direction_slice(W, d)), [1, 0])))  # (T, B, G*H)
         rbh = relax.const(np.zeros(H, np.float32))
@@ -149,7 +150,8 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
                                      [relax.TensorType([n_t, n_b, H], "float32"),
                                       relax.TensorType([n_b, H], "float32")]))
         ys.append(bb.emit(relax.TupleGetItem(out, 0)))
-        hs.append(bb.emit(relax.TupleGetItem(out, 1)))
+        h = bb.emit(relax.TupleGetItem(out, 1))
+        hs.append(zero_where_empty(bb, h, lens) if seq_lens is not None else h)
     if D == 1:
         Y = bb.emit(relax.op.reshape(ys[0], relax.ShapeExpr([n_t, 1, n_b, H])))  # (T, 1, B, H)
         Y_h = bb.emit(relax.op.reshape(hs[0], relax.ShapeExpr([1, n_b, H])))

@@ -81,3 +81,10 @@ def activation_triples(attr: dict, per_dir: int, num_dirs: int, defaults: tuple,
         beta = betas.pop(0) if a.lower() in takes_beta and betas else None
         triples.append((a, alpha, beta))
     return triples
+
+
+def zero_where_empty(bb, state, lens):
+    """state (B, H) with the rows of zero-length sequences set to 0: ONNX Runtime's Y_h and Y_c for
+    sequence_lens 0 (the kernels keep the initial state there, which is right for every length but 0)."""
+    ran = bb.emit(relax.op.expand_dims(relax.op.greater(lens, relax.const(0, "int32")), [1]))  # (B, 1)
+    return bb.emit(relax.op.where(ran, state, relax.op.zeros_like(state)))

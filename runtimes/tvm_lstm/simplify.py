@@ -35,22 +35,61 @@ def needs_simplifying(model) -> bool:
     return any(n.op_type in SHAPE_OPS for n in _nodes(model.graph))
 
 
-def simplify(model, dims: dict[str, int] | None = None):
-    """A simplified copy of `model` (see the module docstring); the input is not changed."""
+def simplify(model, dims: dict[str, int] | None = None, shapes: dict[str, tuple] | None = None,
+             values: dict | None = None, specs=None):
+    """A simplified copy of `model` (see the module docstring); the input is not changed. `dims`
+    (symbolic dim -> size) and `shapes` (input -> its whole static shape, compile --input-shape)
+    are written into the graph inputs first, so shape inference and the folding see them; `values`
+    (scalar input -> its value) become constants (bind_values; `specs`: the model's input specs)."""
     import onnx
     import onnxscript.optimizer
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    if values:
+        bind_values(m, values, specs)
     for v in m.graph.input:
-        for d in v.type.tensor_type.shape.dim:
-            if d.HasField("dim_param") and d.dim_param in (dims or {}):
+        fixed = (shapes or {}).get(v.name)
+        for k, d in enumerate(v.type.tensor_type.shape.dim):
+            if fixed is not None:
+                d.dim_value = int(fixed[k])  # clears dim_param: the protobuf oneof
+            elif d.HasField("dim_param") and d.dim_param in (dims or {}):
                 d.dim_value = dims[d.dim_param]
+    _drop_stale_shapes(m)
     for _ in range(4):  # a folded chain can expose the next Shape (of a value that became constant)
         m = onnx.shape_inference.infer_shapes(m, data_prop=True)
         if not _fold_static_shape_picks(m):
             break
         m = onnxscript.optimizer.optimize(m)
     return onnxscript.optimizer.optimize(m)
+
+
+def bind_values(model, values: dict, specs) -> None:
+    """Scalar inputs fixed to one value (compile --input-value sr=16000), in place: each becomes an
+    initializer, so an If on it (a sample-rate switch) folds to the branch taken, as ONNX Runtime
+    runs only that one; TVM would have to import both, and the other may not fit the shapes."""
+    from onnx import numpy_helper
+
+    from common.errors import UserError
+    known = {s.name: s for s in specs}
+    for name, value in values.items():
+        s = known.get(name)
+        if s is None or len(s.shape) != 0:
+            what = "has no input called that" if s is None else f"declares it {s.describe()}, not a scalar"
+            raise UserError(f"--input-value {name}: the model {what}; --input-value fixes scalar inputs "
+                            f"(its scalar inputs: {', '.join(x.name for x in specs if not x.shape) or 'none'})")
+        keep = [v for v in model.graph.input if v.name != name]
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=s.dtype), name))
+
+
+def _drop_stale_shapes(model) -> None:
+    """Clears the declared shapes of intermediate values and outputs: shape inference recomputes
+    them from the inputs just fixed, and a stale declaration (an exporter's [1, -1] where the graph
+    computes [20, 1, 8210]) must not survive as a constraint."""
+    for v in [*model.graph.value_info, *model.graph.output]:
+        if v.type.HasField("tensor_type"):
+            v.type.tensor_type.ClearField("shape")
 
 
 def _known_dims(graph, outer: dict | None = None) -> dict[str, list]:

@@ -155,4 +155,5 @@ def test_the_peak_is_the_best_measured_in_the_run(monkeypatch):
     assert next(peaks, None) is None, "one measurement before the shapes and one after each"
     assert report.cpu["fma_peak_gflops"] == 400.0 and "FMA peak 400 GFLOP/s" in report.header()
     for t in report.timings:
-        assert t.gflops > 0 and t.pct_peak == pytest.approx(100 * t.gflops / 400.0, rel=1e-3)
+        # gflops is rounded to 0.1: a tiny shape slowed by the other test worker can round to 0.0
+        assert t.gflops >= 0 and t.pct_peak == pytest.approx(100 * t.gflops / 400.0, rel=1e-3, abs=0.05)
