@@ -211,7 +211,9 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
                             f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
     elif tune_trials > 0:
         raise UserError("--tune works with llvm targets only (CUDA kernels are scheduled by dlight)")
-    ex, from_db, owned = compile_module(mod, tgt, db, plan.lanes if plan else 16)
+    from .native_log import native_stderr_to_log
+    with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
+        ex, from_db, owned = compile_module(mod, tgt, db, plan.lanes if plan else 16)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lib = _export(ex, tgt, plan, out)
