@@ -26,9 +26,8 @@ from . import native
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
-    """np.empty on a 64-byte boundary. numpy aligns to 16 bytes: a 64-byte vector load from such an
-    array straddles two cache lines three times in four, which measured 1.4x the step time of
-    T64 B32 H256 from one process to the next (the allocation's offset decided it)."""
+    """np.empty on a 64-byte boundary. numpy guarantees 16 bytes: a 64-byte vector load from such an
+    array can straddle two cache lines, and where it does depends on each allocation's offset."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64))
     raw = np.empty(n * dtype.itemsize + 64, np.uint8)
