@@ -39,4 +39,5 @@ def test_zero_lengths_match_onnx_runtime(tmp_path, op, direction, computed):
                 assert np.all(np.take(w, empty, axis=2 if name == "Y" else 1) == 0), name
             got = rt.run(feeds)
             for name, w in zip(names, want):
-                np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5, err_msg=f"{op} {direction} {case}: {name}")
+                np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"{op} {direction} {case}: {name}")
