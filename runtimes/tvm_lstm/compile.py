@@ -51,10 +51,23 @@ def import_onnx(model, cuda: bool = False, plan=None):
     raise failure
 
 
+def _graph_nodes(graph):
+    """Every node of `graph` and of its If/Loop/Scan bodies (exporters wrap whole models in If)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g.node:
+                yield from _graph_nodes(a.g)
+
+
 def _import_failure(model, printed: str, why: str) -> str:
+    nodes_all = list(_graph_nodes(model.graph))
     found = re.search(r"Error converting operator (\w+)", printed)
     op = found.group(1) if found else None
-    nodes = [n.name or f"#{i}" for i, n in enumerate(model.graph.node) if n.op_type == op]
+    if op is None:  # TVM's own message may start with the op ("Squeeze axis 2 has a symbolic extent ...")
+        first = why.split(maxsplit=1)[0] if why else ""
+        op = first if any(n.op_type == first for n in nodes_all) else None
+    nodes = [n.name or f"#{i}" for i, n in enumerate(nodes_all) if n.op_type == op]
     where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
              f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
     hint = ""

@@ -41,3 +41,28 @@ def test_zero_lengths_match_onnx_runtime(tmp_path, op, direction, computed):
             for name, w in zip(names, want):
                 np.testing.assert_allclose(got[name], w, rtol=1e-4, atol=1e-5,
                                            err_msg=f"{op} {direction} {case}: {name}")
+
+
+def test_torch_runtimes_give_onnx_s_zeros_for_an_empty_sequence(tmp_path):
+    """Our model and torch.nn.LSTM (which packs no empty sequence) on the exported graph's feeds:
+    the same answer as ONNX Runtime on the export, zero-length entries included."""
+    import torch
+
+    from lstm_export import LSTM, export_onnx
+    from runtimes.base import get_runtime
+    torch.manual_seed(0)
+    m = LSTM(3, 5, 2, bidirectional=True).eval()
+    path = export_onnx(m, tmp_path / "m.onnx", "native", lengths=True, initial_state=True)
+    rng = np.random.default_rng(0)
+    feeds = {"input": rng.standard_normal((4, 3, 3)).astype(np.float32), "lengths": np.array([0, 4, 2], np.int32),
+             "h_0": rng.standard_normal((4, 3, 5)).astype(np.float32),
+             "c_0": rng.standard_normal((4, 3, 5)).astype(np.float32)}
+    with get_runtime("ort-cpu") as o:
+        o.prepare(path)
+        want = o.run(feeds)
+    for name in ("torch", "torch-nn"):
+        with get_runtime(name, model=m) as rt:
+            rt.prepare(path)
+            got = rt.run(feeds)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=f"{name} {k}")
