@@ -51,17 +51,9 @@ def import_onnx(model, cuda: bool = False, plan=None):
     raise failure
 
 
-def _graph_nodes(graph):
-    """Every node of `graph` and of its If/Loop/Scan bodies (exporters wrap whole models in If)."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.g.node:
-                yield from _graph_nodes(a.g)
-
-
 def _import_failure(model, printed: str, why: str) -> str:
-    nodes_all = list(_graph_nodes(model.graph))
+    from .simplify import all_nodes
+    nodes_all = list(all_nodes(model.graph))  # If/Loop/Scan bodies too: exporters wrap whole models in If
     found = re.search(r"Error converting operator (\w+)", printed)
     op = found.group(1) if found else None
     if op is None:  # TVM's own message may start with the op ("Squeeze axis 2 has a symbolic extent ...")

@@ -22,17 +22,17 @@ import numpy as np
 SHAPE_OPS = {"Shape", "Size"}
 
 
-def _nodes(graph):
+def all_nodes(graph):
     """Every node of `graph` and of the subgraphs in its nodes' attributes."""
     for n in graph.node:
         yield n
         for a in n.attribute:
             if a.g.node:
-                yield from _nodes(a.g)
+                yield from all_nodes(a.g)
 
 
 def needs_simplifying(model) -> bool:
-    return any(n.op_type in SHAPE_OPS for n in _nodes(model.graph))
+    return any(n.op_type in SHAPE_OPS for n in all_nodes(model.graph))
 
 
 def simplify(model, dims: dict[str, int] | None = None, shapes: dict[str, tuple] | None = None,
