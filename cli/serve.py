@@ -18,6 +18,11 @@ def add_command(sub) -> None:
     p.add_argument("model", help="MODEL.onnx exported with --mode streaming, or its folder from `compile`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--name", default=None,
+                   help="the model's name in the Open Inference Protocol's /v2 routes (default: the file's stem)")
+    p.add_argument("--state-key-file", default=None, metavar="FILE",
+                   help="sign each stream's state into a state_token (v2 sequences), with the key in FILE "
+                        "(else $LSTM_EXPORT_STATE_KEY; never a flag value): replicas then keep no stream state")
     for f in fields(ServerConfig):  # one flag per limit, same name, same default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=LIMITS.get(f.name, type(f.default)), default=f.default,
                        help=f"(default: {f.default})")
@@ -29,10 +34,12 @@ def cmd_serve(args) -> int:
 
     from runtimes.source import open_model
     from serving.server import ServerConfig, create_app
+    from serving.state_token import load_key
     source = open_model(args.model)  # read once; a missing or broken model fails here, before any socket opens
     cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
+    key = load_key(args.state_key_file)
     _check_port(args.host, args.port)  # before the model loads: uvicorn would exit 3 with a log line
-    app = create_app(source, cfg)
+    app = create_app(source, cfg, name=args.name, state_key=key)
     print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
           f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -39,8 +39,10 @@ def _error(status: int, code: str, message: str):
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(model, cfg: ServerConfig | None = None):
-    """The ASGI app serving one streaming model (see the module docstring for the routes)."""
+def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None):
+    """The ASGI app serving one streaming model: the /v1 routes (module docstring) and the Open
+    Inference Protocol's /v2 routes (oip.py) under `name` (default: the model file's stem), with
+    signed state tokens when `state_key` is given."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse, Response
@@ -67,6 +69,8 @@ def create_app(model, cfg: ServerConfig | None = None):
 
     app = FastAPI(title="lstm-export serve", version="1", lifespan=lifespan)
     app.state.session = session
+    from .oip import add_v2_routes
+    add_v2_routes(app, session, name or _model_name(session.source), state_key)
 
     def record(route: str, status: int, seconds: float) -> None:
         requests.labels(route, str(status)).inc()
@@ -157,7 +161,24 @@ def create_app(model, cfg: ServerConfig | None = None):
     return app
 
 
-ROUTES = {"/healthz", "/metrics", "/v1/model", "/v1/streams", "/v1/generate"}
+ROUTES = {"/healthz", "/metrics", "/v1/model", "/v1/streams", "/v1/generate", "/v2", "/v2/health/live",
+          "/v2/health/ready"}
+
+
+def _model_name(source) -> str:
+    """The name a model is served under by default: its file's stem (`lm.streaming.onnx` -> `lm.streaming`)."""
+    path = source.onnx_path or source.path
+    return path.name[:-len(".onnx")] if path.name.endswith(".onnx") else path.name
+
+
+def route_label(path: str) -> str:
+    """A metrics label per route template, any unknown path as one label: the label set stays bounded."""
+    if path.startswith("/v1/streams/"):
+        return "/v1/streams/{id}"
+    if path.startswith("/v2/models/"):
+        tail = path.rsplit("/", 1)[-1]
+        return f"/v2/models/{{name}}/{tail}" if tail in ("infer", "ready") else "/v2/models/{name}"
+    return path if path in ROUTES else "other"
 
 
 class _BodyTooLarge(Exception):
@@ -183,8 +204,8 @@ class BodyLimits:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         path = scope.get("path", "")
-        # labelled by route template, any other path as one label: metrics stay bounded
-        route = "/v1/streams/{id}" if path.startswith("/v1/streams/") else path if path in ROUTES else "other"
+        route = route_label(path)
+        fail = _v2_error if path.startswith("/v2") else _error  # each protocol's error body
         status = {"code": 500, "started": False}
 
         async def send_wrapper(message):
@@ -198,10 +219,10 @@ class BodyLimits:
                 raise _BodyTooLarge
             body = await asyncio.wait_for(self._read(receive), self.timeout_s)
         except _BodyTooLarge:
-            too_large = _error(413, "body_too_large", f"request body over {self.max_bytes} bytes")
+            too_large = fail(413, "body_too_large", f"request body over {self.max_bytes} bytes")
             await too_large(scope, receive, send_wrapper)
         except asyncio.TimeoutError:
-            await _error(408, "body_timeout", f"request body not received within {self.timeout_s} s")(
+            await fail(408, "body_timeout", f"request body not received within {self.timeout_s} s")(
                 scope, receive, send_wrapper)
         except _Disconnected:
             return  # the client is gone; nobody to answer
@@ -218,7 +239,7 @@ class BodyLimits:
                 if status["started"]:
                     raise
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                await _error(500, "internal_error", why)(scope, receive, send_wrapper)
+                await fail(500, "internal_error", why)(scope, receive, send_wrapper)
         self.record(route, status["code"], time.perf_counter() - t0)
 
     async def _read(self, receive) -> bytes:
@@ -234,6 +255,11 @@ class BodyLimits:
             parts.append(part)
             if not message.get("more_body", False):
                 return b"".join(parts)
+
+
+def _v2_error(status: int, code: str, message: str):
+    from .oip import v2_error
+    return v2_error(status, message)
 
 
 MAX_DEPTH = 32  # nesting a request body may have: a chunk is 2 deep; deeper is an attack, not a request

@@ -39,6 +39,7 @@ class _Stream:
     last_used: float
     busy: bool = False
     chunks: int = 0
+    steps: int = 0  # time steps consumed since the stream began (carried in a state token)
 
 
 @dataclass
@@ -102,16 +103,30 @@ class StreamingSession:
         self._worker.start()
 
     # --- streams -------------------------------------------------------------------------------
-    def open(self) -> str:
+    def open(self, state=None) -> str:
+        """A new stream from the zero state, or from `state` (a state_token.StreamState: h, c, steps)."""
         with self._lock:
             self._expire_locked()
             if len(self._streams) >= self.max_streams:
                 raise StreamError(f"too many open streams ({self.max_streams}); close some or wait for idle "
                                   "ones to expire", status=429)
             sid = uuid.uuid4().hex
-            z = np.zeros((self.layers, self.hidden), np.float32)
-            self._streams[sid] = _Stream(z, z.copy(), time.monotonic())
+            if state is None:
+                z = np.zeros((self.layers, self.hidden), np.float32)
+                self._streams[sid] = _Stream(z, z.copy(), time.monotonic())
+            else:
+                self._streams[sid] = _Stream(np.array(state.h, np.float32), np.array(state.c, np.float32),
+                                             time.monotonic(), steps=int(state.steps))
             return sid
+
+    def state(self, stream_id: str):
+        """The stream's state now, as a state_token.StreamState."""
+        from .state_token import StreamState
+        with self._lock:
+            st = self._streams.get(stream_id)
+            if st is None:
+                raise StreamError(f"unknown stream {stream_id!r}", status=404)
+            return StreamState(st.h.copy(), st.c.copy(), st.steps)
 
     def close(self, stream_id: str) -> None:
         with self._lock:
@@ -243,10 +258,11 @@ class StreamingSession:
             self.stats.batches += 1
             self.stats.rows += len(live)
             self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
-            for k, (_, st) in enumerate(live):
+            for k, (r, st) in enumerate(live):
                 st.h, st.c = h_n[:, k].copy(), c_n[:, k].copy()
                 st.last_used, st.busy = now, False
                 st.chunks += 1
+                st.steps += int(r.chunk.shape[0])
         for k, (r, _) in enumerate(live):
             r.future.set_result({names[0]: np.take(y, k, axis=self.batch_axis),
                                  names[1]: h_n[:, k], names[2]: c_n[:, k]})

@@ -1,0 +1,293 @@
+"""The Open Inference Protocol (KServe v2) over HTTP, beside the server's own /v1 routes, as Triton,
+KServe and Seldon MLServer speak it, so that standard clients (`tritonclient.http`) work unchanged.
+
+Routes: GET /v2/health/live, /v2/health/ready, /v2, /v2/models/{name}, /v2/models/{name}/ready;
+POST /v2/models/{name}/infer (and the same under /versions/{v}). Tensors are JSON (name, shape,
+datatype, row-major data) or, with the binary tensor extension, raw bytes after a JSON header
+(`Inference-Header-Content-Length`). Errors are `{"error": "..."}` with a 4xx status.
+
+Streams follow Triton's sequence extension: the request parameters `sequence_id`, `sequence_start`
+and `sequence_end` open, continue and close a stream; a request carries one stream's data input
+with batch 1 (one step or many), and requests of different sequences are micro-batched by the
+StreamingSession like /v1's. The state inputs and outputs (h, c) are the server's business and are
+not in the metadata. With a state key (`serve --state-key-file`), the state leaves with every
+response as a signed `state_token` parameter and comes back with the next request: no replica then
+keeps per-stream state, and any replica with the same key and model continues the stream.
+"""
+# no `from __future__ import annotations` here: FastAPI reads the route functions' annotations
+# (Request) at definition time
+import json
+import threading
+
+import numpy as np
+
+from .state_token import TokenError, sign, verify
+from .streaming import StreamError
+
+DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+             "FP32": np.float32, "FP64": np.float64}
+NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
+HEADER = "inference-header-content-length"
+
+
+class V2Error(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def v2_error(status: int, message: str):
+    from fastapi.responses import JSONResponse
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _shape(spec_shape) -> list[int]:
+    return [d if isinstance(d, int) and d > 0 else -1 for d in spec_shape]
+
+
+def split_body(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
+    """The request's JSON part and the binary bytes after it (the binary tensor extension)."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(raw):
+            raise V2Error(400, f"{HEADER} {header_length!r} is not a length within the {len(raw)}-byte body")
+        head, blob = raw[:int(header_length)], raw[int(header_length):]
+    else:
+        head, blob = raw, b""
+    from .server import _json_body  # the /v1 routes' JSON checks: depth, NaN, object
+    body = _json_body(head)
+    if not isinstance(body, dict):
+        raise V2Error(400, json.loads(body.body)["error"]["message"])
+    return body, blob
+
+
+def decode_tensor(t, blob: bytes, offset: int) -> tuple[np.ndarray, int]:
+    """One request tensor as numpy, and the offset past its binary bytes."""
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+        raise V2Error(400, "each input needs a 'name', a 'shape', a 'datatype' and 'data' (or binary_data_size)")
+    name, dt = t["name"], t.get("datatype")
+    if dt not in DATATYPES:
+        raise V2Error(400, f"input {name!r}: datatype {dt!r} is not one of {', '.join(DATATYPES)}")
+    shape = t.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise V2Error(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
+    size = int(np.prod(shape, dtype=np.int64))
+    params = t.get("parameters") or {}
+    nbytes = params.get("binary_data_size")
+    dtype = np.dtype(DATATYPES[dt])
+    if nbytes is not None:
+        if not isinstance(nbytes, int) or nbytes != size * dtype.itemsize or offset + nbytes > len(blob):
+            raise V2Error(400, f"input {name!r}: binary_data_size {nbytes!r} does not match shape {shape} of {dt}, "
+                               "or runs past the body")
+        return np.frombuffer(blob, dtype, size, offset).reshape(shape).copy(), offset + nbytes
+    data = t.get("data")
+    if data is None:
+        raise V2Error(400, f"input {name!r} has no 'data' (and no binary_data_size)")
+    try:
+        a = np.asarray(data, dtype=dtype)
+    except (ValueError, TypeError, OverflowError):
+        raise V2Error(400, f"input {name!r}: 'data' does not hold {dt} values") from None
+    if a.size != size:
+        raise V2Error(400, f"input {name!r}: 'data' holds {a.size} values, shape {shape} needs {size}")
+    return a.reshape(shape), offset
+
+
+def _bool_param(params: dict, key: str) -> bool:
+    v = params.get(key, False)
+    if not isinstance(v, bool):
+        raise V2Error(400, f"parameter {key!r} must be true or false, got {v!r}")
+    return v
+
+
+class V2Model:
+    """One streaming model behind the v2 routes: its metadata, its sequences, the infer call."""
+
+    def __init__(self, session, name: str, key: bytes | None):
+        self.session, self.name, self.key = session, name, key
+        spec = session.data_spec
+        self.data_name, self.batch_axis = spec.name, session.batch_axis
+        self.outputs = [s for s in session.source.outputs][:1]  # the data output; h_n, c_n are state
+        self.metadata = {
+            "name": name, "versions": ["1"], "platform": "onnx",
+            "inputs": [{"name": spec.name, "datatype": NAMES[np.dtype(spec.dtype)], "shape": _shape(spec.shape)}],
+            "outputs": [{"name": s.name, "datatype": NAMES.get(np.dtype(s.dtype), "FP32"), "shape": _shape(s.shape)}
+                        for s in self.outputs],
+            "parameters": {"sequence": True, "state_tokens": key is not None},
+        }
+        self._sequences: dict[str, str] = {}  # sequence id -> stream id (without a key)
+        self._lock = threading.Lock()
+
+    def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
+        """The response JSON and the binary outputs that follow it (empty for all-JSON)."""
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise V2Error(400, "'parameters' must be an object")
+        inputs = body.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1:
+            raise V2Error(400, f"send one input, {self.data_name!r} (the stream's state is kept by the server)")
+        data, _ = decode_tensor(inputs[0], blob, 0)
+        if inputs[0]["name"] != self.data_name:
+            raise V2Error(400, f"input {inputs[0]['name']!r} is not this model's; it takes {self.data_name!r}")
+        if data.ndim != len(self.session.data_spec.shape) or data.shape[self.batch_axis] != 1:
+            raise V2Error(400, f"input {self.data_name!r} has shape {list(data.shape)}: send one stream, batch 1 "
+                               f"(metadata shape {self.metadata['inputs'][0]['shape']})")
+        chunk = np.take(data, 0, axis=self.batch_axis)
+        seq = params.get("sequence_id")
+        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, (int, str)) or seq in (0, "")):
+            raise V2Error(400, f"sequence_id must be a non-zero integer or a non-empty string, got {seq!r}")
+        start, end = _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
+        out_params: dict = {}
+        if seq is None:  # a request of its own: a fresh stream, closed after it
+            outs = self._run_once(chunk, None)
+        elif self.key is not None:
+            outs, state = self._run_with_token(chunk, seq, start, params.get("state_token"))
+            if not end:
+                out_params["state_token"] = sign(self.key, self.session.source.digest, seq, state)
+        else:
+            outs = self._run_sequence(chunk, str(seq), start, end)
+        if seq is not None:
+            out_params.update(sequence_id=seq, sequence_start=start, sequence_end=end)
+        return self._response(body, outs, out_params)
+
+    def _run_once(self, chunk, state):
+        sid = self.session.open(state)
+        try:
+            return self.session.feed(sid, chunk)
+        finally:
+            self.session.close(sid)
+
+    def _run_with_token(self, chunk, seq, start: bool, token):
+        if start:
+            state = None
+        elif token is None:
+            raise V2Error(400, f"sequence {seq!r} continues without its state_token: send the state_token "
+                               "parameter of the previous response (or sequence_start=true to begin again)")
+        else:
+            try:
+                state = verify(self.key, token, self.session.source.digest, seq, self.session.layers,
+                               self.session.hidden)
+            except TokenError as e:
+                raise V2Error(e.status, str(e)) from None
+        sid = self.session.open(state)
+        try:
+            outs = self.session.feed(sid, chunk)
+            return outs, self.session.state(sid)
+        finally:
+            self.session.close(sid)
+
+    def _run_sequence(self, chunk, seq: str, start: bool, end: bool):
+        with self._lock:
+            sid = self._sequences.get(seq)
+            if start:
+                if sid is not None:  # a new start of a sequence id restarts it, as Triton does
+                    self._close(sid)
+                sid = self._sequences[seq] = self.session.open()
+            elif sid is None:
+                raise V2Error(400, f"sequence {seq!r} was not started (or has ended): send sequence_start=true first")
+            if end:
+                del self._sequences[seq]
+        try:
+            return self.session.feed(sid, chunk)
+        except StreamError as e:
+            if e.status == 404:
+                with self._lock:
+                    self._sequences.pop(seq, None)
+                raise V2Error(400, f"sequence {seq!r} expired after the server's idle timeout; "
+                                   "start it again") from None
+            raise
+        finally:
+            if end:
+                self._close(sid)
+
+    def _close(self, sid: str) -> None:
+        try:
+            self.session.close(sid)
+        except StreamError:  # already expired
+            pass
+
+    def _response(self, body: dict, outs: dict, params: dict) -> tuple[dict, list[bytes]]:
+        wanted = body.get("outputs")
+        binary_default = _bool_param(body.get("parameters") or {}, "binary_data_output")
+        names = [o.name for o in self.outputs]
+        if wanted is None:
+            wanted = [{"name": n} for n in names]
+        if not isinstance(wanted, list):
+            raise V2Error(400, "'outputs' must be a list of {'name': ...}")
+        tensors, blobs = [], []
+        for w in wanted:
+            name = w.get("name") if isinstance(w, dict) else None
+            if name not in names:
+                raise V2Error(400, f"output {name!r} is not this model's; it gives {', '.join(names)}")
+            a = np.ascontiguousarray(np.expand_dims(outs[name], self.batch_axis))
+            t = {"name": name, "datatype": NAMES[a.dtype], "shape": list(a.shape)}
+            if _bool_param(w.get("parameters") or {}, "binary_data") or binary_default:
+                t["parameters"] = {"binary_data_size": a.nbytes}
+                blobs.append(a.tobytes())
+            else:
+                t["data"] = a.ravel().tolist()
+            tensors.append(t)
+        response = {"model_name": self.name, "model_version": "1", "outputs": tensors}
+        if "id" in body:
+            response["id"] = body["id"]
+        if params:
+            response["parameters"] = params
+        return response, blobs
+
+
+def add_v2_routes(app, session, name: str, key: bytes | None) -> None:
+    """The Open Inference Protocol's routes for `session`'s model, served as `name`."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    from lstm_export import __version__
+    model = V2Model(session, name, key)
+
+    def known(model_name: str):
+        if model_name != name:
+            raise V2Error(404, f"unknown model {model_name!r}; this server serves {name!r}")
+
+    @app.exception_handler(V2Error)
+    async def on_v2_error(request, exc: V2Error):
+        return v2_error(exc.status, str(exc))
+
+    @app.get("/v2/health/live")
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready():
+        return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata():
+        return {"name": "lstm-export", "version": __version__,
+                "extensions": ["binary_tensor_data", "parameters", "sequence"]}
+
+    @app.get("/v2/models/{model_name}")
+    @app.get("/v2/models/{model_name}/versions/{version}")
+    async def metadata(model_name: str, version: str = "1"):
+        known(model_name)
+        return model.metadata
+
+    @app.get("/v2/models/{model_name}/ready")
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
+    async def model_ready(model_name: str, version: str = "1"):
+        known(model_name)
+        return {"name": name, "ready": True}
+
+    @app.post("/v2/models/{model_name}/infer")
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def infer(model_name: str, request: Request, version: str = "1"):
+        known(model_name)
+        body, blob = split_body(await request.body(), request.headers.get(HEADER))
+        try:
+            response, blobs = await run_in_threadpool(model.infer, body, blob)
+        except StreamError as e:  # the session's checks of the chunk: the protocol's error shape
+            return v2_error(e.status, str(e))
+        if not blobs:
+            return JSONResponse(response)
+        head = json.dumps(response).encode()
+        return Response(head + b"".join(blobs), media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(len(head))})
