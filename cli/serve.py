@@ -23,6 +23,12 @@ def add_command(sub) -> None:
     p.add_argument("--state-key-file", default=None, metavar="FILE",
                    help="sign each stream's state into a state_token (v2 sequences), with the key in FILE "
                         "(else $LSTM_EXPORT_STATE_KEY; never a flag value): replicas then keep no stream state")
+    p.add_argument("--replicas", type=count(1, 1024), default=1,
+                   help="serve N replicas on Ray Serve (pip install -e '.[ray]'; needs a state key); default 1: "
+                        "one process, no Ray")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local instance")
+    p.add_argument("--ray-logs", action="store_true", help="show Ray's own start-up and serving logs")
     for f in fields(ServerConfig):  # one flag per limit, same name, same default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=LIMITS.get(f.name, type(f.default)), default=f.default,
                        help=f"(default: {f.default})")
@@ -39,6 +45,15 @@ def cmd_serve(args) -> int:
     cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
     key = load_key(args.state_key_file)
     _check_port(args.host, args.port)  # before the model loads: uvicorn would exit 3 with a log line
+    if args.replicas > 1 or args.ray_address:
+        from serving import ray_serve
+        from serving.server import _model_name
+        name = args.name or _model_name(source)
+        print(f"serving {args.model} as {name!r} on http://{args.host}:{args.port} with {args.replicas} Ray Serve "
+              f"replica(s) ({'cluster ' + args.ray_address if args.ray_address else 'a local Ray instance'})",
+              flush=True)
+        ray_serve.run(source, cfg, name, key, args.replicas, args.host, args.port, args.ray_address, args.ray_logs)
+        return 0
     app = create_app(source, cfg, name=args.name, state_key=key)
     print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
           f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)

@@ -243,6 +243,9 @@ def add_v2_routes(app, session, name: str, key: bytes | None) -> None:
 
     from lstm_export import __version__
     model = V2Model(session, name, key)
+    import os
+    import socket
+    served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered
 
     def known(model_name: str):
         if model_name != name:
@@ -287,7 +290,7 @@ def add_v2_routes(app, session, name: str, key: bytes | None) -> None:
         except StreamError as e:  # the session's checks of the chunk: the protocol's error shape
             return v2_error(e.status, str(e))
         if not blobs:
-            return JSONResponse(response)
+            return JSONResponse(response, headers=served_by)
         head = json.dumps(response).encode()
         return Response(head + b"".join(blobs), media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(head))})
+                        headers={"Inference-Header-Content-Length": str(len(head)), **served_by})

@@ -189,3 +189,15 @@ def test_bad_tokens_are_clean_4xx(replicas, lm, tmp_path):
         r = httpx.post(f"http://{u}/v2/models/lm.streaming/infer", json=body(token))
         assert r.status_code == 400 and "another model" in r.json()["error"]
         assert httpx.get(f"http://{u}/v2/health/live").status_code == 200
+
+
+def test_replicas_need_a_state_key_and_keys_are_checked(cli_here, lm, tmp_path, monkeypatch):
+    monkeypatch.delenv("LSTM_EXPORT_STATE_KEY", raising=False)
+    r = cli_here("serve", lm[1], "--replicas", "2", "--port", "0")
+    assert r.returncode == 2 and "needs a state key" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    short = tmp_path / "short.key"
+    short.write_bytes(b"abc")
+    r = cli_here("serve", lm[1], "--state-key-file", short, "--port", "0")
+    assert r.returncode == 2 and "at least 16" in r.stderr, r.stderr
+    r = cli_here("serve", lm[1], "--state-key-file", tmp_path / "missing.key", "--port", "0")
+    assert r.returncode == 2 and "missing.key" in r.stderr, r.stderr
