@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from .bodies import json_object, v2_error
 from .state_token import TokenError, sign, verify
 from .streaming import StreamError
 
@@ -37,11 +38,6 @@ class V2Error(Exception):
         self.status = status
 
 
-def v2_error(status: int, message: str):
-    from fastapi.responses import JSONResponse
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def _shape(spec_shape) -> list[int]:
     return [d if isinstance(d, int) and d > 0 else -1 for d in spec_shape]
 
@@ -54,11 +50,7 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
         head, blob = raw[:int(header_length)], raw[int(header_length):]
     else:
         head, blob = raw, b""
-    from .server import _json_body  # the /v1 routes' JSON checks: depth, NaN, object
-    body = _json_body(head)
-    if not isinstance(body, dict):
-        raise V2Error(400, json.loads(body.body)["error"]["message"])
-    return body, blob
+    return json_object(head), blob
 
 
 def decode_tensor(t, blob: bytes, offset: int) -> tuple[np.ndarray, int]:

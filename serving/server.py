@@ -7,7 +7,6 @@ take the server down for the others.
 """
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 
 from lstm_export.charlm import sample_id
 
+from .bodies import BodyError, json_object, v1_error, v2_error
 from .streaming import StreamError, StreamingSession
 
 
@@ -32,11 +32,6 @@ class ServerConfig:
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 10.0
     max_generate: int = 2000
-
-
-def _error(status: int, code: str, message: str):
-    from fastapi.responses import JSONResponse
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None):
@@ -80,7 +75,7 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     @app.exception_handler(StreamError)
     async def stream_error(request, exc: StreamError):
-        return _error(
+        return v1_error(
             exc.status,
             "bad_request"
             if exc.status == 400
@@ -88,12 +83,18 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
             str(exc),
         )
 
+    @app.exception_handler(BodyError)
+    async def body_error(request, exc: BodyError):  # in the error shape of the route's protocol
+        if request.url.path.startswith("/v2"):
+            return v2_error(400, str(exc))
+        return v1_error(400, "malformed_json", str(exc))
+
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
         at = " at " + where if where else ""
-        return _error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{at}")
+        return v1_error(400, "malformed_request", f"{first.get('msg', 'invalid request')}{at}")
 
     # health and metrics are async and never block: they answer while every worker thread is busy
     # with model work (a sync handler would queue behind generate requests)
@@ -122,23 +123,21 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     @app.post("/v1/streams/{stream_id}")
     async def feed(stream_id: str, request: Request):
-        body = _json_body(await request.body())
-        if isinstance(body, Response):
-            return body
+        body = json_object(await request.body())
         if "text" in body:
             if not isinstance(body["text"], str):
-                return _error(400, "bad_request", "'text' must be a string")
+                return v1_error(400, "bad_request", "'text' must be a string")
             out = await run_in_threadpool(session.feed_text, stream_id, body["text"])
         elif "chunk" in body:
             try:
                 chunk = np.asarray(body["chunk"])
             except (ValueError, TypeError):
-                return _error(400, "bad_request", "'chunk' must be a rectangular array of numbers")
+                return v1_error(400, "bad_request", "'chunk' must be a rectangular array of numbers")
             if chunk.dtype == object or not (np.issubdtype(chunk.dtype, np.number)):
-                return _error(400, "bad_request", "'chunk' must hold numbers")
+                return v1_error(400, "bad_request", "'chunk' must hold numbers")
             out = await run_in_threadpool(session.feed, stream_id, chunk)
         else:
-            return _error(400, "bad_request", "send {'chunk': [...]} (token ids or features) or {'text': '...'}")
+            return v1_error(400, "bad_request", "send {'chunk': [...]} (token ids or features) or {'text': '...'}")
         return {"outputs": {k: v.tolist() for k, v in out.items()}}
 
     @app.delete("/v1/streams/{stream_id}", status_code=204)
@@ -148,11 +147,9 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        body = _json_body(await request.body())
-        if isinstance(body, Response):
-            return body
+        body = json_object(await request.body())
         if session.vocab is None:
-            return _error(400, "no_vocabulary", "this model carries no vocabulary; export a char LM checkpoint")
+            return v1_error(400, "no_vocabulary", "this model carries no vocabulary; export a char LM checkpoint")
         req = _generate_request(body, cfg.max_generate)
         if isinstance(req, Response):
             return req
@@ -205,7 +202,7 @@ class BodyLimits:
         t0 = time.perf_counter()
         path = scope.get("path", "")
         route = route_label(path)
-        fail = _v2_error if path.startswith("/v2") else _error  # each protocol's error body
+        fail = _v2_fail if path.startswith("/v2") else v1_error  # each protocol's error body
         status = {"code": 500, "started": False}
 
         async def send_wrapper(message):
@@ -257,29 +254,8 @@ class BodyLimits:
                 return b"".join(parts)
 
 
-def _v2_error(status: int, code: str, message: str):
-    from .oip import v2_error
-    return v2_error(status, message)
-
-
-MAX_DEPTH = 32  # nesting a request body may have: a chunk is 2 deep; deeper is an attack, not a request
-
-
-def _json_body(raw: bytes):
-    """The request's JSON object, or a 400 response naming what is wrong with it: not JSON, NaN or
-    Infinity (not JSON either, though Python's parser takes them), nesting deeper than MAX_DEPTH
-    (the parser recurses), an integer too long to convert."""
-    raw = raw or b"{}"
-    # the scan is Python per byte: only bodies with enough brackets to be too deep pay for it
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
-        return _error(400, "malformed_json", f"body nests deeper than {MAX_DEPTH} levels")
-    try:
-        body = json.loads(raw, parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        return _error(400, "malformed_json", f"body is not valid JSON: {str(e).splitlines()[0][:200]}")
-    if not isinstance(body, dict):
-        return _error(400, "malformed_json", "body must be a JSON object")
-    return body
+def _v2_fail(status: int, code: str, message: str):
+    return v2_error(status, message)  # v2 errors carry no code
 
 
 def _generate(session: StreamingSession, prime: str, chars: int, temperature: float, seed) -> str:
@@ -296,32 +272,6 @@ def _generate(session: StreamingSession, prime: str, chars: int, temperature: fl
         return prime + session.vocab.decode(ids)
     finally:
         session.close(sid)
-
-
-def _depth(raw: bytes) -> int:
-    """The deepest bracket nesting outside strings."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in raw.decode("utf-8", errors="replace"):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch in "]}":
-            depth -= 1
-    return deepest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON value; send a finite number")
 
 
 def _generate_request(body: dict, max_generate: int):
@@ -342,4 +292,4 @@ def _generate_request(body: dict, max_generate: int):
     except ValidationError as e:
         first = e.errors()[0]
         field = ".".join(str(x) for x in first.get("loc", ())) or "body"
-        return _error(400, "bad_request", f"'{field}': {first.get('msg', 'invalid')}")
+        return v1_error(400, "bad_request", f"'{field}': {first.get('msg', 'invalid')}")
