@@ -106,10 +106,10 @@ class GateMath:
     def cell_c(self, xi, xf, xc, pi, pf, c_prev):
         """The new cell from gate pre-activations (projection + recurrent) i, f, c."""
         it = self.f(self.clip(self.peephole(xi, pi, c_prev)))
-        if self.spec.input_forget:
-            ft = tirx.const(1.0, "float32") - it
-        else:
-            ft = self.f(self.clip(self.peephole(xf, pf, c_prev)))
+        if self.spec.input_forget:  # i used twice: bound once (an activation may hold Lets, see fast_math)
+            i = tirx.Var("i", "float32")
+            return tirx.Let(i, it, (tirx.const(1.0, "float32") - i) * c_prev + i * self.g(self.clip(xc)))
+        ft = self.f(self.clip(self.peephole(xf, pf, c_prev)))
         return ft * c_prev + it * self.g(self.clip(xc))
 
     def cell_h(self, xo, po, c_new):
