@@ -88,9 +88,13 @@ def make_finish(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep)
 
     def gru_h(xz, xr, xn, hn, h_prev):
         f, g = m.acts
-        z, r = f(m.clip(xz)), f(m.clip(xr))
-        n = g(m.clip(xn + r * hn))
-        return (one - z) * n + z * h_prev
+        # z written twice, not bound once: each call binds fresh variables inside its activation
+        # (TIR binds a variable once), and a Let bound around z made tirx.CommonSubexprElim hoist an
+        # index product past its definition (LLVM: "Instruction does not dominate all uses", the
+        # bidirectional OCR-head GRU). LLVM merges the two copies: run time unchanged.
+        z = lambda: f(m.clip(xz))  # noqa: E731
+        n = g(m.clip(xn + f(m.clip(xr)) * hn))
+        return (one - z()) * n + z() * h_prev
 
     # One macro, no nested ones: each macro call is parsed again at every call site, and the
     # kernel calls finish from every tile variant (nested store/keep macros made building an LSTM
