@@ -54,7 +54,7 @@ def test_tune_then_compile_from_the_database(tmp_path):
     from runtimes.tvm_lstm.tuning import open_database
     path = _export(tmp_path, "unrolled", T=3, B=2)
     db_dir = tmp_path / "db"
-    compile_onnx(path, tmp_path / "tuned", tuning_db=db_dir, tune_trials=4, progress=False)
+    compile_onnx(path, tmp_path / "tuned", tuning_db=db_dir, tune_trials=1, progress=False)
     meta = json.loads((tmp_path / "tuned" / "meta.json").read_text())
     tasks = meta["tuning"]["tasks"]
     assert tasks and meta["tuning"]["trials"] >= 1
@@ -81,13 +81,30 @@ def test_tune_then_compile_from_the_database(tmp_path):
             np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=f"{art}: {k}")
 
 
-@pytest.mark.slow
+def _one_record_database(tmp_path, db_dir):
+    """A database holding one record (the plain loop nest of the first task) without a tuning run:
+    what the swap does to the files does not depend on how the record was measured."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    from runtimes.model_io import load_onnx
+    from runtimes.tvm_lstm.compile import host_target, import_onnx, legalize_cpu
+    from runtimes.tvm_lstm.tuning import open_database, task_module, tunable
+    tgt = host_target()
+    _, func = tunable(legalize_cpu(import_onnx(load_onnx(_export(tmp_path, "unrolled", T=2))), tgt))[0]
+    db = open_database(db_dir, create=True)
+    mod = task_module(func)
+    sch = s_tir.Schedule(mod)
+    sch.get_child_blocks(sch.get_sblock("root"))  # a record needs one instruction to count as valid
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3], tgt,
+                                                     ms.arg_info.ArgInfo.from_prim_func(func)))
+
+
 def test_an_interrupted_swap_keeps_the_old_database(tmp_path, monkeypatch):
     from runtimes.tvm_lstm import tuning
-    path = _export(tmp_path, "unrolled", T=2)
     db_dir = tmp_path / "db"
-    from runtimes.tvm_lstm.compile import compile_onnx
-    compile_onnx(path, tmp_path / "out", tuning_db=db_dir, tune_trials=1, progress=False)
+    _one_record_database(tmp_path, db_dir)
+    assert len(tuning.open_database(db_dir).get_all_tuning_records()) == 1
     before = {f: (db_dir / f).read_bytes() for f in tuning._DB_FILES}
 
     real_rename, calls = pathlib.Path.rename, []
