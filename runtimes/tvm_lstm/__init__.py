@@ -29,7 +29,7 @@ def _find_parser_def(self):
     caller for the first frame whose globals hold the parser, but getouterframes also reads the
     source lines of every frame on the stack, which the search never looks at. At every T.macro
     call: 64 calls, 0.62 s of a 1.56 s parse of an LSTM layer's kernel."""
-    name = ScriptMacro.parser_object_name
+    name = self.parser_object_name
     frame = _sys._getframe(1)
     while frame is not None:
         parser = frame.f_globals.get(name)
@@ -53,7 +53,6 @@ def _as_ast(self):
 
 
 def _patch_parser() -> None:
-    global ScriptMacro
     try:
         from tvm.script.parser.core.diagnostics import Source
         from tvm.script.parser.core.parser import ScriptMacro

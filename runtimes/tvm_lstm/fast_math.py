@@ -7,39 +7,12 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from .recurrence import CellSpec, GateMath, activation
+from .recurrence import CellSpec, GateMath, Lets, activation
 
 # Rational tanh approximation for float32 (Eigen's generic_fast_tanh_float coefficients).
 _A = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
       -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
 _B = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
-
-
-class Lets:
-    """The Let-bound subexpressions of one expression: `let(value, name)` gives a fresh variable
-    for value, `wrap(body)` binds them all around body, in order.
-
-    Written out, the clamped x of a tanh appears 11 times in its numerator and denominator, and the
-    cell update uses each gate's parts two or three times: the expression trees grew so large that
-    an LSTM layer's kernel printed to 319 KB and the lowering passes that walk every load took most
-    of its build (s_tir.CompactBufferAllocation alone 1.2 s). Bound once, each subexpression is one
-    node. Measured on a Zen 4 VM: outputs bit for bit those of the written-out kernels on the five
-    bench shapes and a peephole LSTM, run time within noise (0.97-1.03x), builds 1.2-2.4x faster.
-    Invariant: a variable is bound once (TIR is SSA), so an expression that holds Lets is used once;
-    values used twice are bound here, not repeated."""
-
-    def __init__(self):
-        self.bound = []
-
-    def __call__(self, value, name: str):
-        var = tirx.Var(name, "float32")  # the gate math is float32 throughout
-        self.bound.append((var, value))
-        return var
-
-    def wrap(self, body):
-        for var, value in reversed(self.bound):
-            body = tirx.Let(var, value, body)
-        return body
 
 
 def tanh_parts(x, let):

@@ -200,9 +200,17 @@ def _replace_database(db, db_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def plain_schedule(mod):
+    """The kernel's plain loop nest as a schedule a database takes: a record needs one instruction
+    in its trace to count as valid, and this one changes nothing."""
+    from tvm import s_tir
+    sch = s_tir.Schedule(mod)
+    sch.get_child_blocks(sch.get_sblock("root"))
+    return sch
+
+
 def _seed_defaults(tasks, target, db, builder, runner, report: TuneReport) -> None:
     """Measures and records the untuned schedule of every task the database has no record of."""
-    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     from .cpu_plan import plan_for
@@ -217,9 +225,8 @@ def _seed_defaults(tasks, target, db, builder, runner, report: TuneReport) -> No
             report.before_ms[name] = round(_mean(top[0].run_secs) * 1e3, 6)
             continue
         sch = default_schedule(mod["main"], lanes)
-        if sch is None:  # the plain loop nest; a record needs one instruction to count as valid
-            sch = s_tir.Schedule(mod)
-            sch.get_child_blocks(sch.get_sblock("root"))
+        if sch is None:
+            sch = plain_schedule(mod)
         todo.append((name, func, workload, sch))
     if not todo:
         return

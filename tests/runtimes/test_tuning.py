@@ -21,12 +21,15 @@ def _export(tmp_path, mode, T=2, B=2, I=3, H=4, name=None):
     return export_onnx(LSTM(I, H).eval(), tmp_path / (name or f"{mode}.onnx"), mode, **kw)
 
 
-def _tasks(path):
+def _tunable(path):
     from runtimes.model_io import load_onnx
     from runtimes.tvm_lstm.compile import host_target, import_onnx, legalize_cpu
     from runtimes.tvm_lstm.tuning import tunable
-    tgt = host_target()
-    return [name for name, _ in tunable(legalize_cpu(import_onnx(load_onnx(path)), tgt))]
+    return tunable(legalize_cpu(import_onnx(load_onnx(path)), host_target()))
+
+
+def _tasks(path):
+    return [name for name, _ in _tunable(path)]
 
 
 def test_tasks_are_static_generic_kernels_only(tmp_path):
@@ -84,20 +87,15 @@ def test_tune_then_compile_from_the_database(tmp_path):
 def _one_record_database(tmp_path, db_dir):
     """A database holding one record (the plain loop nest of the first task) without a tuning run:
     what the swap does to the files does not depend on how the record was measured."""
-    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
-    from runtimes.model_io import load_onnx
-    from runtimes.tvm_lstm.compile import host_target, import_onnx, legalize_cpu
-    from runtimes.tvm_lstm.tuning import open_database, task_module, tunable
-    tgt = host_target()
-    _, func = tunable(legalize_cpu(import_onnx(load_onnx(_export(tmp_path, "unrolled", T=2))), tgt))[0]
+    from runtimes.tvm_lstm.compile import host_target
+    from runtimes.tvm_lstm.tuning import open_database, plain_schedule, task_module
+    _, func = _tunable(_export(tmp_path, "unrolled", T=2))[0]
     db = open_database(db_dir, create=True)
     mod = task_module(func)
-    sch = s_tir.Schedule(mod)
-    sch.get_child_blocks(sch.get_sblock("root"))  # a record needs one instruction to count as valid
-    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-3], tgt,
-                                                     ms.arg_info.ArgInfo.from_prim_func(func)))
+    db.commit_tuning_record(ms.database.TuningRecord(plain_schedule(mod).trace, db.commit_workload(mod), [1e-3],
+                                                     host_target(), ms.arg_info.ArgInfo.from_prim_func(func)))
 
 
 def test_an_interrupted_swap_keeps_the_old_database(tmp_path, monkeypatch):
