@@ -42,6 +42,10 @@ def add_commands(sub) -> None:
     p.add_argument("--input-value", action="append", default=[], metavar="NAME=NUMBER",
                    help="fix a scalar input to one value (e.g. sr=16000): an If on it folds to the branch "
                         "taken; the artifact refuses another value")
+    p.add_argument("--plan-budget-s", type=real(0, 3600), default=None, metavar="S",
+                   help="seconds compile may spend timing kernel plans on this machine and the model's shapes "
+                        "before it keeps the fastest (choices are cached per CPU and shape; default: "
+                        "$LSTM_EXPORT_PLAN_BUDGET_S, else 10; 0: the plan derived from the target)")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument(
@@ -170,7 +174,7 @@ def cmd_compile(args) -> int:
     compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
                             tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim),
                             input_shapes=parse_input_shapes(args.input_shape),
-                            input_values=parse_input_values(args.input_value))
+                            input_values=parse_input_values(args.input_value), plan_budget_s=args.plan_budget_s)
     lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:
@@ -187,6 +191,9 @@ def cmd_compile(args) -> int:
     if meta.get("cpu"):
         print(f"CPU kernel: {meta['cpu']}; runs on {meta['num_cores']} threads when loaded"
               + ("" if lib.suffix == ".so" else f" (cross-compiled: link {lib.name}'s objects where it runs)"))
+    if meta.get("plan_selection"):
+        from runtimes.tvm_lstm.plan_select import PlanChoice
+        print(PlanChoice(**meta["plan_selection"]).summary())
     if meta["target_kind"] == "llvm":
         print(f"kernels from the tuning database: {meta['kernels_from_db']}"
               + (f" ({meta['tuning_db']})" if meta["tuning_db"] else " (none for this CPU; --tune makes one)"))

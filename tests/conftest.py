@@ -28,6 +28,20 @@ def _compile_cache_of_this_run(tmp_path_factory):
         os.environ["XDG_CACHE_HOME"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _derived_kernel_plans():
+    """compile takes the plan derived from the target unless a test asks for measured selection
+    (plan_budget_s, --plan-budget-s): timing plans adds seconds to every compile, and the suite
+    compiles hundreds of models. tests/runtimes/test_plan_select.py tests the measuring."""
+    old = os.environ.get("LSTM_EXPORT_PLAN_BUDGET_S")
+    os.environ["LSTM_EXPORT_PLAN_BUDGET_S"] = "0"
+    yield
+    if old is None:
+        os.environ.pop("LSTM_EXPORT_PLAN_BUDGET_S", None)
+    else:
+        os.environ["LSTM_EXPORT_PLAN_BUDGET_S"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_text() -> str:
     """About 12k characters of varied English-like text, the same on every machine."""

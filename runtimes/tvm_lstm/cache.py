@@ -3,8 +3,9 @@
 An entry is a compiled folder (compile.compile_onnx's output) under
 $XDG_CACHE_HOME/lstm-export/tvm/KEY, KEY a hash of everything the library depends on: the ONNX
 bytes, the full target (for `llvm`: this CPU's triple, mcpu, features and cores), the CUDA arch, the
-kernel plan, TVM's, tvm-ffi's and our versions, and the compiler's own source (so that a changed
-converter or kernel in a development install never loads an entry it did not build). Invariants:
+kernel plan (and the plan budget, where compile measures plans), TVM's, tvm-ffi's and our versions,
+and the compiler's own source (so that a changed converter or kernel in a development install never
+loads an entry it did not build). Invariants:
 - an entry appears whole or not at all: compiled into a temporary folder beside it, then renamed;
 - a hit is checked against the library's sha256 recorded at write time; a corrupted or truncated
   entry is removed and compiled again;
@@ -19,10 +20,10 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 from ..source import CompiledModel, ModelSource
+from .source_digest import compiler_digest  # noqa: F401 (tests patch it here: cache_key reads it here)
 
 DEFAULT_CAP_MB = 2048
 
@@ -33,7 +34,7 @@ def cache_root() -> Path:
 
 
 def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan, input_shapes=None,
-              input_values=None) -> str:
+              input_values=None, plan_budget_s: float | None = None) -> str:
     """The entry's name: a hash of the model's bytes and everything the compiled library depends on."""
     import tvm
 
@@ -49,23 +50,13 @@ def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan,
     parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": arch if tgt.kind.name == "cuda" else "",
              "plan": {k: v for k, v in asdict(plan).items() if k != "info"} if plan is not None else None,
              "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__, "compiler": compiler_digest()}
+    if plan_budget_s:  # the plan is measured from `plan` (the derived one) within this budget
+        parts["plan_budget_s"] = plan_budget_s
     if input_shapes:  # a build specialised to these input shapes (absent: the key of a symbolic build)
         parts["input_shapes"] = {k: list(v) for k, v in sorted(input_shapes.items())}
     if input_values:
         parts["input_values"] = dict(sorted(input_values.items()))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-COMPILER_ROOT = Path(__file__).resolve().parent
-
-
-@lru_cache(maxsize=None)
-def compiler_digest(root: Path = COMPILER_ROOT) -> str:
-    """sha256 of the compiler's Python sources (this package: converters, kernels, plan, passes)."""
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -96,10 +87,13 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
     from .targets import parse_target
     root = root or cache_root()
     tgt = parse_target(target, threads, arch)
+    measure = None  # the plan budget, where compile_onnx measures plans (plan_select.py)
     if plan is None and tgt.kind.name == "llvm":  # the plan from this machine's caches: part of the key
-        from .cpu_plan import plan_for
+        from .cpu_plan import is_host, plan_for
+        from .plan_select import budget_from
         plan = plan_for(tgt)
-    key = cache_key(source, target, arch, threads, plan, input_shapes, input_values)
+        measure = budget_from(None) if is_host(tgt) and budget_from(None) > 0 else None
+    key = cache_key(source, target, arch, threads, plan, input_shapes, input_values, measure)
     entry = root / key
     if entry.exists():
         compiled = _valid(entry)
@@ -110,7 +104,8 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        compiled = compile_onnx(source, work, target, arch, threads, progress=False, plan=plan,
+        compiled = compile_onnx(source, work, target, arch, threads, progress=False,
+                                plan=None if measure else plan, plan_budget_s=measure if measure else 0,
                                 input_shapes=input_shapes, input_values=input_values)
         meta = dict(compiled.meta, library_sha256=_sha256(compiled.library), cache_key=key)
         (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")

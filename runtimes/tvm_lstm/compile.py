@@ -10,6 +10,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -151,7 +152,7 @@ def owned_outputs(main) -> list[bool]:
 
 def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, target: str = "llvm",
                  arch: str = "sm_90", threads: int | None = None, tuning_db: str | Path | None = None,
-                 tune_trials: int = 0, progress: bool = True, plan=None,
+                 tune_trials: int = 0, progress: bool = True, plan=None, plan_budget_s: float | None = None,
                  dims: dict[str, int] | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None,
                  input_values: dict | None = None) -> CompiledModel:
@@ -171,7 +172,11 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         tuning_db: MetaSchedule database folder for llvm (default: the committed one for this CPU and
             core count, when there is one; see tuning.py). "none" compiles without one.
         tune_trials: > 0 first tunes this model's kernels into tuning_db with that many trials.
-        plan: the CPU kernel's cpu_plan.KernelPlan (default: plan_for(target)); tests pass their own.
+        plan: the CPU kernel's cpu_plan.KernelPlan; tests pass their own. Default: for a target this
+            machine runs, the fastest of a few plans timed on the model's shapes (plan_select.py),
+            else plan_for(target), the plan derived from the target.
+        plan_budget_s: seconds that measuring may take (default: $LSTM_EXPORT_PLAN_BUDGET_S, else
+            10); 0 takes the derived plan. meta.json records the choice and its timings.
         dims: sizes for named symbolic dims, fixed before the graph is simplified (simplify.py);
             the others stay symbolic.
         input_shapes: whole static shapes of named inputs (compile --input-shape): written into
@@ -194,11 +199,19 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         model = simplify(model, dims, static, values, source.inputs)
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
+    choice = None
     if kind != "llvm":
         plan = None
     elif plan is None:
-        from .cpu_plan import plan_for
-        plan = plan_for(tgt)
+        from .cpu_plan import is_host, plan_for
+        from .plan_select import PlanChoice, budget_from
+        plan, budget = plan_for(tgt), budget_from(plan_budget_s)
+        if budget < 0:
+            raise UserError(f"--plan-budget-s {budget:g}: give 0 (the derived plan) or more seconds")
+        why = ("--plan-budget-s 0" if budget == 0 else None) or \
+            (None if is_host(tgt) else "the target is not this machine: nothing to measure on")
+        choice = PlanChoice("derived", "derived", why=why) if why else \
+            PlanChoice("measured", "derived", budget_s=budget)
     t0 = time.perf_counter()
     mod = import_onnx(model, cuda=kind == "cuda", plan=plan)
     db, db_dir, tuned = None, None, None
@@ -217,11 +230,17 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     elif tune_trials > 0:
         raise UserError("--tune works with llvm targets only (CUDA kernels are scheduled by dlight)")
     from .native_log import native_stderr_to_log
+    built = None
+    if choice is not None and choice.source == "measured":
+        plan, built, choice = _measured_plan(model, source, tgt, plan, mod, db, static, values, dims,
+                                             choice.budget_s, progress)
+        if built is None and choice.chosen != "derived":  # the plan cache's choice: built now
+            mod = import_onnx(model, plan=plan)
     with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
-        ex, from_db, owned = compile_module(mod, tgt, db, plan.lanes if plan else 16)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lib = _export(ex, tgt, plan, out)
+        ex, from_db, owned = built or compile_module(mod, tgt, db, plan.lanes if plan else 16)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        lib = _export(ex, tgt, plan, out)  # (an executable a VM has run warns "Scope Saving" here)
     meta = {
         "inputs": [_spec(s, static.get(s.name)) for s in source.inputs if s.name not in values],
         "outputs": [_spec(s) for s in source.outputs],
@@ -245,6 +264,8 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         meta["num_cores"] = plan.threads
         meta["cpu"] = plan.info.describe() if plan.info else None
         meta["kernel_plan"] = {k: v for k, v in asdict(plan).items() if k != "info"}
+        if choice is not None:
+            meta["plan_selection"] = asdict(choice)
         meta["cross_compiled"] = is_cross(tgt) or str(tgt.attrs.get("mcpu", "")) != codegen.llvm_get_system_cpu()
         meta["arch"] = arch_of(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple())
     if tuned is not None:
@@ -256,6 +277,22 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     (out / ".meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
     (out / ".meta.json.tmp").replace(out / "meta.json")  # last: a folder with meta.json is complete
     return CompiledModel(out, lib, meta)
+
+
+def _measured_plan(model, source, tgt, base, mod, db, static, values, dims, budget_s, progress):
+    """plan_select.select on random inputs at the artifact's shapes (main's arguments, in order)."""
+    from .plan_select import select, timing_feeds
+    feeds, _ = timing_feeds(source, static, dims)
+    feeds = {s.name: feeds[s.name] for s in source.inputs if s.name not in values}
+    def say(text):  # a few seconds in all: one line per candidate, on a terminal or not
+        print(f"compile: building {text} to time it", file=sys.stderr, flush=True)
+    from .native_log import native_stderr_to_log
+
+    def build(plan, m):
+        with native_stderr_to_log("TVM build"):
+            return compile_module(m, tgt, db, plan.lanes)
+    return select(model, tgt, base, lambda m, plan: import_onnx(m, plan=plan), build, feeds, budget_s,
+                  derived_mod=mod, progress=say if progress else None)
 
 
 def _export(ex, tgt, plan, out: Path) -> Path:

@@ -20,7 +20,9 @@ def emit_cpu_layer(bb, spec, k_dim: int, plan, has_state: bool, has_peepholes: b
     """Calls the fast CPU kernel (cpu.make_cpu_layer) on args (x, packed weights, peepholes, h0, c0,
     lens) -> (y, hn, cn). Both directions of a layer build the same function, which the BlockBuilder
     adds once; the direction is its scalar argument."""
-    func = _cpu_layer(dataclasses.replace(spec, reverse=False), k_dim, plan, has_state, has_peepholes)
+    from .cpu_plan import layer_plan
+    func = _cpu_layer(dataclasses.replace(spec, reverse=False), k_dim, layer_plan(spec, k_dim, plan), has_state,
+                      has_peepholes)
     layer = bb.add_func(mark(func), f"{getattr(spec, 'kind', 'LSTM').lower()}_layer_cpu")
     y, state = relax.TensorType([n_t, n_b, spec.hidden], "float32"), relax.TensorType([n_b, spec.hidden], "float32")
     out = bb.emit(relax.call_tir(layer, [*args, tirx.IntImm("int64", int(spec.reverse))],

@@ -16,7 +16,7 @@ Invariants the kernel relies on:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 KB = 1024
@@ -95,6 +95,27 @@ def make_plan(info: CpuInfo, threads: int | None = None) -> KernelPlan:
     ra = max(1, min(mr, (1024 - 1) // row_bytes))
     return KernelPlan(lanes=lanes, mr=mr, ms=ms, ra=ra, threads=max(1, threads or info.cores),
                       batch_split_bytes=info.l2, unit_major_bytes=max(info.l2 // 8, 32 * KB), isa=info.isa, info=info)
+
+
+# Size thresholds that decide alike for every layer: a threshold of ALL is above any layer's
+# weights (always a batch split; never a unit-major projection), NONE below them.
+ALL, NONE = 1 << 62, 0
+
+
+def layer_plan(spec, k_dim: int, plan: KernelPlan) -> KernelPlan:
+    """`plan` with its size thresholds replaced by what they decide for this layer (batch split or
+    not, projection unit-major or not), as ALL or NONE: two plans that lay this layer out alike
+    become one plan, so they build one kernel (cpu_layer's cache) and one module (plan_select
+    skips timing a candidate whose module is the same as one already timed)."""
+    from .cpu_cells import KernelCell
+    from .packing import packed_size
+    cell = KernelCell(spec)
+    passes = cell.with_offsets(plan.lanes, k_dim)
+    w_size, r_size = (sum(packed_size(q.units, n, plan.lanes) for q in passes) for n in (k_dim, cell.hidden))
+    batch_split = (w_size + r_size) * 4 <= plan.batch_split_bytes  # the rule make_cpu_layer reads
+    majors = {k_dim * packed_size(q.units, 1, plan.lanes) * 4 > plan.unit_major_bytes for q in passes}
+    unit_major = plan.unit_major_bytes if len(majors) > 1 else NONE if majors.pop() else ALL
+    return replace(plan, batch_split_bytes=ALL if batch_split else NONE, unit_major_bytes=unit_major)
 
 
 def isa_of(target) -> str:
