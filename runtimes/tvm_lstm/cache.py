@@ -92,7 +92,7 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
         from .cpu_plan import is_host, plan_for
         from .plan_select import budget_from
         plan = plan_for(tgt)
-        measure = budget_from(None) if is_host(tgt) and budget_from(None) > 0 else None
+        measure = (max(budget_from(None), 0.0) or None) if is_host(tgt) else None
     key = cache_key(source, target, arch, threads, plan, input_shapes, input_values, measure)
     entry = root / key
     if entry.exists():

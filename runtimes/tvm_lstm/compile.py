@@ -282,7 +282,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
 def _measured_plan(model, source, tgt, base, mod, db, static, values, dims, budget_s, progress):
     """plan_select.select on random inputs at the artifact's shapes (main's arguments, in order)."""
     from .plan_select import select, timing_feeds
-    feeds, _ = timing_feeds(source, static, dims)
+    feeds = timing_feeds(source, static, dims)
     feeds = {s.name: feeds[s.name] for s in source.inputs if s.name not in values}
     def say(text):  # a few seconds in all: one line per candidate, on a terminal or not
         print(f"compile: building {text} to time it", file=sys.stderr, flush=True)

@@ -140,7 +140,7 @@ def store_choice(key: str, record: dict, root: Path | None = None) -> None:
     tmp.replace(root / f"{key}.json")  # whole or not at all; concurrent writers write the same choice
 
 
-def timing_feeds(source, static: dict, dims: dict | None) -> tuple[dict[str, np.ndarray], dict]:
+def timing_feeds(source, static: dict, dims: dict | None) -> dict[str, np.ndarray]:
     """Random inputs at the shapes the artifact will take: static ones as compiled, named dims as
     given, any other open dimension at SYMBOLIC_DIM."""
     from ..model_io import random_feeds
@@ -156,7 +156,7 @@ def timing_feeds(source, static: dict, dims: dict | None) -> tuple[dict[str, np.
     for name, shape in static.items():
         if name in feeds and feeds[name].shape != tuple(shape):
             feeds[name] = np.resize(feeds[name], shape)
-    return feeds, {k: list(v.shape) for k, v in feeds.items()}
+    return feeds
 
 
 def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray], budget_s: float,
