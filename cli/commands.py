@@ -46,6 +46,10 @@ def add_commands(sub) -> None:
                    help="seconds compile may spend timing kernel plans on this machine and the model's shapes "
                         "before it keeps the fastest (choices are cached per CPU and shape; default: "
                         "$LSTM_EXPORT_PLAN_BUDGET_S, else 10; 0: the plan derived from the target)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: LSTM layers with bf16 weights and fp32 accumulation and state (CPUs with "
+                        "AVX512-BF16; AMX tiles where the CPU has them), each layer's engine timed here "
+                        "within --plan-budget-s (default: %(default)s)")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument(
@@ -174,7 +178,8 @@ def cmd_compile(args) -> int:
     compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
                             tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim),
                             input_shapes=parse_input_shapes(args.input_shape),
-                            input_values=parse_input_values(args.input_value), plan_budget_s=args.plan_budget_s)
+                            input_values=parse_input_values(args.input_value), plan_budget_s=args.plan_budget_s,
+                            precision=args.precision)
     lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:
@@ -191,6 +196,10 @@ def cmd_compile(args) -> int:
     if meta.get("cpu"):
         print(f"CPU kernel: {meta['cpu']}; runs on {meta['num_cores']} threads when loaded"
               + ("" if lib.suffix == ".so" else f" (cross-compiled: link {lib.name}'s objects where it runs)"))
+    for n, layer in enumerate(meta.get("bf16_layers", [])):
+        timed = ", ".join(f"{k} {v:.3f} ms" for k, v in layer["timed_ms"].items())
+        print(f"bf16 LSTM layer {n}: {layer['engine']}/{layer['mode']} ({layer['chosen_by']}" +
+              (f": {timed})" if timed else ")"))
     if meta.get("plan_selection"):
         from runtimes.tvm_lstm.plan_select import PlanChoice
         print(PlanChoice(**meta["plan_selection"]).summary())

@@ -23,9 +23,10 @@ from ..source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
 from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
 
-def import_onnx(model, cuda: bool = False, plan=None):
+def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
     """Relax IRModule from an ONNX ModelProto, with our LSTM converter registered (its CPU kernels
-    laid out by `plan`, a cpu_plan.KernelPlan for the llvm target; None on CUDA). TVM's own C++ log
+    laid out by `plan`, a cpu_plan.KernelPlan for the llvm target; None on CUDA; LSTM layers in bf16
+    with `bf16`, a bf16_layer.Bf16Options). TVM's own C++ log
     lines (warnings of a failed import) go to this module's debug log, not the console."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
@@ -36,7 +37,7 @@ def import_onnx(model, cuda: bool = False, plan=None):
     failure = None
     with native_stderr_to_log("TVM import"):
         try:
-            with lstm_registered(cuda, plan), contextlib.redirect_stdout(printed):
+            with lstm_registered(cuda, plan, bf16), contextlib.redirect_stdout(printed):
                 return from_onnx(model, keep_params_in_input=False)
         except tvm.error.OpNotImplemented as e:
             ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
@@ -155,7 +156,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
                  tune_trials: int = 0, progress: bool = True, plan=None, plan_budget_s: float | None = None,
                  dims: dict[str, int] | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None,
-                 input_values: dict | None = None) -> CompiledModel:
+                 input_values: dict | None = None, precision: str = "fp32") -> CompiledModel:
     """Compiles an ONNX model; writes OUT/model.so (or, cross-compiled with no linker for that
     architecture here, OUT/model.tar of objects), OUT/meta.json and OUT/model.onnx (the source, so
     every runtime can run the folder); returns the CompiledModel.
@@ -185,6 +186,9 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         input_values: scalar inputs fixed to one value (compile --input-value sr=16000): constants
             in the graph, so an If on them folds to one branch; the artifact's main no longer takes
             them, and a run with another value is refused (meta.json records them).
+        precision: "fp32", or "bf16": LSTM layers with bf16 weights and fp32 accumulation and state
+            (bf16.py; llvm targets with AVX512-BF16, AMX where the CPU has it); each layer's engine
+            is timed here within plan_budget_s, and meta.json's bf16_layers says what was chosen.
     """
     import tvm
     from tvm.target import codegen
@@ -199,7 +203,11 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         model = simplify(model, dims, static, values, source.inputs)
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
-    choice = None
+    choice = bf16 = None
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision {precision}: choose fp32 or bf16")
+    if precision == "bf16":
+        plan, choice, bf16 = _bf16_setup(tgt, plan, plan_budget_s)
     if kind != "llvm":
         plan = None
     elif plan is None:
@@ -213,7 +221,10 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         choice = PlanChoice("derived", "derived", why=why) if why else \
             PlanChoice("measured", "derived", budget_s=budget)
     t0 = time.perf_counter()
-    mod = import_onnx(model, cuda=kind == "cuda", plan=plan)
+    mod = import_onnx(model, cuda=kind == "cuda", plan=plan, bf16=bf16)
+    if bf16 is not None and not bf16.layers:
+        raise UserError("--precision bf16: this model has no LSTM layer with constant weights to compute in bf16; "
+                        "compile it at fp32 (the default)")
     db, db_dir, tuned = None, None, None
     if kind == "llvm" and str(tuning_db) != "none":
         from .tuning import default_db_dir, open_database, tune
@@ -240,7 +251,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         ex, from_db, owned = built or compile_module(mod, tgt, db, plan.lanes if plan else 16)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        lib = _export(ex, tgt, plan, out)  # (an executable a VM has run warns "Scope Saving" here)
+        lib = _export(ex, tgt, plan, out, bf16 is not None)  # (an executable a VM has run warns "Scope Saving" here)
     meta = {
         "inputs": [_spec(s, static.get(s.name)) for s in source.inputs if s.name not in values],
         "outputs": [_spec(s) for s in source.outputs],
@@ -259,7 +270,10 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         "kernels_from_db": from_db,
         "owned_outputs": owned,
         "library": lib.name,
+        "precision": precision,
     }
+    if bf16 is not None:
+        meta["bf16_layers"] = bf16.layers
     if plan is not None:
         meta["num_cores"] = plan.threads
         meta["cpu"] = plan.info.describe() if plan.info else None
@@ -295,10 +309,34 @@ def _measured_plan(model, source, tgt, base, mod, db, static, values, dims, budg
                   derived_mod=mod, progress=say if progress else None)
 
 
-def _export(ex, tgt, plan, out: Path) -> Path:
-    """Writes the executable: model.so linked with the thread-pool constructor (thread_pool.py) for
-    an llvm target with a linker for its architecture here; model.tar (objects and the
-    constructor's source) for a cross-compile without one; model.so for CUDA."""
+def _bf16_setup(tgt, plan, plan_budget_s):
+    """(plan, choice, Bf16Options) for compile --precision bf16: the fp32 plan derived (it lays
+    out any other kernels), and each LSTM layer's bf16 engine timed on this machine instead."""
+    from tvm.target import codegen
+
+    from .bf16 import require
+    from .bf16_layer import Bf16Options
+    from .cpu_plan import is_host, plan_for
+    from .plan_select import PlanChoice, budget_from
+    from .thread_pool import compiler_for
+    if tgt.kind.name != "llvm":
+        raise UserError("--precision bf16 is a CPU path (llvm targets); compile for cuda at fp32")
+    amx = require(tgt)
+    plan = plan or plan_for(tgt)
+    budget, host = budget_from(plan_budget_s), is_host(tgt)
+    cc = compiler_for(codegen.llvm_get_system_triple(), codegen.llvm_get_system_triple()) if host else None
+    measure = min(budget, 3.0) if host and cc else 0.0  # per distinct layer
+    why = "--precision bf16: each LSTM layer's bf16 engine is chosen instead (bf16_layers)"
+    opts = Bf16Options(amx=amx, threads=plan.threads, l2_bytes=plan.info.l2 if plan.info else 1 << 20,
+                       measure_s=measure, cc=cc)
+    return plan, PlanChoice("derived", "derived", why=why), opts
+
+
+def _export(ex, tgt, plan, out: Path, bf16: bool = False) -> Path:
+    """Writes the executable: model.so linked with the thread-pool constructor (thread_pool.py), and
+    the bf16 kernel (bf16.py) when the model has bf16 layers, for an llvm target with a linker for
+    its architecture here; model.tar (objects and the C sources) for a cross-compile without one;
+    model.so for CUDA."""
     from tvm.target import codegen
 
     from .thread_pool import compiler_for, source, thread_pool_object
@@ -311,16 +349,17 @@ def _export(ex, tgt, plan, out: Path) -> Path:
     triple = str(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple())
     cc = compiler_for(triple, codegen.llvm_get_system_triple())
     with tempfile.TemporaryDirectory(prefix="lstm-export-link-") as work:
+        from .bf16 import SOURCE, object_file
         if cc is None:  # no linker for that architecture here: the objects, to link where it runs
             src = Path(work) / "lstm_export_threads.c"
             src.write_text(source(plan.threads))
             lib, tmp = out / "model.tar", out / ".model.tar.tmp.tar"
-            ex.export_library(str(tmp), addons=[str(src)])
+            ex.export_library(str(tmp), addons=[str(src)] + ([str(SOURCE)] if bf16 else []))
         else:
-            obj = thread_pool_object(work, plan.threads, cc)
+            objs = [thread_pool_object(work, plan.threads, cc)] + ([object_file(work, cc)] if bf16 else [])
             lib, tmp = out / "model.so", out / ".model.so.tmp.so"
             kwargs = {} if not is_cross(tgt) else {"cc": cc}
-            ex.export_library(str(tmp), addons=[str(obj)], **kwargs)
+            ex.export_library(str(tmp), addons=[str(o) for o in objs], **kwargs)
         tmp.replace(lib)
     return lib
 

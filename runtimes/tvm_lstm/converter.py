@@ -50,17 +50,18 @@ class LSTM(onnx_frontend.OnnxOpConverter):
 
     cuda = False  # emit the persistent CUDA kernel instead of the CPU loop
     plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: no fast CPU kernel (CUDA)
+    bf16 = None  # bf16_layer.Bf16Options: constant-weight layers in bf16 (compile --precision bf16)
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan, cls.bf16)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan)
+        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan, cls.bf16)
 
 
-def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, plan=None):
+def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, plan=None, bf16=None):
     node = attr.get("tvm_custom", {}).get("name", "LSTM")
     unknown = set(attr) - KNOWN_ATTRS
     if unknown:
@@ -131,9 +132,18 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
         c_d = bb.emit(direction_slice(c0, d)) if c0 is not None else zeros_state
         if fast_cpu and h_d is None:  # no initial state: (1, H) placeholders the kernel never reads
             h_d = c_d = relax.const(np.zeros((1, H), np.float32))
-        if fast_cpu:  # constant weights: packed once here, at import time
+        if fast_cpu and bf16 is not None:
+            from .bf16_layer import emit_bf16_direction
+            y, h, c = emit_bf16_direction(bb, X, spec, weights[0][d], weights[1][d],
+                                          _bias(weights, d, H, B is not None),
+                                          weights[-1][d] if P is not None else None, h_d, c_d, lens,
+                                          h0 is not None or c0 is not None, n_t, n_b, int(I), bf16)
+        elif fast_cpu:  # constant weights: packed once here, at import time
             y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None,
                                           h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, plan)
+        elif bf16 is not None:
+            raise UserError(f"LSTM node {node!r}: --precision bf16 needs constant weights and a static input "
+                            "size (this node computes them, or leaves I open): compile it at fp32 (the default)")
         else:
             y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
         if seq_lens is not None:
@@ -185,10 +195,15 @@ def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c
     H, lanes = spec.hidden, plan.lanes
     HP = packing.padded(H, lanes)
     w, r = weights[0][d], weights[1][d]
-    bias = weights[2][d][:4 * H] + weights[2][d][4 * H:] if has_b else np.zeros(4 * H, np.float32)
+    bias = _bias(weights, d, H, has_b)
     p = np.zeros((3, HP), np.float32)
     if has_p:
         p[:, :H] = weights[-1][d].reshape(3, H)
     packed = (packing.pack_gates(w, H, lanes), packing.pack_bias(bias, H, lanes), packing.pack_gates(r, H, lanes), p)
     return emit_cpu_layer(bb, spec, int(I), plan, has_state, has_p,
                           [X, *(relax.const(a) for a in packed), h_d, c_d, lens], n_t, n_b)
+
+
+def _bias(weights, d, H, has_b):
+    """Wb + Rb of direction d, (4H,) float32 (zeros without B)."""
+    return weights[2][d][:4 * H] + weights[2][d][4 * H:] if has_b else np.zeros(4 * H, np.float32)

@@ -39,14 +39,15 @@ class GRU(onnx_frontend.OnnxOpConverter):
 
     cuda = False
     plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: the portable loop only
+    bf16 = False  # compile --precision bf16: GRU and RNN have no bf16 kernel, so they are refused
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
 
 
 class RNN(GRU):
@@ -54,11 +55,11 @@ class RNN(GRU):
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
 
 
 def _check_shape(got, want, what, op, node):
@@ -66,8 +67,11 @@ def _check_shape(got, want, what, op, node):
         raise UserError(f"{op} node {node!r}: {what} has shape {got}, expected {want}")
 
 
-def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False, plan=None):
+def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False, plan=None, bf16=False):
     node = attr.get("tvm_custom", {}).get("name", op)
+    if bf16:
+        raise UserError(f"{op} node {node!r}: --precision bf16 has a kernel for LSTM layers only; compile this "
+                        "model at fp32 (the default)")
     unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
     if unknown:
         raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")

@@ -14,17 +14,18 @@ from .safe_gather import SafeGather, SafeGatherElements, SafeGatherND
 
 
 @contextlib.contextmanager
-def lstm_registered(cuda: bool = False, plan=None):
+def lstm_registered(cuda: bool = False, plan=None, bf16=None):
     """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
     GatherND check indices on the CPU (safe_gather.py); TVM's files are not touched. CPU kernels are
-    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only).
+    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only); with `bf16`
+    (bf16_layer.Bf16Options) LSTM layers compute in bf16 and GRU and RNN nodes are refused.
 
     TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
     getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
-    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan})
+    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan, "bf16": bf16})
     gathers = {c.__name__[4:]: type(c.__name__[4:], (c,), {"cuda": cuda})
                for c in (SafeGather, SafeGatherElements, SafeGatherND)}
-    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan}) for c in (GRU, RNN))
+    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan, "bf16": bf16 is not None}) for c in (GRU, RNN))
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 

@@ -1,0 +1,200 @@
+"""compile --precision bf16: LSTM layers with bf16 weights and fp32 accumulation (bf16_lstm.c).
+
+The kernel is C with the AMX and AVX-512 BF16 intrinsics, because TVM 0.27's TIR cannot emit
+VDPBF16PS (its BF16 legalization rewrites the bfloat16x32 operands the LLVM intrinsic wants) and
+has no AMX schedule. A TIR PrimFunc calls it by `call_extern`; its object is linked into model.so
+beside the thread-pool constructor, and it runs on TVM's own thread pool.
+
+Each layer's engine and work split (`Bf16Layer`) is chosen by timing the candidates on the layer's
+own shapes on this machine, as plan_select does for fp32; the derived rule (`derived`) stands for
+a cross-compile, symbolic shapes or a zero budget. The rule, from the Intel Xeon (AMX) VM:
+AMX where the CPU has it; the projection first below 16 batch rows (a step's tile would be 15/16
+padding, and x_t @ W would stream W every step); the batch split while the bf16 weights fit one
+core's L2, else the unit split with a barrier per step.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.errors import UserError
+
+from . import bf16_pack
+
+SOURCE = Path(__file__).with_name("bf16_lstm.c")
+SYMBOL = "lstm_export_bf16_layer"
+CFLAGS = ["-O3", "-fPIC", "-fno-strict-aliasing"]
+# the C file's flags
+HAS_STATE, HAS_PEEP, HAS_LENS, REVERSE, ENGINE_AMX, SPLIT_BATCH, PROJECT_FIRST, MODE_AUTO = 1, 2, 4, 8, 16, 32, 64, 128
+MODES = {"unit": 0, "batch": SPLIT_BATCH, "project": PROJECT_FIRST, "auto": MODE_AUTO}
+MARGIN = 0.05  # as plan_select: another candidate replaces the derived one only when 5% faster
+
+
+@dataclass(frozen=True)
+class Bf16Layer:
+    """How one layer runs: engine "amx" or "dot" (AVX-512 BF16); mode "unit" (unit blocks shared
+    out, a barrier per step), "batch" (each core its own rows, no barrier), "project" (x @ W for
+    every step first, then the unit split) or "auto" (T or B symbolic: `derived`'s rule, which the
+    kernel applies at each call to the batch it gets)."""
+
+    engine: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine}/{self.mode}"
+
+    def flags(self, l2_bytes: int = 0) -> int:
+        """The kernel's flags (with "auto", one core's L2 in KB from bit 16 on: the rule's bound)."""
+        auto = (l2_bytes // 1024) << 16 if self.mode == "auto" else 0
+        return (ENGINE_AMX if self.engine == "amx" else 0) | MODES[self.mode] | auto
+
+
+def features(target) -> tuple[bool, bool]:
+    """(AVX-512 BF16, AMX-BF16): what the llvm target's -mcpu/-mattr enable, or for a target that is
+    this machine what its CPU says (/proc/cpuinfo). LLVM's name for a CPU can undersell it: this
+    KVM guest's Xeon is `rocketlake` to LLVM, which has neither, while the CPU reports both."""
+    from tvm.target import codegen
+
+    from .cpu_plan import is_host
+    from .targets import cpu_flags
+
+    def has(f):
+        try:
+            return bool(codegen.target_has_features(f, target))
+        except Exception:  # noqa: BLE001 -- an LLVM that does not know the name: not there
+            return False
+    flags = cpu_flags() if is_host(target) and not target.attrs.get("mattr") else set()
+    dot = has("avx512bf16") or "avx512_bf16" in flags
+    amx = (has("amx-bf16") and has("amx-tile")) or {"amx_bf16", "amx_tile"} <= flags
+    return dot, amx
+
+
+def require(target) -> bool:
+    """Whether the target has AMX; a UserError where it has no bf16 instructions at all."""
+    dot, amx = features(target)
+    if not dot:
+        mcpu = target.attrs.get("mcpu") or "this CPU"
+        raise UserError(f"--precision bf16 needs a CPU with AVX512-BF16 (or AMX-BF16); {mcpu} has neither: "
+                        "compile at fp32 (the default), or name a target that has it "
+                        "(--target 'llvm -mcpu=sapphirerapids' or znver4)")
+    return amx
+
+
+def derived(B: int | None, I: int, H: int, amx: bool, l2_bytes: int) -> Bf16Layer:
+    """The rule (module docstring) for a batch of B rows (None: symbolic, the kernel applies it)."""
+    engine = "amx" if amx else "dot"
+    if B is None:
+        return Bf16Layer(engine, "auto")
+    if B < 16:
+        return Bf16Layer(engine, "project")
+    weights = (bf16_pack.ceil_to(I, 32) + bf16_pack.ceil_to(H, 32)) * 4 * bf16_pack.ceil_to(H, 16) * 2
+    return Bf16Layer(engine, "batch" if weights <= l2_bytes else "unit")
+
+
+def candidates(B: int, amx: bool) -> list[Bf16Layer]:
+    engines = ["amx", "dot"] if amx else ["dot"]
+    return [Bf16Layer(e, m) for e in engines for m in ("project", "unit", "batch")
+            if not (m == "batch" and B < (32 if e == "amx" else 2))]
+
+
+def object_file(workdir: str | Path, cc: str) -> Path:
+    """Compiles the kernel with `cc` into an object to link into model.so."""
+    obj = Path(workdir) / "lstm_export_bf16.o"
+    _cc([cc, "-c", *CFLAGS, "-o", str(obj), str(SOURCE)], cc)
+    return obj
+
+
+def _cc(cmd, cc):
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
+        raise UserError(f"{cc} could not compile the bf16 LSTM kernel ({SOURCE.name}): {first[0] if first else '?'}; "
+                        "it needs GCC 12 or Clang 14 or newer (AMX and AVX512-BF16 intrinsics)")
+
+
+_LIB_LOCK = threading.Lock()
+
+
+def host_library(cc: str):
+    """The kernel as a shared library in this process, for timing candidates (cached per source)."""
+    import tvm  # noqa: F401 -- loads libtvm_runtime with its symbols global: the kernel's thread pool
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lstm-export" / "bf16"
+    path = root / f"bf16_lstm-{digest}.so"
+    with _LIB_LOCK:
+        if not path.exists():
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
+            _cc([cc, "-shared", *CFLAGS, "-o", str(tmp), str(SOURCE)], cc)
+            tmp.replace(path)
+        lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, SYMBOL)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 6
+    return fn
+
+
+def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads: int, budget_s: float,
+            rounds: int = 3) -> dict[str, float]:
+    """Median ms of each candidate on random data of the layer's shapes, interleaved rounds; a
+    candidate not started within the budget is left out."""
+    from .thread_pool import pool_threads
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    w = bf16_pack.pack_weights(rng.standard_normal((4 * H, I)).astype(np.float32) * 0.1, H)
+    r = bf16_pack.pack_weights(rng.standard_normal((4 * H, H)).astype(np.float32) * 0.1, H)
+    bias, p = bf16_pack.pack_bias(np.zeros(4 * H, np.float32), H), bf16_pack.pack_peepholes(None, H)
+    y, hn, cn = np.empty((T, B, H), np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
+    state, lens = np.zeros((1, H), np.float32), np.zeros(1, np.int32)
+    ptrs = [a.ctypes.data for a in (x, w, r, bias, p, state, state, lens, y, hn, cn)]
+    samples: dict[str, list[float]] = {c.name: [] for c in layers}
+    end = time.perf_counter() + budget_s
+    result: dict[str, float] = {}
+
+    def run():
+        for rnd in range(rounds):
+            for c in layers:
+                if time.perf_counter() > end:
+                    return
+                call = lambda c=c: fn(*ptrs, T, B, I, H, c.flags(), threads)  # noqa: E731
+                if rnd == 0:
+                    call()  # warm-up
+                t0 = time.perf_counter()
+                n = 0
+                while n < 3 or (time.perf_counter() - t0 < 0.05 and n < 200):
+                    s = time.perf_counter()
+                    if call() != 0:
+                        raise UserError("the bf16 LSTM kernel could not allocate its scratch memory")
+                    samples[c.name].append(time.perf_counter() - s)
+                    n += 1
+    with pool_threads(threads):
+        worker = threading.Thread(target=run)  # a fresh thread: its TVM pool starts at `threads`
+        worker.start()
+        worker.join()
+    for name, s in samples.items():
+        if s:
+            result[name] = round(float(np.median(s)) * 1e3, 4)
+    return result
+
+
+def choose(base: Bf16Layer, timed: dict[str, float]) -> Bf16Layer:
+    """The derived layer unless another timed candidate is at least MARGIN faster."""
+    best = min(timed, key=timed.get, default=base.name)
+    if base.name in timed and timed[best] > timed[base.name] * (1 - MARGIN):
+        return base
+    engine, mode = best.split("/")
+    return Bf16Layer(engine, mode)
+
+
+def record(layer: Bf16Layer, how: str, timed: dict[str, float], shape) -> dict:
+    """One layer's entry in meta.json's `bf16_layers`."""
+    return {**asdict(layer), "chosen_by": how, "timed_ms": timed, "shape_TBIH": list(shape)}

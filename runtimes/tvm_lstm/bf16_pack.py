@@ -1,0 +1,58 @@
+"""Weight packing for the bf16 LSTM kernel (bf16_lstm.c): plain NumPy, no TVM.
+
+bf16 is the upper half of a float32, rounded to nearest even here as VCVTNEPS2BF16 rounds x and h
+in the kernel. Layout (the C file's header says why both engines read it): unit blocks of 16
+units; for block u, k pair kp and gate g (ONNX order i, o, f, c) the 16 units' two k values
+interleaved, w[u, kp, g, j, s] = W[g*H + 16u + j, 2kp + s]; K padded to a multiple of 32 and units
+to 16 with zeros.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+UNITS = 16  # units per block: one AVX-512 register of fp32, one AMX tile's columns
+K_BLOCK = 32  # k per AMX tile row (64 bytes of bf16)
+
+
+def ceil_to(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def to_bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(a, np.float32))
+    return np.where(nan, (bits >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def from_bf16(b: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def pack_weights(w: np.ndarray, hidden: int) -> np.ndarray:
+    """ONNX-ordered (4H, K) float32 weights -> flat bf16 bits in the kernel's layout."""
+    k = w.shape[1]
+    kk, hp = ceil_to(max(k, 1), K_BLOCK), ceil_to(hidden, UNITS)
+    g = np.zeros((4, hp, kk), np.float32)
+    g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
+    # (4, UB, 16, KP, 2) -> (UB, KP, 4, 16, 2)
+    g = g.reshape(4, hp // UNITS, UNITS, kk // 2, 2).transpose(1, 3, 0, 2, 4)
+    return to_bf16(np.ascontiguousarray(g)).ravel()
+
+
+def pack_bias(bias: np.ndarray, hidden: int) -> np.ndarray:
+    """(4H,) float32 (Wb + Rb) -> (UB, 4, 16) float32, zero past H."""
+    hp = ceil_to(hidden, UNITS)
+    b = np.zeros((4, hp), np.float32)
+    b[:, :hidden] = np.asarray(bias, np.float32).reshape(4, hidden)
+    return np.ascontiguousarray(b.reshape(4, hp // UNITS, UNITS).transpose(1, 0, 2)).ravel()
+
+
+def pack_peepholes(p: np.ndarray | None, hidden: int) -> np.ndarray:
+    """(3H,) peepholes p_i, p_o, p_f -> (3, H padded to 16) float32 (zeros without them)."""
+    out = np.zeros((3, ceil_to(hidden, UNITS)), np.float32)
+    if p is not None:
+        out[:, :hidden] = np.asarray(p, np.float32).reshape(3, hidden)
+    return out
