@@ -1,0 +1,180 @@
+"""compile --precision bf16 (runtimes/tvm_lstm/bf16*.py, bf16_lstm.c): the kernel against a float64
+oracle that rounds the same operands to bf16, the compiled artifact against ONNX Runtime, and the
+refusals."""
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed")
+
+from common.errors import UserError  # noqa: E402
+from runtimes.tvm_lstm import bf16, bf16_pack  # noqa: E402
+from runtimes.tvm_lstm.targets import cpu_flags  # noqa: E402
+from tests.runtimes.lstm_cases import feeds_for, lstm_model  # noqa: E402
+
+FLAGS = cpu_flags()
+needs_bf16 = pytest.mark.skipif("avx512_bf16" not in FLAGS, reason="no AVX512-BF16 on this CPU")
+needs_amx = pytest.mark.skipif(not {"amx_bf16", "amx_tile"} <= FLAGS, reason="no AMX-BF16 on this CPU")
+needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+
+
+def _round(a):
+    return bf16_pack.from_bf16(bf16_pack.to_bf16(np.asarray(a, np.float32))).astype(np.float64)
+
+
+def oracle(x, W, R, b, p, h0, c0, lens, reverse, rounded=True):
+    """float64 LSTM whose matmul operands (x, W, R and each step's h) are rounded to bf16 first, as
+    the kernel rounds them (rounded=False: none are); everything else exact. Returns y, h, c."""
+    T, B, _ = x.shape
+    H = R.shape[1]
+    rnd = _round if rounded else (lambda a: np.asarray(a, np.float64))
+    Wr, Rr, xr = rnd(W), rnd(R), rnd(x)
+    h, c = h0.astype(np.float64).copy(), c0.astype(np.float64).copy()
+    y = np.zeros((T, B, H))
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    for n in range(B):
+        for t in range(T if lens is None else int(lens[n])):
+            ti = (T if lens is None else int(lens[n])) - 1 - t if reverse else t
+            g = Wr @ xr[ti, n] + Rr @ rnd(h[n]) + b
+            i, o, f, cc = np.split(g, 4)
+            if p is not None:
+                i, f = i + p[:H] * c[n], f + p[2 * H:] * c[n]
+            c[n] = sig(f) * c[n] + sig(i) * np.tanh(cc)
+            if p is not None:
+                o = o + p[H:2 * H] * c[n]
+            h[n] = sig(o) * np.tanh(c[n])
+            y[ti, n] = h[n]
+    return y, h, c
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    return bf16.host_library(shutil.which("gcc") or shutil.which("cc"))
+
+
+def _run(kernel, x, W, R, b, p, h0, c0, lens, flags):
+    T, B, I = x.shape
+    H = R.shape[1]
+    packed = [bf16_pack.pack_weights(W, H), bf16_pack.pack_weights(R, H), bf16_pack.pack_bias(b, H),
+              bf16_pack.pack_peepholes(p, H)]
+    y, hn, cn = np.full((T, B, H), np.nan, np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
+    ln = np.ascontiguousarray(lens if lens is not None else np.zeros(1), np.int32)
+    args = [x, *packed, h0, c0, ln, y, hn, cn]
+    assert kernel(*[a.ctypes.data for a in args], T, B, I, H, flags, 2) == 0
+    return y, hn, cn
+
+
+CASES = [  # (T, B, I, H): a row tile's remainder, a narrow last unit block, k not a multiple of 32, B=1
+    (6, 3, 20, 24), (5, 17, 33, 40), (4, 35, 64, 100), (7, 1, 128, 48)]
+
+
+@needs_bf16
+@needs_cc
+@pytest.mark.parametrize("engine", ["dot", pytest.param("amx", marks=needs_amx)])
+@pytest.mark.parametrize("mode", ["unit", "batch", "project", "auto"])
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_kernel_matches_the_bf16_rounded_oracle(kernel, engine, mode, shape):
+    """Every engine and split, with initial state, peepholes, lengths (0 and T among them) and the
+    reverse direction: within 5e-4 of the oracle that rounds the same operands, while plain fp32
+    math is ~1e-2 away (so the test sees a kernel that rounds too much or too little)."""
+    T, B, I, H = shape
+    rng = np.random.default_rng(T * B)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    W, R = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.3 for k in (I, H))
+    b, p = rng.standard_normal(4 * H).astype(np.float32) * 0.2, rng.standard_normal(3 * H).astype(np.float32) * 0.3
+    h0, c0 = rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32)
+    lens = rng.integers(0, T + 1, B).astype(np.int32)
+    lens[0] = T
+    layer = bf16.Bf16Layer(engine, mode)
+    for reverse, use_lens in ((False, False), (True, True)):
+        flags = layer.flags(2 << 20) | bf16.HAS_STATE | bf16.HAS_PEEP | (bf16.REVERSE if reverse else 0) | \
+            (bf16.HAS_LENS if use_lens else 0)
+        got = _run(kernel, x, W, R, b, p, h0, c0, lens if use_lens else None, flags)
+        want = oracle(x, W, R, b, p, h0, c0, lens if use_lens else None, reverse)
+        for g, w in zip(got, want):
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, w, atol=5e-4, rtol=0)
+        if not use_lens:  # the fp32 answer is measurably further: bf16 really ran
+            assert np.abs(got[0] - oracle(x, W, R, b, p, h0, c0, None, False, rounded=False)[0]).max() > 2e-3
+
+
+@needs_bf16
+@needs_cc
+def test_no_initial_state_starts_from_zero(kernel):
+    T, B, I, H = 5, 4, 16, 20
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    W, R = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.3 for k in (I, H))
+    b, zero = np.zeros(4 * H, np.float32), np.zeros((B, H), np.float32)
+    junk = np.full((1, H), np.nan, np.float32)  # the placeholders are never read
+    got = _run(kernel, x, W, R, b, None, junk, junk, None, bf16.Bf16Layer("dot", "unit").flags())
+    for g, w in zip(got, oracle(x, W, R, b, None, zero, zero, None, False)):
+        np.testing.assert_allclose(g, w, atol=2e-3, rtol=0)
+
+
+@needs_bf16
+@needs_cc
+@pytest.mark.parametrize("case", ["bidirectional lengths state peepholes", "forward plain"])
+def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
+    """The artifact as deployed (model.so in a folder) against ORT's fp32 answer: within bf16's
+    error, every layer recorded as bf16 in meta.json, and not bitwise the fp32 answer."""
+    from runtimes.tvm_lstm.compile import compile_onnx
+    from runtimes.tvm_runtime import TvmLlvmRuntime
+    full = case.startswith("bidirectional")
+    model = lstm_model(D=2 if full else 1, hidden=40, direction="bidirectional" if full else "forward",
+                       optional=("B", "sequence_lens", "initial_h", "initial_c", "P") if full else ("B",))
+    onnx.save(model, tmp_path / "m.onnx")
+    compiled = compile_onnx(tmp_path / "m.onnx", tmp_path / "out", precision="bf16", plan_budget_s=0.5)
+    assert compiled.meta["precision"] == "bf16"
+    assert len(compiled.meta["bf16_layers"]) == (2 if full else 1)
+    rt = TvmLlvmRuntime()
+    rt.prepare(tmp_path / "out")
+    for T, B in ((6, 3), (4, 20)):
+        feeds = feeds_for(model, T, B, seed=T)
+        got = rt.run(feeds)
+        want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+        errs = [np.abs(got[n] - w).max() for n, w in zip(rt.output_names, want)]
+        assert max(errs) < 3e-2, errs
+        assert max(errs) > 1e-5, errs  # bf16 ran, not the fp32 kernel
+    rt.release()
+
+
+@needs_cc
+def test_bf16_refusals(tmp_path):
+    """One line naming the fix: a target without bf16, an LSTM the kernel does not compute, a GRU."""
+    from runtimes.tvm_lstm.compile import compile_onnx
+    plain = lstm_model(hidden=8, optional=("B",))
+    onnx.save(plain, tmp_path / "plain.onnx")
+    with pytest.raises(UserError, match="AVX512-BF16.*haswell has neither"):
+        compile_onnx(tmp_path / "plain.onnx", tmp_path / "a", target="llvm -mcpu=haswell", precision="bf16")
+    with pytest.raises(UserError, match="choose fp32 or bf16"):
+        compile_onnx(tmp_path / "plain.onnx", tmp_path / "a", precision="fp16")
+    if "avx512_bf16" not in FLAGS:
+        return
+    onnx.save(lstm_model(hidden=8, optional=("B",), clip=1.0), tmp_path / "clip.onnx")
+    with pytest.raises(UserError, match="no clip.*compile it at fp32"):
+        compile_onnx(tmp_path / "clip.onnx", tmp_path / "b", precision="bf16")
+    from tests.runtimes.rnn_cases import rnn_model
+    onnx.save(rnn_model("GRU"), tmp_path / "gru.onnx")
+    with pytest.raises(UserError, match="GRU node .*LSTM layers only"):
+        compile_onnx(tmp_path / "gru.onnx", tmp_path / "c", precision="bf16")
+
+
+def test_derived_rule():
+    """AMX where there is one; the projection first below 16 rows; the batch split while the bf16
+    weights fit one core's L2; the kernel's own rule for a symbolic batch."""
+    assert bf16.derived(1, 128, 256, True, 2 << 20) == bf16.Bf16Layer("amx", "project")
+    assert bf16.derived(128, 20, 100, True, 2 << 20) == bf16.Bf16Layer("amx", "batch")
+    assert bf16.derived(64, 256, 512, False, 2 << 20) == bf16.Bf16Layer("dot", "unit")  # 3 MB of weights
+    assert bf16.derived(None, 256, 512, True, 2 << 20).mode == "auto"
+    assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
+    assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
+
+
+def test_bf16_rounding_is_round_to_nearest_even():
+    v = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, np.inf], np.float32)
+    np.testing.assert_array_equal(bf16_pack.from_bf16(bf16_pack.to_bf16(v)),
+                                  np.array([1.0, 1.0, 1.0 + 2 ** -6, -2.5, np.inf], np.float32))
