@@ -9,6 +9,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# (atol, rtol) a runtime computing in this precision is held to against an fp32 (or float64)
+# reference: 8 units of the format's roundoff (bf16 keeps 8 significant bits, u = 2^-8; an int8
+# weight step is ~2^-7 of the tensor's range), the growth a few hundred products and a recurrence
+# add. fp32 runtimes keep the caller's tolerance.
+PRECISION_TOLERANCE = {"bf16": (8 * 2.0 ** -8, 4 * 2.0 ** -8), "fp16": (8 * 2.0 ** -11, 4 * 2.0 ** -11),
+                       "int8": (8 * 2.0 ** -7, 4 * 2.0 ** -7)}
+
+
+def tolerance_for(precision: str, atol: float, rtol: float) -> tuple[float, float]:
+    """The caller's (atol, rtol), widened to what `precision` can hold (PRECISION_TOLERANCE)."""
+    a, r = PRECISION_TOLERANCE.get(precision, (0.0, 0.0))
+    return max(atol, a), max(rtol, r)
+
 
 @dataclass
 class OutputError:

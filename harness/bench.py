@@ -19,12 +19,18 @@ from pathlib import Path
 
 import numpy as np
 
-from common.agreement import output_error
+from common.agreement import output_error, tolerance_for
 from common.errors import UserError
 from common.timing import ratio_to_best, time_runs
 from runtimes.base import describe
 
-from .bench_report import PEERS, BenchReport, Timing, plot  # noqa: F401 (plot, PEERS: the bench's API)
+from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
+    PEERS,
+    REDUCED_PEERS,
+    BenchReport,
+    Timing,
+    plot,
+)
 
 # (label, runtime, graph): graph is "native", "unrolled" or "model" (a torch runtime on our model)
 ENTRIES = [
@@ -39,6 +45,11 @@ ENTRIES = [
     # variables (runtimes/deployed.py): what a user who deploys model.so gets
     ("tvm-llvm native (deployed)", "tvm-deployed", "native"),
     ("tvm-llvm unrolled", "tvm-llvm", "unrolled"),
+    # reduced precision, each row's error against fp32 in max_err: ours (compile --precision bf16,
+    # where the CPU has bf16) against the peers' reduced-precision paths as users get them
+    ("tvm-llvm native bf16", "tvm-bf16", "native"),
+    ("openvino native (default)", "openvino-default", "native"),
+    ("ort-cpu native int8", "ort-cpu-int8", "native"),
 ]
 GPU_ENTRIES = [("torch.nn.LSTM cuda", "torch-nn-cuda", "model"), ("ort-cuda native", "ort-cuda", "native"),
                ("tvm-cuda native", "tvm-cuda", "native")]
@@ -109,6 +120,8 @@ def _runtime(name: str, model, threads: int, target: str | None = None):
     from runtimes.base import get_runtime, runtime_class
     if name == "tvm-deployed":
         return _Deployed(threads, target)
+    if name == "tvm-bf16":
+        return _Bf16(threads, target)
     if name == "torch-compile":
         from runtimes.torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
@@ -154,6 +167,45 @@ class _Deployed:
     def release(self) -> None:
         if self.worker is not None:
             self.worker.release()
+
+
+class _Bf16:
+    """compile --precision bf16 of the graph into a temporary folder, loaded as users load it."""
+
+    precision = "bf16"
+
+    def __init__(self, threads: int, target: str | None):
+        from runtimes.tvm_lstm.bf16 import features
+        from runtimes.tvm_lstm.targets import parse_target
+        from runtimes.tvm_runtime import TvmLlvmRuntime
+        avail = TvmLlvmRuntime.availability()
+        if not avail:
+            raise _Unavailable(avail.reason)
+        if not features(parse_target(target or "llvm", threads))[0]:
+            raise _Unavailable("no AVX512-BF16 on this CPU (or the target)")
+        self.threads, self.target = threads, target
+        self.rt, self.tmp = None, None
+
+    def prepare(self, graph) -> None:
+        from runtimes.tvm_lstm.compile import compile_onnx
+        from runtimes.tvm_runtime import TvmLlvmRuntime
+        self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-bf16-")
+        compile_onnx(graph, Path(self.tmp.name) / "bf16", self.target or "llvm", threads=self.threads,
+                     progress=False, precision="bf16")
+        self.rt = TvmLlvmRuntime(threads=self.threads)
+        self.rt.prepare(Path(self.tmp.name) / "bf16")
+
+    def run(self, feeds):
+        return self.rt.run(feeds)
+
+    def run_checked(self, feeds):
+        return self.rt.run_checked(feeds)
+
+    def release(self) -> None:
+        if self.rt is not None:
+            self.rt.release()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 class _Unavailable(Exception):
@@ -245,7 +297,9 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                     rt = _runtime(rt_name, model, threads, target)
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
-                    err = output_error(first, out.get(first, np.empty(0)), reference[first], atol, 0.0)
+                    # a reduced-precision row is held to its format's tolerance (compare does the same)
+                    tol = tolerance_for(getattr(rt, "precision", "fp32"), atol, 0.0)
+                    err = output_error(first, out.get(first, np.empty(0)), reference[first], *tol)
                     t.max_err = err.max_abs
                     if err.passed:
                         ready.append((t, rt, []))
@@ -273,8 +327,10 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                     t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
                 rt.release()
             peers = [t.median_ms for t in done if t.entry in PEERS]
+            reduced = [t.median_ms for t in done if t.entry in REDUCED_PEERS]
             for t in done:
                 t.ratio_to_best_peer = ratio_to_best(t.median_ms, peers)
+                t.ratio_to_best_reduced = ratio_to_best(t.median_ms, reduced)
             report.timings += done
             if report.cpu:
                 _best_peak(report.cpu, threads, target)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.agreement import OutputError, outputs_error
+from common.agreement import OutputError, outputs_error, tolerance_for
 from common.errors import UserError
 from common.plotting import figure
 from runtimes.base import Runtime, get_runtime
@@ -24,6 +24,7 @@ class RuntimeResult:
     runtime: str
     outputs: list[OutputError] = field(default_factory=list)
     error: str = ""  # set when the runtime failed to run
+    precision: str = "fp32"  # what it computed in; its tolerance is derived from it (tolerance_for)
 
     @property
     def passed(self) -> bool:
@@ -54,13 +55,15 @@ class CompareReport:
     def table(self) -> str:
         rows = [f"reference: {self.reference}   inputs: " + ", ".join(f"{k}{v}" for k, v in self.inputs.items())
                 + (f"   seed: {self.seed}" if self.seed is not None else "")]
-        rows.append(f"{'runtime':<16}{'output':<10}{'max abs':>11}{'max rel':>11}{'atol':>9}{'rtol':>9}  result")
+        rows.append(f"{'runtime':<18}{'prec':<6}{'output':<10}{'max abs':>11}{'max rel':>11}{'atol':>9}{'rtol':>9}"
+                    "  result")
         for r in self.results:
             if r.error:
-                rows.append(f"{r.runtime:<16}{'-':<10}{'':>11}{'':>11}{'':>9}{'':>9}  ERROR {r.error}")
+                rows.append(f"{r.runtime:<18}{r.precision:<6}{'-':<10}{'':>11}{'':>11}{'':>9}{'':>9}  ERROR {r.error}")
             for o in r.outputs:
-                rows.append(f"{r.runtime:<16}{o.name:<10}{o.max_abs:>11.3g}{o.max_rel:>11.3g}{o.atol:>9.0e}"
-                            f"{o.rtol:>9.0e}  {'ok' if o.passed else 'MISMATCH'}{'  ' + o.note if o.note else ''}")
+                rows.append(f"{r.runtime:<18}{r.precision:<6}{o.name:<10}{o.max_abs:>11.3g}{o.max_rel:>11.3g}"
+                            f"{o.atol:>9.0e}{o.rtol:>9.0e}  {'ok' if o.passed else 'MISMATCH'}"
+                            f"{'  ' + o.note if o.note else ''}{_drift(o)}")
         rows += [f"warning: {w}" for w in self.warnings]
         rows.append("PASS" if self.passed else "FAIL")
         return "\n".join(rows)
@@ -118,8 +121,10 @@ def compare(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarray],
                 out = _run(rt, source, feeds, allow_nonfinite, ours)
             except UserError as e:  # RuntimeFailure included: a row, and the report goes on
                 res.error = str(e)
-            else:
-                res.outputs = outputs_error(out, ref_out, atol, rtol, tolerances, axes)
+            else:  # a reduced-precision runtime is held to its format's tolerance, unless --tol says
+                res.precision = getattr(rt, "precision", "fp32")
+                a, r = tolerance_for(res.precision, atol, rtol)
+                res.outputs = outputs_error(out, ref_out, a, r, tolerances, axes)
             results.append(res)
     finally:
         for rt in ours:
@@ -128,6 +133,13 @@ def compare(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarray],
                 if np.issubdtype(ref.dtype, np.floating) and np.isnan(ref).any()]
     return CompareReport(str(source.path), ref_rt.name, seed, {k: list(v.shape) for k, v in feeds.items()},
                          results, warnings)
+
+
+def _drift(o: OutputError) -> str:
+    """'  first/last step error' for an output with a time axis, where reduced precision drifts."""
+    if not o.per_step or len(o.per_step) < 2:
+        return ""
+    return f"  (step 0 {o.per_step[0]:.2g}, last {o.per_step[-1]:.2g})"
 
 
 def _run(rt: Runtime, source, feeds, allow_nonfinite: bool, ours: list) -> dict[str, np.ndarray]:
@@ -145,7 +157,8 @@ def plot_errors(report: CompareReport, path: str | Path) -> None:
         for r in report.results:
             for o in r.outputs:
                 if o.per_step:
-                    ax.plot(range(len(o.per_step)), np.maximum(o.per_step, 1e-12), label=f"{r.runtime}: {o.name}")
+                    ax.plot(range(len(o.per_step)), np.maximum(o.per_step, 1e-12),
+                            label=f"{r.runtime} ({r.precision}): {o.name}")
                     drawn = True
         ax.set_yscale("log")
         ax.set_xlabel("time step")

@@ -66,6 +66,9 @@ class Runtime(ABC):
     source = None  # the prepared model's source.ModelSource (None for a model-less prepare)
     _prepared = False
     allow_nonfinite = False  # NaN/Inf inputs are refused unless set (instance attribute or prepare's flag)
+    # what the runtime computes in: "fp32", "bf16" or "int8" (weights); compare derives its tolerance
+    # from it (common.agreement.PRECISION_TOLERANCE). Known after prepare for runtimes that choose.
+    precision = "fp32"
 
     @classmethod
     @abstractmethod
@@ -136,6 +139,10 @@ REGISTRY: dict[str, str] = {
     "tvm-llvm": "runtimes.tvm_runtime:TvmLlvmRuntime",
     "tvm-cuda": "runtimes.tvm_runtime:TvmCudaRuntime",
     "openvino": "runtimes.openvino_runtime:OpenVinoRuntime",
+    # the reduced-precision peers as users meet them: OpenVINO's default (bf16 on bf16 CPUs), and
+    # ONNX Runtime on the model dynamically quantized (int8 weights: DynamicQuantizeLSTM)
+    "openvino-default": "runtimes.openvino_runtime:OpenVinoDefaultRuntime",
+    "ort-cpu-int8": "runtimes.ort:OrtInt8Runtime",
 }
 ONNX_RUNTIMES = (
     "onnx-reference",
@@ -144,6 +151,8 @@ ONNX_RUNTIMES = (
     "tvm-llvm",
     "tvm-cuda",
     "openvino",
+    "openvino-default",
+    "ort-cpu-int8",
 )  # run any ONNX file (torch* need a checkpoint)
 
 

@@ -21,12 +21,13 @@ class OpenVinoRuntime(Runtime):
             return Availability(False, "openvino is not installed (pip install 'lstm-export[peers]')")
         return Availability(True)
 
+    hint = "f32"  # f32 throughout: on CPUs with bf16 support OpenVINO otherwise computes in bf16
+
     def _prepare(self, source) -> None:
         import openvino as ov
         source.onnx()  # a compiled folder without its ONNX is refused here, in one line
         core = ov.Core()
-        # f32 throughout: on CPUs with bf16 support OpenVINO otherwise computes in bf16 by default.
-        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        config = {"INFERENCE_PRECISION_HINT": self.hint} if self.hint else {}
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
         try:
@@ -34,6 +35,8 @@ class OpenVinoRuntime(Runtime):
         except Exception as e:
             raise RuntimeFailure(f"openvino cannot load {source.path}: {first_line(e, 200)}") from None
         self.request = compiled.create_infer_request()
+        used = str(compiled.get_property("INFERENCE_PRECISION_HINT")).lower()  # "<Type: 'bfloat16'>", 'float32'
+        self.precision = "bf16" if "bf" in used else "fp16" if "16" in used else "fp32"
         self.input_names, self.output_names = source.input_names, source.output_names
         self.compiled = compiled
 
@@ -47,3 +50,11 @@ class OpenVinoRuntime(Runtime):
 
     def _release(self) -> None:
         self.request = None
+
+
+class OpenVinoDefaultRuntime(OpenVinoRuntime):
+    """OpenVINO as it comes: no precision hint, so bf16 on CPUs with bf16 (AVX512-BF16, AMX) and f32
+    elsewhere; `precision` says which it took."""
+
+    name = "openvino-default"
+    hint = None

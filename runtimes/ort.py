@@ -109,6 +109,34 @@ class OrtCpuRuntime(Runtime):
         self.session = None
 
 
+class OrtInt8Runtime(OrtCpuRuntime):
+    """ONNX Runtime on the model dynamically quantized by onnxruntime.quantization (int8 weights,
+    activations quantized per call; LSTM nodes become DynamicQuantizeLSTM), as its docs suggest
+    for RNNs on CPU."""
+
+    name = "ort-cpu-int8"
+    precision = "int8"
+
+    def _prepare(self, source) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        source.onnx()
+        import logging
+        with tempfile.TemporaryDirectory(prefix="lstm-export-int8-") as d:
+            out = Path(d) / "int8.onnx"
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # its advice to pre-process, on the root logger: no console noise
+            try:
+                quantize_dynamic(str(source.onnx_path), str(out), weight_type=QuantType.QInt8)
+            except Exception as e:
+                raise RuntimeFailure(f"{self.name}: onnxruntime.quantization cannot quantize {source.path}: "
+                                     f"{ort_message(e)}") from None
+            finally:
+                root.setLevel(level)
+            from .source import open_model
+            super()._prepare(open_model(out))  # read into memory here: the folder may go
+
+
 class OrtCudaRuntime(OrtCpuRuntime):
     """ONNX Runtime on CUDA; `prepare` proves the LSTM nodes run on the CUDA provider."""
 

@@ -77,6 +77,7 @@ class TvmLlvmRuntime(Runtime):
         # owned_outputs was recorded: none); see compile.owned_outputs
         self._owned = meta.get("owned_outputs") or [False] * len(self.output_names)
         self._values = meta.get("input_values") or {}
+        self.precision = meta.get("precision", "fp32")  # compile --precision
         self.dev = self._device()
         self.vm = VirtualMachine(tvm.runtime.load_module(str(compiled.library)), self.dev)
         self._main = self.vm["main"]  # looked up once, not per call

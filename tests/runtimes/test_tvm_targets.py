@@ -176,3 +176,22 @@ def test_our_runtime_on_an_onnx_file_runs_on_every_core(small_native):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert int(r.stdout.strip().splitlines()[-1]) == usable_cores()
+
+
+def test_pool_threads_nests_in_one_thread():
+    """The bench sizes TVM's pool for its whole run and a compile inside it (plan selection, the bf16
+    engines) sizes it again: the inner block must not wait on the outer one (it deadlocked bench)."""
+    import os
+    import threading
+
+    from runtimes.tvm_lstm.thread_pool import pool_threads
+    done = threading.Event()
+
+    def nested():
+        with pool_threads(2), pool_threads(3):
+            done.set()
+    worker = threading.Thread(target=nested, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set(), "pool_threads deadlocked when nested"
+    assert "TVM_NUM_THREADS" not in os.environ or os.environ.get("TVM_NUM_THREADS")  # restored, not emptied
