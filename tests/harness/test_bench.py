@@ -157,3 +157,17 @@ def test_the_peak_is_the_best_measured_in_the_run(monkeypatch):
     for t in report.timings:
         # gflops is rounded to 0.1: a tiny shape slowed by the other test worker can round to 0.0
         assert t.gflops >= 0 and t.pct_peak == pytest.approx(100 * t.gflops / 400.0, rel=1e-3, abs=0.05)
+
+
+def test_reduced_precision_rows_carry_their_error_and_their_own_ratio():
+    """ONNX Runtime on the int8-quantized model: checked against torch within int8's tolerance
+    (its error recorded, well above fp32's), timed, and compared with the reduced-precision peers
+    (itself here) as well as the fp32 ones."""
+    report = bench([Shape(4, 3, 16, 32)], ["torch.nn.LSTM", "ort-cpu native", "ort-cpu native int8"], threads=1,
+                   min_s=0.03, rounds=1, progress=False)
+    by = {t.entry: t for t in report.timings}
+    int8 = by["ort-cpu native int8"]
+    assert int8.status == "ok" and 1e-5 < int8.max_err < 6e-2, int8
+    assert int8.ratio_to_best_reduced == 1.0 and int8.ratio_to_best_peer is not None
+    assert by["ort-cpu native"].max_err < 1e-5
+    assert "vs best reduced-precision peer" in report.markdown()

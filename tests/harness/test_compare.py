@@ -82,3 +82,29 @@ def test_the_contract_checks_feeds_before_any_backend_runs(tmp_path):
             rt.run(feeds)
     rt.allow_nonfinite = True
     assert set(rt.run({"X": np.full((5, 3, 3), np.inf, np.float32)})) == {"Y"}
+
+
+class _Bf16Like(OrtCpuRuntime):
+    """ORT's answer moved by a bf16-sized error, calling itself `precision`."""
+    name = "bf16-like"
+
+    def __init__(self, precision):
+        super().__init__()
+        self.precision = precision
+
+    def _run(self, feeds):
+        return {k: v + 4e-3 for k, v in super()._run(feeds).items()}
+
+
+def test_each_runtime_is_held_to_its_own_precision(tmp_path):
+    """A bf16 runtime passes within bf16's tolerance where an fp32 one with the same error fails;
+    an explicit per-output tolerance still wins; the table names each runtime's precision."""
+    path = _det(tmp_path / "det.onnx")
+    feeds = {"X": np.random.default_rng(0).standard_normal((5, 3, 3)).astype(np.float32)}
+    report = compare(path, ["ort-cpu", _Bf16Like("bf16"), _Bf16Like("fp32")], feeds)
+    bf16, fp32 = report.results
+    assert bf16.precision == "bf16" and bf16.passed and bf16.outputs[0].atol == 8 * 2.0 ** -8
+    assert fp32.precision == "fp32" and not fp32.passed
+    assert "bf16-like         bf16" in report.table()
+    tight = compare(path, ["ort-cpu", _Bf16Like("bf16")], feeds, tolerances={"Y": (1e-5, 0.0)})
+    assert not tight.passed

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.agreement import tolerance_for
 from lstm_export import LSTM
 from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
@@ -37,8 +38,12 @@ def test_every_runtime_agrees_with_onnx_runtime(name, exported):
         rt.prepare(path)
         got = rt.run(feeds)
     assert list(got) == ["logits", "h_n", "c_n"]
+    # a reduced-precision runtime (openvino-default on a bf16 CPU, ort-cpu-int8) is held to its
+    # format's tolerance, as compare holds it; everything else to fp32's
+    assert rt.precision in ("fp32", "bf16", "fp16", "int8")
+    atol, _ = tolerance_for(rt.precision, 2e-5, 0.0)
     for k in expected:
-        np.testing.assert_allclose(got[k], expected[k], atol=2e-5, err_msg=f"{name}: {k}")
+        np.testing.assert_allclose(got[k], expected[k], atol=atol, err_msg=f"{name} ({rt.precision}): {k}")
 
 
 def test_listing_gives_a_reason_for_each_unavailable_runtime():
@@ -74,3 +79,17 @@ def test_unknown_runtime_named():
     from lstm_export import UserError
     with pytest.raises(UserError, match="unknown runtime 'tensorrt'.*ort-cpu"):
         get_runtime("tensorrt")
+
+
+def test_openvino_default_says_what_it_computes_in(exported):
+    """OpenVINO as it comes takes bf16 on a CPU with bf16 and f32 elsewhere; the pinned runtime f32."""
+    avail = list_runtimes()["openvino-default"]
+    if not avail:
+        pytest.skip(f"openvino-default: {avail.reason}")
+    from runtimes.tvm_lstm.targets import cpu_flags
+    _, path = exported
+    with get_runtime("openvino-default") as rt, get_runtime("openvino") as pinned:
+        rt.prepare(path)
+        pinned.prepare(path)
+        assert rt.precision == ("bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32")
+        assert pinned.precision == "fp32"
