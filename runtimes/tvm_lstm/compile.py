@@ -243,9 +243,11 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     from .native_log import native_stderr_to_log
     built = None
     if choice is not None and choice.source == "measured":
-        plan, built, choice = _measured_plan(model, source, tgt, plan, mod, db, static, values, dims,
-                                             choice.budget_s, progress)
-        if built is None and choice.chosen != "derived":  # the plan cache's choice: built now
+        plan, _, choice = _measured_plan(model, source, tgt, plan, mod, db, static, values, dims,
+                                         choice.budget_s, progress)
+        # The winner is built again, not exported as timed: an executable a VM has run exports with
+        # its VM's state, and every load of that model.so printed TVM's "Scope Loaded" warnings.
+        if choice.chosen != "derived":
             mod = import_onnx(model, plan=plan)
     with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
         ex, from_db, owned = built or compile_module(mod, tgt, db, plan.lanes if plan else 16)

@@ -114,3 +114,16 @@ def test_the_plan_budget_on_the_command_line(cli, small, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "kernel plan derived from the target (--plan-budget-s 0)" in ok.stdout
     assert json.loads((tmp_path / "ok" / "meta.json").read_text())["plan_selection"]["source"] == "derived"
+
+
+def test_a_measured_artifact_loads_without_tvm_noise(small, tmp_path):
+    """The exported winner is built afresh: an executable the timing VM had run exported with that
+    VM's state, and each load of its model.so printed TVM's "Scope Loaded" warnings."""
+    import subprocess
+    import sys
+    compile_onnx(small, tmp_path / "out", plan_budget_s=2)
+    code = ("import numpy as np; from runtimes.tvm_runtime import TvmLlvmRuntime; rt = TvmLlvmRuntime(); "
+            f"rt.prepare({str(tmp_path / 'out')!r}); rt.run({{'input': np.zeros((3, 2, 6), np.float32)}}); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr[-500:]
+    assert "Scope" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-500:]
