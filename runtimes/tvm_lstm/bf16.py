@@ -8,9 +8,11 @@ beside the thread-pool constructor, and it runs on TVM's own thread pool.
 Each layer's engine and work split (`Bf16Layer`) is chosen by timing the candidates on the layer's
 own shapes on this machine, as plan_select does for fp32; the derived rule (`derived`) stands for
 a cross-compile, symbolic shapes or a zero budget. The rule, from the Intel Xeon (AMX) VM:
-AMX where the CPU has it; the projection first below 16 batch rows (a step's tile would be 15/16
-padding, and x_t @ W would stream W every step); the batch split while the bf16 weights fit one
-core's L2, else the unit split with a barrier per step.
+AMX where the CPU has it, except for one step of under 16 rows (AVX-512 BF16 there: an AMX tile
+would be mostly padding; one step of the 2-layer H256 model 37 us against 41-45 us with AMX); the
+projection first below 16 batch rows when there is more than one step (a step's tile would be
+15/16 padding, and x_t @ W would stream W every step); the batch split while the bf16 weights fit
+one core's L2, else the unit split with a barrier per step.
 """
 from __future__ import annotations
 
@@ -89,11 +91,14 @@ def require(target) -> bool:
     return amx
 
 
-def derived(B: int | None, I: int, H: int, amx: bool, l2_bytes: int) -> Bf16Layer:
-    """The rule (module docstring) for a batch of B rows (None: symbolic, the kernel applies it)."""
+def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: int) -> Bf16Layer:
+    """The rule (module docstring) for T steps of B rows (None: symbolic; the kernel applies the
+    rule to the shapes of each call, bf16_lstm.c's MODE_AUTO)."""
     engine = "amx" if amx else "dot"
-    if B is None:
+    if T is None or B is None:
         return Bf16Layer(engine, "auto")
+    if B < 16 and T == 1:
+        return Bf16Layer("dot", "unit")
     if B < 16:
         return Bf16Layer(engine, "project")
     weights = (bf16_pack.ceil_to(I, 32) + bf16_pack.ceil_to(H, 32)) * 4 * bf16_pack.ceil_to(H, 16) * 2

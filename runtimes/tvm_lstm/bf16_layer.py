@@ -85,7 +85,7 @@ def _static(dim) -> int | None:
 
 def _choose(opts: Bf16Options, t: int | None, b: int | None, I: int, H: int) -> bf16.Bf16Layer:
     """The derived layer, or the fastest candidate timed on (t, b) here; recorded in opts.layers."""
-    base = bf16.derived(b, I, H, opts.amx, opts.l2_bytes)
+    base = bf16.derived(t, b, I, H, opts.amx, opts.l2_bytes)
     shape = (t, b, I, H)
     if opts.measure_s <= 0 or t is None or b is None or opts.cc is None:
         why = ("the derived rule, applied at each call (symbolic T or B)" if t is None or b is None else

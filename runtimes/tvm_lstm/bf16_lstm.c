@@ -31,8 +31,8 @@ extern int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv);
 #define TGT_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 
 enum { HAS_STATE = 1, HAS_PEEP = 2, HAS_LENS = 4, REVERSE = 8, ENGINE_AMX = 16, SPLIT_BATCH = 32, PROJECT_FIRST = 64, MODE_AUTO = 128 };
-/* MODE_AUTO (shapes unknown at compile time): the mode by bf16.derived's rule, with one core's L2 in
- * KB in flags' bits 16 and up */
+/* MODE_AUTO (shapes unknown at compile time): the mode, and AVX-512 BF16 instead of AMX for one
+ * step of a few rows, by bf16.derived's rule; one core's L2 in KB in flags' bits 16 and up */
 enum { MR = 6 }; /* AVX-512 BF16 register tile rows: 24 accumulators + 4 weights + 1 broadcast */
 
 typedef struct {
@@ -375,7 +375,8 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
   }
   if (flags & MODE_AUTO) { /* bf16.derived, the same rule */
     j.flags &= ~(SPLIT_BATCH | PROJECT_FIRST);
-    if (B < 16) j.flags |= PROJECT_FIRST;
+    if (B < 16 && T > 1) j.flags |= PROJECT_FIRST;
+    if (B < 16 && T == 1) j.flags &= ~ENGINE_AMX; /* one step of a few rows: AMX's 16-row tiles are padding */
     else if ((j.IK + j.HK) * 4 * j.HP * 2 <= (flags >> 16) * 1024) j.flags |= SPLIT_BATCH;
   }
   if (j.flags & PROJECT_FIRST) j.flags &= ~SPLIT_BATCH;

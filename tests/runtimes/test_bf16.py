@@ -67,8 +67,8 @@ def _run(kernel, x, W, R, b, p, h0, c0, lens, flags):
     return y, hn, cn
 
 
-CASES = [  # (T, B, I, H): a row tile's remainder, a narrow last unit block, k not a multiple of 32, B=1
-    (6, 3, 20, 24), (5, 17, 33, 40), (4, 35, 64, 100), (7, 1, 128, 48)]
+CASES = [  # (T, B, I, H): a row tile's remainder, a narrow last unit block, k not a multiple of 32, B=1, T=1
+    (6, 3, 20, 24), (5, 17, 33, 40), (4, 35, 64, 100), (7, 1, 128, 48), (1, 2, 40, 24)]
 
 
 @needs_bf16
@@ -164,12 +164,14 @@ def test_bf16_refusals(tmp_path):
 
 
 def test_derived_rule():
-    """AMX where there is one; the projection first below 16 rows; the batch split while the bf16
-    weights fit one core's L2; the kernel's own rule for a symbolic batch."""
-    assert bf16.derived(1, 128, 256, True, 2 << 20) == bf16.Bf16Layer("amx", "project")
-    assert bf16.derived(128, 20, 100, True, 2 << 20) == bf16.Bf16Layer("amx", "batch")
-    assert bf16.derived(64, 256, 512, False, 2 << 20) == bf16.Bf16Layer("dot", "unit")  # 3 MB of weights
-    assert bf16.derived(None, 256, 512, True, 2 << 20).mode == "auto"
+    """AMX where there is one, but not for one step of a few rows; the projection first below 16
+    rows; the batch split while the bf16 weights fit one core's L2; the kernel's own rule for
+    symbolic shapes."""
+    assert bf16.derived(32, 1, 128, 256, True, 2 << 20) == bf16.Bf16Layer("amx", "project")
+    assert bf16.derived(1, 1, 256, 256, True, 2 << 20) == bf16.Bf16Layer("dot", "unit")
+    assert bf16.derived(50, 128, 20, 100, True, 2 << 20) == bf16.Bf16Layer("amx", "batch")
+    assert bf16.derived(64, 64, 256, 512, False, 2 << 20) == bf16.Bf16Layer("dot", "unit")  # 3 MB of weights
+    assert bf16.derived(None, 64, 256, 512, True, 2 << 20).mode == "auto"
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
 
