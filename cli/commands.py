@@ -276,7 +276,7 @@ def _bench_model(args) -> int:
 def cmd_runtimes(args) -> int:
     from runtimes import list_runtimes
     for name, avail in list_runtimes().items():
-        print(f"{name:<16}{'available' if avail else avail.reason}")
+        print(f"{name:<18}{'available' if avail else avail.reason}")
     return 0
 
 

@@ -151,9 +151,10 @@ ONNX_RUNTIMES = (
     "tvm-llvm",
     "tvm-cuda",
     "openvino",
-    "openvino-default",
-    "ort-cpu-int8",
-)  # run any ONNX file (torch* need a checkpoint)
+)  # run any ONNX file (torch* need a checkpoint); what compare, bench MODEL and the demo run by default
+# run any ONNX file too, at reduced precision: named explicitly (--runtimes), never a default, so an
+# equality check does not turn into a bf16/int8 tolerance check unasked
+REDUCED_RUNTIMES = ("openvino-default", "ort-cpu-int8")
 
 
 def runtime_class(name: str) -> type[Runtime]:
