@@ -122,3 +122,11 @@ class TorchCompileRuntime(TorchRuntime):
         import torch
         super()._prepare(source)
         self.module = torch.compile(self.module, dynamic=False)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import warnings
+        # Dynamo warns (UserWarning, once per site) while it traces our native kernel's calls on the
+        # first run: advice for torch's developers, not the user's console
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\._dynamo")
+            return super()._run(feeds)
