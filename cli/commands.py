@@ -47,10 +47,11 @@ def add_commands(sub) -> None:
                    help="seconds compile may spend timing kernel plans on this machine and the model's shapes "
                         "before it keeps the fastest (choices are cached per CPU and shape; default: "
                         "$LSTM_EXPORT_PLAN_BUDGET_S, else 10; 0: the plan derived from the target)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"), default="fp32",
                    help="bf16: LSTM layers with bf16 weights and fp32 accumulation and state (CPUs with "
-                        "AVX512-BF16; AMX tiles where the CPU has them), each layer's engine timed here "
-                        "within --plan-budget-s (default: %(default)s)")
+                        "AVX512-BF16; AMX tiles where the CPU has them); int8: int8 weights (AVX-512 VNNI) "
+                        "where they pay, bf16 elsewhere; each layer's engine timed here within "
+                        "--plan-budget-s (default: %(default)s)")
     p.add_argument("--tune", action="store_true",
                    help="first tune this model's generic kernels with MetaSchedule into the tuning database")
     p.add_argument(

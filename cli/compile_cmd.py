@@ -39,7 +39,7 @@ def cmd_compile(args) -> int:
               + ("" if lib.suffix == ".so" else f" (cross-compiled: link {lib.name}'s objects where it runs)"))
     for n, layer in enumerate(meta.get("bf16_layers", [])):
         timed = ", ".join(f"{k} {v:.3f} ms" for k, v in layer["timed_ms"].items())
-        print(f"bf16 LSTM layer {n}: {layer['engine']}/{layer['mode']} ({layer['chosen_by']}" +
+        print(f"{meta['precision']} LSTM layer {n}: {layer['engine']}/{layer['mode']} ({layer['chosen_by']}" +
               (f": {timed})" if timed else ")"))
     if meta.get("plan_selection"):
         from runtimes.tvm_lstm.plan_select import PlanChoice

@@ -45,9 +45,11 @@ ENTRIES = [
     # variables (runtimes/deployed.py): what a user who deploys model.so gets
     ("tvm-llvm native (deployed)", "tvm-deployed", "native"),
     ("tvm-llvm unrolled", "tvm-llvm", "unrolled"),
-    # reduced precision, each row's error against fp32 in max_err: ours (compile --precision bf16,
-    # where the CPU has bf16) against the peers' reduced-precision paths as users get them
+    # reduced precision, each row's error against fp32 in max_err: ours (compile --precision bf16 or
+    # int8, for the shape's static shapes so that compile times each layer's engines, where the CPU
+    # has the instructions) against the peers' reduced-precision paths as users get them
     ("tvm-llvm native bf16", "tvm-bf16", "native"),
+    ("tvm-llvm native int8", "tvm-int8", "native"),
     ("openvino native (default)", "openvino-default", "native"),
     ("ort-cpu native int8", "ort-cpu-int8", "native"),
 ]
@@ -120,8 +122,8 @@ def _runtime(name: str, model, threads: int, target: str | None = None):
     from runtimes.base import get_runtime, runtime_class
     if name == "tvm-deployed":
         return _Deployed(threads, target)
-    if name == "tvm-bf16":
-        return _Bf16(threads, target)
+    if name in ("tvm-bf16", "tvm-int8"):
+        return _Bf16(threads, target, name[4:])
     if name == "torch-compile":
         from runtimes.torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
@@ -170,30 +172,34 @@ class _Deployed:
 
 
 class _Bf16:
-    """compile --precision bf16 of the graph into a temporary folder, loaded as users load it."""
+    """compile --precision bf16 or int8 of the graph, for `static_shapes` (the bench sets them to its
+    feeds' shapes), into a temporary folder, loaded as users load it."""
 
-    precision = "bf16"
-
-    def __init__(self, threads: int, target: str | None):
-        from runtimes.tvm_lstm.bf16 import features
+    def __init__(self, threads: int, target: str | None, precision: str = "bf16"):
+        from runtimes.tvm_lstm.bf16 import features, has_vnni
         from runtimes.tvm_lstm.targets import parse_target
         from runtimes.tvm_runtime import TvmLlvmRuntime
         avail = TvmLlvmRuntime.availability()
         if not avail:
             raise _Unavailable(avail.reason)
-        if not features(parse_target(target or "llvm", threads))[0]:
+        tgt = parse_target(target or "llvm", threads)
+        if precision == "bf16" and not features(tgt)[0]:
             raise _Unavailable("no AVX512-BF16 on this CPU (or the target)")
-        self.threads, self.target = threads, target
+        if precision == "int8" and not has_vnni(tgt):
+            raise _Unavailable("no AVX-512 VNNI on this CPU (or the target)")
+        self.threads, self.target, self.precision = threads, target, precision
+        self.static_shapes = None
         self.rt, self.tmp = None, None
 
     def prepare(self, graph) -> None:
         from runtimes.tvm_lstm.compile import compile_onnx
         from runtimes.tvm_runtime import TvmLlvmRuntime
-        self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-bf16-")
-        compile_onnx(graph, Path(self.tmp.name) / "bf16", self.target or "llvm", threads=self.threads,
-                     progress=False, precision="bf16")
+        self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-lowp-")
+        out = Path(self.tmp.name) / self.precision
+        compile_onnx(graph, out, self.target or "llvm", threads=self.threads, progress=False,
+                     precision=self.precision, input_shapes=self.static_shapes)
         self.rt = TvmLlvmRuntime(threads=self.threads)
-        self.rt.prepare(Path(self.tmp.name) / "bf16")
+        self.rt.prepare(out)
 
     def run(self, feeds):
         return self.rt.run(feeds)
@@ -295,6 +301,8 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                 t = Timing(label, shape.name)
                 with _recorded(t):
                     rt = _runtime(rt_name, model, threads, target)
+                    if isinstance(rt, _Bf16):
+                        rt.static_shapes = {k: v.shape for k, v in feeds.items()}
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
                     # a reduced-precision row is held to its format's tolerance (compare does the same)

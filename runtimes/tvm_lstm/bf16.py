@@ -36,13 +36,15 @@ SYMBOL = "lstm_export_bf16_layer"
 CFLAGS = ["-O3", "-fPIC", "-fno-strict-aliasing"]
 # the C file's flags
 HAS_STATE, HAS_PEEP, HAS_LENS, REVERSE, ENGINE_AMX, SPLIT_BATCH, PROJECT_FIRST, MODE_AUTO = 1, 2, 4, 8, 16, 32, 64, 128
+ENGINE_INT8 = 256
 MODES = {"unit": 0, "batch": SPLIT_BATCH, "project": PROJECT_FIRST, "auto": MODE_AUTO}
 MARGIN = 0.05  # as plan_select: another candidate replaces the derived one only when 5% faster
 
 
 @dataclass(frozen=True)
 class Bf16Layer:
-    """How one layer runs: engine "amx" or "dot" (AVX-512 BF16); mode "unit" (unit blocks shared
+    """How one layer runs: engine "amx" or "dot" (AVX-512 BF16), or "vnni" (int8 weights, VPDPBUSD;
+    compile --precision int8); mode "unit" (unit blocks shared
     out, a barrier per step), "batch" (each core its own rows, no barrier), "project" (x @ W for
     every step first, then the unit split) or "auto" (T or B symbolic: `derived`'s rule, which the
     kernel applies at each call to the batch it gets)."""
@@ -57,7 +59,12 @@ class Bf16Layer:
     def flags(self, l2_bytes: int = 0) -> int:
         """The kernel's flags (with "auto", one core's L2 in KB from bit 16 on: the rule's bound)."""
         auto = (l2_bytes // 1024) << 16 if self.mode == "auto" else 0
-        return (ENGINE_AMX if self.engine == "amx" else 0) | MODES[self.mode] | auto
+        engine = {"amx": ENGINE_AMX, "dot": 0, "vnni": ENGINE_INT8}[self.engine]
+        return engine | MODES[self.mode] | auto
+
+    @property
+    def int8(self) -> bool:
+        return self.engine == "vnni"
 
 
 def features(target) -> tuple[bool, bool]:
@@ -80,35 +87,60 @@ def features(target) -> tuple[bool, bool]:
     return dot, amx
 
 
-def require(target) -> bool:
-    """Whether the target has AMX; a UserError where it has no bf16 instructions at all."""
+def has_vnni(target) -> bool:
+    """AVX-512 VNNI (VPDPBUSD), the int8 engine's instruction, on the target (or this CPU)."""
+    from tvm.target import codegen
+
+    from .cpu_plan import is_host
+    from .targets import cpu_flags
+    try:
+        llvm = bool(codegen.target_has_features("avx512vnni", target))
+    except Exception:  # noqa: BLE001
+        llvm = False
+    return llvm or (is_host(target) and not target.attrs.get("mattr") and "avx512_vnni" in cpu_flags())
+
+
+def require(target, precision: str = "bf16") -> tuple[bool, bool]:
+    """(AVX512-BF16, AMX) on the target; a UserError where it cannot run `precision` at all."""
     dot, amx = features(target)
+    if precision == "int8":
+        if not has_vnni(target):
+            mcpu = target.attrs.get("mcpu") or "this CPU"
+            raise UserError(f"--precision int8 needs a CPU with AVX-512 VNNI; {mcpu} has none: compile at fp32 "
+                            "(the default), or name a target that has it (--target 'llvm -mcpu=icelake-server')")
+        return dot, amx
     if not dot:
         mcpu = target.attrs.get("mcpu") or "this CPU"
         raise UserError(f"--precision bf16 needs a CPU with AVX512-BF16 (or AMX-BF16); {mcpu} has neither: "
                         "compile at fp32 (the default), or name a target that has it "
                         "(--target 'llvm -mcpu=sapphirerapids' or znver4)")
-    return amx
+    return dot, amx
 
 
-def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: int) -> Bf16Layer:
+def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: int, int8: bool = False,
+            dot: bool = True) -> Bf16Layer:
     """The rule (module docstring) for T steps of B rows (None: symbolic; the kernel applies the
-    rule to the shapes of each call, bf16_lstm.c's MODE_AUTO)."""
+    rule to the shapes of each call, bf16_lstm.c's MODE_AUTO). int8 (compile --precision int8):
+    int8 weights below 16 rows, where a step reads every weight for a row or two and int8 halves
+    those bytes (T256 B1 I512 H512: 2.7 ms against 6.9 with AMX bf16), and when symbolic; AMX bf16
+    at 16 rows and more, where int8 on VPDPBUSD lost (T64 B64: 27.9 ms against 11.3)."""
     engine = "amx" if amx else "dot"
+    if int8 and (T is None or B is None or B < 16 or not (amx or dot)):
+        engine = "vnni"
     if T is None or B is None:
         return Bf16Layer(engine, "auto")
     if B < 16 and T == 1:
-        return Bf16Layer("dot", "unit")
+        return Bf16Layer("vnni" if int8 else "dot", "unit")
     if B < 16:
         return Bf16Layer(engine, "project")
     weights = (bf16_pack.ceil_to(I, 32) + bf16_pack.ceil_to(H, 32)) * 4 * bf16_pack.ceil_to(H, 16) * 2
     return Bf16Layer(engine, "batch" if weights <= l2_bytes else "unit")
 
 
-def candidates(B: int, amx: bool) -> list[Bf16Layer]:
-    engines = ["amx", "dot"] if amx else ["dot"]
+def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True) -> list[Bf16Layer]:
+    engines = (["amx"] if amx else []) + (["dot"] if dot else []) + (["vnni"] if int8 else [])
     return [Bf16Layer(e, m) for e in engines for m in ("project", "unit", "batch")
-            if not (m == "batch" and B < (32 if e == "amx" else 2))]
+            if not (m == "batch" and B < (32 if e == "amx" else 2 if e == "dot" else 6))]
 
 
 def object_file(workdir: str | Path, cc: str) -> Path:
@@ -148,6 +180,11 @@ def host_library(cc: str):
     return fn
 
 
+def pack(layer: Bf16Layer, w: np.ndarray, hidden: int) -> np.ndarray:
+    """The layer's weights in its engine's packing."""
+    return bf16_pack.pack_int8(w, hidden) if layer.int8 else bf16_pack.pack_weights(w, hidden)
+
+
 def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads: int, budget_s: float,
             rounds: int = 3) -> dict[str, float]:
     """Median ms of each candidate on random data of the layer's shapes, interleaved rounds; a
@@ -155,12 +192,14 @@ def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads
     from .thread_pool import pool_threads
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
-    w = bf16_pack.pack_weights(rng.standard_normal((4 * H, I)).astype(np.float32) * 0.1, H)
-    r = bf16_pack.pack_weights(rng.standard_normal((4 * H, H)).astype(np.float32) * 0.1, H)
+    w_f, r_f = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.1 for k in (I, H))
+    packed = {False: (bf16_pack.pack_weights(w_f, H), bf16_pack.pack_weights(r_f, H))}
+    if any(c.int8 for c in layers):
+        packed[True] = (bf16_pack.pack_int8(w_f, H), bf16_pack.pack_int8(r_f, H))
     bias, p = bf16_pack.pack_bias(np.zeros(4 * H, np.float32), H), bf16_pack.pack_peepholes(None, H)
     y, hn, cn = np.empty((T, B, H), np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
     state, lens = np.zeros((1, H), np.float32), np.zeros(1, np.int32)
-    ptrs = [a.ctypes.data for a in (x, w, r, bias, p, state, state, lens, y, hn, cn)]
+    ptrs = {k: [a.ctypes.data for a in (x, *wr, bias, p, state, state, lens, y, hn, cn)] for k, wr in packed.items()}
     samples: dict[str, list[float]] = {c.name: [] for c in layers}
     end = time.perf_counter() + budget_s
     result: dict[str, float] = {}
@@ -170,7 +209,7 @@ def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads
             for c in layers:
                 if time.perf_counter() > end:
                     return
-                call = lambda c=c: fn(*ptrs, T, B, I, H, c.flags(), threads)  # noqa: E731
+                call = lambda c=c: fn(*ptrs[c.int8], T, B, I, H, c.flags(), threads)  # noqa: E731
                 if rnd == 0:
                     call()  # warm-up
                 t0 = time.perf_counter()

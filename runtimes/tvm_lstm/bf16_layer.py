@@ -16,26 +16,31 @@ from .marks import mark
 
 @dataclass
 class Bf16Options:
-    """One import's bf16 settings: `amx` the target has AMX; `measure_s` seconds to time each
+    """One import's bf16 (or int8) settings: `amx` the target has AMX, `dot` AVX512-BF16, `int8`
+    int8 weights may be chosen (compile --precision int8); `measure_s` seconds to time each
     layer's candidates (0: the derived rule); `cc` the C compiler for timing here; `layers`
     collects each layer's choice for meta.json."""
 
     amx: bool
     threads: int
     l2_bytes: int
+    dot: bool = True
+    int8: bool = False
     measure_s: float = 0.0
     cc: str | None = None
     layers: list = field(default_factory=list)
 
 
-def make_bf16_layer(I: int, H: int, flags: int, threads: int, has_state: bool, has_lens: bool):
-    """PrimFunc(x (T, B, I), w, r (bf16 bits), bias, p, h0, c0, lens) -> y (T, B, H), hn, cn (B, H).
-    Without has_state h0, c0 are (1, H) placeholders; without has_lens lens is (1,)."""
+def make_bf16_layer(I: int, H: int, flags: int, threads: int, has_state: bool, has_lens: bool, int8: bool = False):
+    """PrimFunc(x (T, B, I), w, r (bf16 bits, or int8's bytes), bias, p, h0, c0, lens) -> y (T, B, H),
+    hn, cn (B, H). Without has_state h0, c0 are (1, H) placeholders; without has_lens lens is (1,)."""
     IK, HK, HP = (bf16_pack.ceil_to(n, m) for n, m in ((I, 32), (H, 32), (H, 16)))
-    W_SIZE, R_SIZE = IK * 4 * HP, HK * 4 * HP
+    # bf16: 4 gates x HP units x K values of 2 bytes; int8: 1 byte each, then scales and sums (UB x 256 B each)
+    W_SIZE, R_SIZE = ((K * 4 * HP + 2 * (HP // 16) * 256) if int8 else K * 4 * HP for K in (IK, HK))
+    WT = "uint8" if int8 else "uint16"
 
     @T.prim_func(private=True)
-    def lstm_layer_bf16(var_x: T.handle, w: T.Buffer((W_SIZE,), "uint16"), r: T.Buffer((R_SIZE,), "uint16"),
+    def lstm_layer_bf16(var_x: T.handle, w: T.Buffer((W_SIZE,), WT), r: T.Buffer((R_SIZE,), WT),
                         bias: T.Buffer((4 * HP,), "float32"), p: T.Buffer((3, HP), "float32"), var_h0: T.handle,
                         var_c0: T.handle, var_lens: T.handle, var_y: T.handle, var_hn: T.handle, var_cn: T.handle):
         n_t = T.int64()
@@ -66,9 +71,9 @@ def emit_bf16_direction(bb, X, spec, w, r, bias, p, h_d, c_d, lens, has_state: b
     layer = _choose(opts, _static(n_t), _static(n_b), I, H)
     flags = (layer.flags(opts.l2_bytes) | (bf16.HAS_STATE if has_state else 0) | (bf16.HAS_PEEP if p is not None else 0)
              | (bf16.HAS_LENS if spec.has_lens else 0) | (bf16.REVERSE if spec.reverse else 0))
-    func = make_bf16_layer(I, H, flags, opts.threads, has_state, spec.has_lens)
+    func = make_bf16_layer(I, H, flags, opts.threads, has_state, spec.has_lens, layer.int8)
     gvar = bb.add_func(mark(func), f"lstm_layer_bf16_{'rev' if spec.reverse else 'fwd'}")
-    consts = [bf16_pack.pack_weights(w, H), bf16_pack.pack_weights(r, H), bf16_pack.pack_bias(bias, H),
+    consts = [bf16.pack(layer, w, H), bf16.pack(layer, r, H), bf16_pack.pack_bias(bias, H),
               bf16_pack.pack_peepholes(p, H)]
     y, state = relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32")
     out = bb.emit(relax.call_tir(gvar, [X, *(relax.const(c) for c in consts), h_d, c_d, lens], [y, state, state]))
@@ -85,7 +90,7 @@ def _static(dim) -> int | None:
 
 def _choose(opts: Bf16Options, t: int | None, b: int | None, I: int, H: int) -> bf16.Bf16Layer:
     """The derived layer, or the fastest candidate timed on (t, b) here; recorded in opts.layers."""
-    base = bf16.derived(t, b, I, H, opts.amx, opts.l2_bytes)
+    base = bf16.derived(t, b, I, H, opts.amx, opts.l2_bytes, opts.int8, opts.dot)
     shape = (t, b, I, H)
     if opts.measure_s <= 0 or t is None or b is None or opts.cc is None:
         why = ("the derived rule, applied at each call (symbolic T or B)" if t is None or b is None else
@@ -96,7 +101,7 @@ def _choose(opts: Bf16Options, t: int | None, b: int | None, I: int, H: int) -> 
     if done is not None:  # the other direction, or a layer alike: timed once
         opts.layers.append({**done, "chosen_by": "as an identical layer above"})
         return bf16.Bf16Layer(done["engine"], done["mode"])
-    cands = [base] + [c for c in bf16.candidates(b, opts.amx) if c != base]
+    cands = [base] + [c for c in bf16.candidates(b, opts.amx, opts.int8, opts.dot) if c != base]
     timed = bf16.measure(bf16.host_library(opts.cc), t, b, I, H, cands, opts.threads, opts.measure_s)
     layer = bf16.choose(base, timed)
     opts.layers.append(bf16.record(layer, "measured here", timed, shape))

@@ -29,11 +29,14 @@ extern int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv);
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define TGT_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define TGT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
 
-enum { HAS_STATE = 1, HAS_PEEP = 2, HAS_LENS = 4, REVERSE = 8, ENGINE_AMX = 16, SPLIT_BATCH = 32, PROJECT_FIRST = 64, MODE_AUTO = 128 };
+enum { HAS_STATE = 1, HAS_PEEP = 2, HAS_LENS = 4, REVERSE = 8, ENGINE_AMX = 16, SPLIT_BATCH = 32, PROJECT_FIRST = 64, MODE_AUTO = 128,
+       ENGINE_INT8 = 256 /* int8 weights, VPDPBUSD: see the int8 engine below */ };
 /* MODE_AUTO (shapes unknown at compile time): the mode, and AVX-512 BF16 instead of AMX for one
  * step of a few rows, by bf16.derived's rule; one core's L2 in KB in flags' bits 16 and up */
 enum { MR = 6 }; /* AVX-512 BF16 register tile rows: 24 accumulators + 4 weights + 1 broadcast */
+enum { MR8 = 3 }; /* int8 tile rows: 12 int32 + 12 fp32 accumulators + 4 weights + 1 broadcast */
 
 typedef struct {
   const float *x, *bias, *p, *h0, *c0;
@@ -47,6 +50,8 @@ typedef struct {
   float *xp;                  /* PROJECT_FIRST: (T*B + 16, UB, 4, 16) x_t @ W of every step, bias not added */
   uint16_t *hb[2];            /* (BP, HK) bf16 of h, double-buffered across steps */
   float *h, *c;               /* (BP, HP) fp32 state */
+  float *xscale;              /* ENGINE_INT8: (T*XB + 16) the scale of each row of xs (xs, hb hold u8 then) */
+  float hscale;               /* ENGINE_INT8: h's scale, max(1, |h0|) / 127 for the whole call (|h| < 1 after) */
   int threads;
   int failed;
 } job_t;
@@ -75,6 +80,12 @@ static inline TGT __m512 tanh_ps(__m512 x) { /* 2 sigmoid(2x) - 1 */
   return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid_ps(_mm512_add_ps(x, x)), _mm512_set1_ps(1.0f));
 }
 
+/* int8: round(v * inv) + 128 as 16 unsigned bytes (|v * inv| <= 127 by the scale's choice) */
+static inline TGT __m128i quantize_u8(__m512 v, float inv) {
+  __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv))); /* round to nearest even */
+  return _mm512_cvtusepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
+}
+
 static inline int64_t len_of(const job_t *j, int64_t b) {
   if (!(j->flags & HAS_LENS)) return j->T;
   int64_t n = j->lens[b];
@@ -91,8 +102,10 @@ static inline TGT void update(job_t *j, int64_t b, int64_t u, int64_t t, __m512 
   int64_t width = H - col < 16 ? H - col : 16;
   __mmask16 m = (__mmask16)((1u << width) - 1);
   float *c = j->c + b * HP + col, *h = j->h + b * HP + col;
+  int int8 = (j->flags & ENGINE_INT8) != 0;
   if (t >= len) { /* finished: state held, zeros at y[t] */
-    _mm256_storeu_si256((__m256i *)(hnext + b * j->HK + col), _mm256_loadu_si256((const __m256i *)(hcur + b * j->HK + col)));
+    if (int8) memcpy((uint8_t *)hnext + b * j->HK + col, (const uint8_t *)hcur + b * j->HK + col, 16);
+    else _mm256_storeu_si256((__m256i *)(hnext + b * j->HK + col), _mm256_loadu_si256((const __m256i *)(hcur + b * j->HK + col)));
     _mm512_mask_storeu_ps(j->y + (t * j->B + b) * H + col, m, _mm512_setzero_ps());
     return;
   }
@@ -112,7 +125,8 @@ static inline TGT void update(job_t *j, int64_t b, int64_t u, int64_t t, __m512 
   cn = _mm512_maskz_mov_ps(m, cn);
   _mm512_storeu_ps(c, cn);
   _mm512_storeu_ps(h, hv);
-  _mm256_storeu_si256((__m256i *)(hnext + b * j->HK + col), (__m256i)_mm512_cvtneps_pbh(hv));
+  if (int8) _mm_storeu_si128((__m128i *)((uint8_t *)hnext + b * j->HK + col), quantize_u8(hv, 1.0f / j->hscale));
+  else _mm256_storeu_si256((__m256i *)(hnext + b * j->HK + col), (__m256i)_mm512_cvtneps_pbh(hv));
   _mm512_mask_storeu_ps(j->y + (time_of(j, t, len) * j->B + b) * H + col, m, hv);
 }
 
@@ -192,6 +206,93 @@ static TGT void dot_rows(job_t *j, int64_t t, int64_t b0, int64_t b1, int64_t u,
   }
 }
 
+/* ---- int8 engine (ENGINE_INT8, VPDPBUSD): weights int8 per output unit and gate, scaled by
+ * max|row| / 127, packed like the bf16 ones with four k per 32-bit lane (64 bytes per k quad and
+ * gate), then the scales (float) and 128 x each column's sum (int32) for that unit block layout.
+ * Activations are u8 = round(v / scale) + 128: x per row of each step (scale max|row| / 127), h with
+ * one scale for the call (hscale). A product sum is (sum(u8 * w) - 128 * colsum) * scale_a * scale_w,
+ * exact in int32 before the scales. */
+typedef struct { const int8_t *q; const float *scale; const int32_t *csum128; int64_t K; } w8_t;
+
+static inline w8_t w8_of(const job_t *j, int part) {
+  int64_t K = part ? j->HK : j->IK;
+  const int8_t *q = (const int8_t *)(part ? (const void *)j->r : (const void *)j->w);
+  w8_t w = {q, (const float *)(q + j->UB * K * 64), (const int32_t *)(q + j->UB * K * 64 + j->UB * 256), K};
+  return w;
+}
+
+/* acc[r][g] += rows [b0, b0+NR) of `a` (u8, row stride w.K, row scale ascale[r]) times unit block u */
+static inline __attribute__((always_inline)) TGT8 void dot8_part(w8_t w, const uint8_t *a, const float *ascale,
+                                                                 int NR, int64_t u, __m512 acc[MR8][4]) {
+  __m512i ai[MR8][4];
+  for (int r = 0; r < NR; r++)
+    for (int g = 0; g < 4; g++) ai[r][g] = _mm512_setzero_si512();
+  const int8_t *wt = w.q + u * (w.K / 4) * 256;
+  for (int64_t kq = 0; kq < w.K / 4; kq++, wt += 256) {
+    __m512i w0 = _mm512_loadu_si512(wt), w1 = _mm512_loadu_si512(wt + 64);
+    __m512i w2 = _mm512_loadu_si512(wt + 128), w3 = _mm512_loadu_si512(wt + 192);
+    for (int r = 0; r < NR; r++) {
+      __m512i v = _mm512_set1_epi32(*(const int32_t *)(a + r * w.K + 4 * kq));
+      ai[r][0] = _mm512_dpbusd_epi32(ai[r][0], v, w0);
+      ai[r][1] = _mm512_dpbusd_epi32(ai[r][1], v, w1);
+      ai[r][2] = _mm512_dpbusd_epi32(ai[r][2], v, w2);
+      ai[r][3] = _mm512_dpbusd_epi32(ai[r][3], v, w3);
+    }
+  }
+  for (int g = 0; g < 4; g++) {
+    __m512i c128 = _mm512_loadu_si512(w.csum128 + u * 64 + 16 * g);
+    __m512 ws = _mm512_loadu_ps(w.scale + u * 64 + 16 * g);
+    for (int r = 0; r < NR; r++)
+      acc[r][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(ai[r][g], c128)),
+                                  _mm512_mul_ps(ws, _mm512_set1_ps(ascale[r])), acc[r][g]);
+  }
+}
+
+static inline __attribute__((always_inline)) TGT8 void dot8_tile(job_t *j, int64_t t, int64_t b0, int NR, int64_t u,
+                                                                  const uint16_t *hcur, uint16_t *hnext) {
+  __m512 acc[MR8][4];
+  float ascale[MR8];
+  int pf = (j->flags & PROJECT_FIRST) != 0;
+  for (int r = 0; r < NR; r++)
+    for (int g = 0; g < 4; g++)
+      acc[r][g] = pf ? _mm512_loadu_ps(j->xp + ((t * j->B + b0 + r) * j->UB + u) * 64 + 16 * g) : _mm512_setzero_ps();
+  if (!pf) {
+    for (int r = 0; r < NR; r++) ascale[r] = j->xscale[t * j->XB + b0 + r];
+    dot8_part(w8_of(j, 0), (const uint8_t *)j->xs + (t * j->XB + b0) * j->IK, ascale, NR, u, acc);
+  }
+  if (t > 0 || (j->flags & HAS_STATE)) {
+    for (int r = 0; r < NR; r++) ascale[r] = j->hscale;
+    dot8_part(w8_of(j, 1), (const uint8_t *)hcur + b0 * j->HK, ascale, NR, u, acc);
+  }
+  for (int r = 0; r < NR; r++) update(j, b0 + r, u, t, acc[r][0], acc[r][1], acc[r][2], acc[r][3], hcur, hnext);
+}
+
+static TGT8 void dot8_rows(job_t *j, int64_t t, int64_t b0, int64_t b1, int64_t u, const uint16_t *hcur,
+                           uint16_t *hnext) {
+  int64_t b = b0;
+  for (; b + MR8 <= b1; b += MR8) dot8_tile(j, t, b, MR8, u, hcur, hnext);
+  if (b1 - b == 2) dot8_tile(j, t, b, 2, u, hcur, hnext);
+  else if (b1 - b == 1) dot8_tile(j, t, b, 1, u, hcur, hnext);
+}
+
+/* PROJECT_FIRST: rows [r0, r0+NR) of the T*B rows of x times unit block u of W, into xp */
+static TGT8 void dot8_proj(job_t *j, int64_t r0, int64_t u) {
+  int64_t left = j->T * j->B - r0;
+  int NR = left >= MR8 ? MR8 : (int)left;
+  __m512 acc[MR8][4];
+  float ascale[MR8];
+  for (int r = 0; r < MR8; r++) {
+    for (int g = 0; g < 4; g++) acc[r][g] = _mm512_setzero_ps();
+    ascale[r] = r < NR ? j->xscale[r0 + r] : 0.0f;
+  }
+  const uint8_t *a = (const uint8_t *)j->xs + r0 * j->IK;
+  if (NR == 3) dot8_part(w8_of(j, 0), a, ascale, 3, u, acc);
+  else if (NR == 2) dot8_part(w8_of(j, 0), a, ascale, 2, u, acc);
+  else dot8_part(w8_of(j, 0), a, ascale, 1, u, acc);
+  for (int r = 0; r < NR; r++)
+    for (int g = 0; g < 4; g++) _mm512_storeu_ps(j->xp + ((r0 + r) * j->UB + u) * 64 + 16 * g, acc[r][g]);
+}
+
 /* ---- AMX engine: rows [16 rb, 16 rb + 16) of unit block u at step t; tmm0-3 the gates, tmm4 x or
  * h, tmm5-7 weights. `scratch` holds the four 16x16 fp32 gate tiles for the update. */
 typedef struct { uint8_t palette, start; uint8_t reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg_t;
@@ -262,9 +363,28 @@ static TGT_AMX void amx_tile(job_t *j, int64_t t, int64_t rb, int64_t u, const u
 }
 
 /* ---- the whole sequence, one parallel launch */
+/* int8: one row of x as u8 with its scale max|x| / 127 (a zero row: scale 0, every byte 128) */
+static TGT void quantize_row(const job_t *j, const float *src, uint8_t *dst, float *scale) {
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t k = 0; k < j->I; k += 16) {
+    __mmask16 m = (__mmask16)((1u << (j->I - k < 16 ? j->I - k : 16)) - 1);
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, src + k)));
+  }
+  float top = _mm512_reduce_max_ps(mx);
+  *scale = top / 127.0f;
+  float inv = top > 0 ? 127.0f / top : 0.0f;
+  memset(dst, 128, j->IK);
+  for (int64_t k = 0; k < j->I; k += 16) {
+    __mmask16 m = (__mmask16)((1u << (j->I - k < 16 ? j->I - k : 16)) - 1);
+    _mm_mask_storeu_epi8(dst + k, m, quantize_u8(_mm512_maskz_loadu_ps(m, src + k), inv));
+  }
+}
+
 static TGT void prepare_rows(job_t *j, int64_t b0, int64_t b1) {
-  /* the state buffers and the step-ordered bf16 x of rows [b0, b1) (rows past B: zeros) */
+  /* the state buffers and the step-ordered bf16 (int8: u8 and scales) x of rows [b0, b1) (rows past
+   * B: zeros) */
   int64_t HP = j->HP;
+  int int8 = (j->flags & ENGINE_INT8) != 0;
   for (int64_t b = b0; b < b1; b++) {
     for (int64_t k = 0; k < HP; k += 16) {
       __m512 h = _mm512_setzero_ps(), c = _mm512_setzero_ps();
@@ -276,15 +396,27 @@ static TGT void prepare_rows(job_t *j, int64_t b0, int64_t b1) {
       _mm512_storeu_ps(j->h + b * HP + k, h);
       _mm512_storeu_ps(j->c + b * HP + k, c);
     }
-    memset(j->hb[0] + b * j->HK, 0, j->HK * 2);
-    memset(j->hb[1] + b * j->HK, 0, j->HK * 2);
+    if (int8) { /* u8 rows of HK bytes; 128 is 0 */
+      memset((uint8_t *)j->hb[0] + b * j->HK, 128, j->HK);
+      memset((uint8_t *)j->hb[1] + b * j->HK, 128, j->HK);
+    } else {
+      memset(j->hb[0] + b * j->HK, 0, j->HK * 2);
+      memset(j->hb[1] + b * j->HK, 0, j->HK * 2);
+    }
     for (int64_t k = 0; k < j->H; k += 16) {
       __m512 h = _mm512_loadu_ps(j->h + b * HP + k);
-      _mm256_storeu_si256((__m256i *)(j->hb[0] + b * j->HK + k), (__m256i)_mm512_cvtneps_pbh(h));
+      if (int8) _mm_storeu_si128((__m128i *)((uint8_t *)j->hb[0] + b * j->HK + k), quantize_u8(h, 1.0f / j->hscale));
+      else _mm256_storeu_si256((__m256i *)(j->hb[0] + b * j->HK + k), (__m256i)_mm512_cvtneps_pbh(h));
     }
     if (b >= j->XB) continue; /* projected first: no padding rows between steps */
     int64_t len = b < j->B ? len_of(j, b) : 0;
     for (int64_t t = 0; t < j->T; t++) {
+      if (int8) { /* u8 rows of IK bytes */
+        uint8_t *d8 = (uint8_t *)j->xs + (t * j->XB + b) * j->IK;
+        if (t < len) quantize_row(j, j->x + (time_of(j, t, len) * j->B + b) * j->I, d8, j->xscale + t * j->XB + b);
+        else { memset(d8, 128, j->IK); j->xscale[t * j->XB + b] = 0.0f; }
+        continue;
+      }
       uint16_t *dst = j->xs + (t * j->XB + b) * j->IK;
       memset(dst, 0, j->IK * 2);
       if (t >= len) continue;
@@ -301,7 +433,7 @@ static TGT void prepare_rows(job_t *j, int64_t b0, int64_t b1) {
 static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
   job_t *j = (job_t *)cdata;
   int n = penv->num_task;
-  int amx = (j->flags & ENGINE_AMX) != 0;
+  int amx = (j->flags & ENGINE_AMX) != 0, int8 = (j->flags & ENGINE_INT8) != 0;
   float scratch[1024] __attribute__((aligned(64)));
   if (amx) amx_config();
   /* this task's rows (batch split: whole row groups of 16 for AMX, else of 1) or unit blocks */
@@ -314,10 +446,10 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
   prepare_rows(j, p0, p1);
   if (!batch) TVMBackendParallelBarrier(task, penv);
   if (j->flags & PROJECT_FIRST) { /* (unit split only) every step's x_t @ W, items shared out */
-    int64_t tile = amx ? 16 : MR, nr = (j->T * j->B + tile - 1) / tile, items = nr * j->UB;
+    int64_t tile = amx ? 16 : int8 ? MR8 : MR, nr = (j->T * j->B + tile - 1) / tile, items = nr * j->UB;
     for (int64_t it = items * task / n; it < items * (task + 1) / n; it++) {
       int64_t u = it / nr, rb = it % nr; /* unit-block-major: a block's W stays in cache */
-      if (amx) amx_proj(j, rb, u); else dot_proj(j, rb * MR, u);
+      if (amx) amx_proj(j, rb, u); else if (int8) dot8_proj(j, rb * MR8, u); else dot_proj(j, rb * MR, u);
     }
     TVMBackendParallelBarrier(task, penv);
   }
@@ -331,7 +463,7 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
         for (int64_t rb = ra; rb < re; rb++) if (rb * 16 < j->B) amx_tile(j, t, rb, u, hcur, hnext, scratch);
       } else {
         int64_t ba = batch ? g0 : 0, be = batch ? g1 : j->B;
-        dot_rows(j, t, ba, be, u, hcur, hnext);
+        if (int8) dot8_rows(j, t, ba, be, u, hcur, hnext); else dot_rows(j, t, ba, be, u, hcur, hnext);
       }
     }
     if (!batch) TVMBackendParallelBarrier(task, penv);
@@ -362,7 +494,7 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
   memset(&j, 0, sizeof j);
   j.x = x; j.w = w; j.r = r; j.bias = bias; j.p = p; j.h0 = h0; j.c0 = c0; j.lens = lens;
   j.y = y; j.hn = hn; j.cn = cn; j.T = T; j.B = B; j.I = I; j.H = H; j.flags = flags;
-  if ((flags & ENGINE_AMX) && amx_permitted() != 0) j.flags &= ~ENGINE_AMX;
+  if ((flags & ENGINE_INT8) || ((flags & ENGINE_AMX) && amx_permitted() != 0)) j.flags &= ~ENGINE_AMX;
   j.IK = ceil_to(I, 32); j.HK = ceil_to(H, 32); j.HP = ceil_to(H, 16); j.UB = j.HP / 16; j.BP = ceil_to(B, 16);
   if (B == 0) return 0;
   if (T == 0) { /* no step: the state as it came */
@@ -383,8 +515,17 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
   j.XB = (j.flags & PROJECT_FIRST) ? B : j.BP;
   size_t xs = (size_t)(T * j.XB + 16) * j.IK * 2, hb = (size_t)j.BP * j.HK * 2, st = (size_t)j.BP * j.HP * 4;
   size_t xp = (j.flags & PROJECT_FIRST) ? (size_t)(T * B + 16) * j.HP * 16 : 0;
-  char *mem = aligned_alloc(64, ceil_to(xs, 64) + 2 * ceil_to(hb, 64) + 2 * ceil_to(st, 64) + ceil_to(xp, 64));
+  size_t xsc = (j.flags & ENGINE_INT8) ? (size_t)(T * j.XB + 16) * 4 : 0;
+  char *mem = aligned_alloc(64, ceil_to(xs, 64) + 2 * ceil_to(hb, 64) + 2 * ceil_to(st, 64) + ceil_to(xp, 64) +
+                                    ceil_to(xsc, 64));
   if (!mem) return -1;
+  if (xsc) {
+    j.xscale = (float *)(mem + ceil_to(xs, 64) + 2 * ceil_to(hb, 64) + 2 * ceil_to(st, 64) + ceil_to(xp, 64));
+    float top = 1.0f; /* |h| < 1 after the first step; h0 may be larger */
+    if (flags & HAS_STATE)
+      for (int64_t k = 0; k < B * H; k++) top = h0[k] > top ? h0[k] : -h0[k] > top ? -h0[k] : top;
+    j.hscale = top / 127.0f;
+  }
   memset(mem + T * j.XB * j.IK * 2, 0, 16 * j.IK * 2); /* the spare rows a last AMX tile reads */
   if (xp) j.xp = (float *)(mem + ceil_to(xs, 64) + 2 * ceil_to(hb, 64) + 2 * ceil_to(st, 64));
   j.xs = (uint16_t *)mem;

@@ -56,3 +56,32 @@ def pack_peepholes(p: np.ndarray | None, hidden: int) -> np.ndarray:
     if p is not None:
         out[:, :hidden] = np.asarray(p, np.float32).reshape(3, hidden)
     return out
+
+
+def pack_int8(w: np.ndarray, hidden: int) -> np.ndarray:
+    """ONNX-ordered (4H, K) float32 weights -> the int8 engine's bytes (bf16_lstm.c): per output row
+    (gate and unit) the scale max|row| / 127 and round(w / scale) as int8, laid out like
+    pack_weights with four k per 32-bit lane, w[u, kq, g, j, s] = q[g*H + 16u + j, 4kq + s]; then
+    the scales (UB, 4, 16) float32 and 128 x each row's sum of q (UB, 4, 16) int32, which the kernel
+    subtracts because its activations are unsigned (q + 128)."""
+    k = w.shape[1]
+    kk, hp = ceil_to(max(k, 1), K_BLOCK), ceil_to(hidden, UNITS)
+    g = np.zeros((4, hp, kk), np.float32)
+    g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
+    top = np.abs(g).max(axis=2)  # (4, hp)
+    scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    q = np.rint(g / scale[:, :, None]).clip(-127, 127).astype(np.int8)
+    packed = q.reshape(4, hp // UNITS, UNITS, kk // 4, 4).transpose(1, 3, 0, 2, 4)  # (UB, KQ, 4, 16, 4)
+    scales = scale.reshape(4, hp // UNITS, UNITS).transpose(1, 0, 2)  # (UB, 4, 16)
+    csum = (128 * q.astype(np.int32).sum(axis=2)).reshape(4, hp // UNITS, UNITS).transpose(1, 0, 2)
+    return np.concatenate([np.ascontiguousarray(packed).ravel().view(np.uint8),
+                           np.ascontiguousarray(scales, np.float32).ravel().view(np.uint8),
+                           np.ascontiguousarray(csum, np.int32).ravel().view(np.uint8)])
+
+
+def dequantize_int8(w: np.ndarray) -> np.ndarray:
+    """The weights pack_int8 stands for, (4H, K) float32 as round(w / scale) * scale (tests' oracle)."""
+    w = np.asarray(w, np.float32)
+    top = np.abs(w).max(axis=1, keepdims=True)
+    scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
+    return (np.rint(w / scale).clip(-127, 127) * scale).astype(np.float32)

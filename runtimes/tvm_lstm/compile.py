@@ -188,7 +188,8 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
             them, and a run with another value is refused (meta.json records them).
         precision: "fp32", or "bf16": LSTM layers with bf16 weights and fp32 accumulation and state
             (bf16.py; llvm targets with AVX512-BF16, AMX where the CPU has it); each layer's engine
-            is timed here within plan_budget_s, and meta.json's bf16_layers says what was chosen.
+            is timed here within plan_budget_s, and meta.json's bf16_layers says what was chosen;
+            "int8": int8 weights (AVX-512 VNNI) for the layers where they pay, bf16 for the others.
     """
     import tvm
     from tvm.target import codegen
@@ -204,10 +205,10 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
     choice = bf16 = None
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision {precision}: choose fp32 or bf16")
-    if precision == "bf16":
-        plan, choice, bf16 = _bf16_setup(tgt, plan, plan_budget_s)
+    if precision not in ("fp32", "bf16", "int8"):
+        raise UserError(f"--precision {precision}: choose fp32, bf16 or int8")
+    if precision != "fp32":
+        plan, choice, bf16 = _bf16_setup(tgt, plan, plan_budget_s, precision)
     if kind != "llvm":
         plan = None
     elif plan is None:
@@ -223,8 +224,8 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     t0 = time.perf_counter()
     mod = import_onnx(model, cuda=kind == "cuda", plan=plan, bf16=bf16)
     if bf16 is not None and not bf16.layers:
-        raise UserError("--precision bf16: this model has no LSTM layer with constant weights to compute in bf16; "
-                        "compile it at fp32 (the default)")
+        raise UserError(f"--precision {precision}: this model has no LSTM layer with constant weights to compute "
+                        f"in {precision}; compile it at fp32 (the default)")
     db, db_dir, tuned = None, None, None
     if kind == "llvm" and str(tuning_db) != "none":
         from .tuning import default_db_dir, open_database, tune
@@ -311,9 +312,9 @@ def _measured_plan(model, source, tgt, base, mod, db, static, values, dims, budg
                   derived_mod=mod, progress=say if progress else None)
 
 
-def _bf16_setup(tgt, plan, plan_budget_s):
-    """(plan, choice, Bf16Options) for compile --precision bf16: the fp32 plan derived (it lays
-    out any other kernels), and each LSTM layer's bf16 engine timed on this machine instead."""
+def _bf16_setup(tgt, plan, plan_budget_s, precision="bf16"):
+    """(plan, choice, Bf16Options) for compile --precision bf16 or int8: the fp32 plan derived (it
+    lays out any other kernels), and each LSTM layer's engine timed on this machine instead."""
     from tvm.target import codegen
 
     from .bf16 import require
@@ -322,15 +323,15 @@ def _bf16_setup(tgt, plan, plan_budget_s):
     from .plan_select import PlanChoice, budget_from
     from .thread_pool import compiler_for
     if tgt.kind.name != "llvm":
-        raise UserError("--precision bf16 is a CPU path (llvm targets); compile for cuda at fp32")
-    amx = require(tgt)
+        raise UserError(f"--precision {precision} is a CPU path (llvm targets); compile for cuda at fp32")
+    dot, amx = require(tgt, precision)
     plan = plan or plan_for(tgt)
     budget, host = budget_from(plan_budget_s), is_host(tgt)
     cc = compiler_for(codegen.llvm_get_system_triple(), codegen.llvm_get_system_triple()) if host else None
     measure = min(budget, 3.0) if host and cc else 0.0  # per distinct layer
-    why = "--precision bf16: each LSTM layer's bf16 engine is chosen instead (bf16_layers)"
+    why = f"--precision {precision}: each LSTM layer's engine is chosen instead (bf16_layers)"
     opts = Bf16Options(amx=amx, threads=plan.threads, l2_bytes=plan.info.l2 if plan.info else 1 << 20,
-                       measure_s=measure, cc=cc)
+                       measure_s=measure, cc=cc, dot=dot, int8=precision == "int8")
     return plan, PlanChoice("derived", "derived", why=why), opts
 
 

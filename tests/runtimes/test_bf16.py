@@ -150,7 +150,9 @@ def test_bf16_refusals(tmp_path):
     onnx.save(plain, tmp_path / "plain.onnx")
     with pytest.raises(UserError, match="AVX512-BF16.*haswell has neither"):
         compile_onnx(tmp_path / "plain.onnx", tmp_path / "a", target="llvm -mcpu=haswell", precision="bf16")
-    with pytest.raises(UserError, match="choose fp32 or bf16"):
+    with pytest.raises(UserError, match="int8 needs a CPU with AVX-512 VNNI; haswell has none"):
+        compile_onnx(tmp_path / "plain.onnx", tmp_path / "a", target="llvm -mcpu=haswell", precision="int8")
+    with pytest.raises(UserError, match="choose fp32, bf16 or int8"):
         compile_onnx(tmp_path / "plain.onnx", tmp_path / "a", precision="fp16")
     if "avx512_bf16" not in FLAGS:
         return
@@ -172,6 +174,11 @@ def test_derived_rule():
     assert bf16.derived(50, 128, 20, 100, True, 2 << 20) == bf16.Bf16Layer("amx", "batch")
     assert bf16.derived(64, 64, 256, 512, False, 2 << 20) == bf16.Bf16Layer("dot", "unit")  # 3 MB of weights
     assert bf16.derived(None, 64, 256, 512, True, 2 << 20).mode == "auto"
+    # int8 allowed: int8 weights below 16 rows and for symbolic shapes, AMX bf16 for big batches
+    assert bf16.derived(32, 1, 128, 256, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "project")
+    assert bf16.derived(1, 1, 128, 256, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "unit")
+    assert bf16.derived(64, 64, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("amx", "unit")
+    assert bf16.derived(None, None, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "auto")
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
 
@@ -180,3 +187,110 @@ def test_bf16_rounding_is_round_to_nearest_even():
     v = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, np.inf], np.float32)
     np.testing.assert_array_equal(bf16_pack.from_bf16(bf16_pack.to_bf16(v)),
                                   np.array([1.0, 1.0, 1.0 + 2 ** -6, -2.5, np.inf], np.float32))
+
+
+needs_vnni = pytest.mark.skipif("avx512_vnni" not in FLAGS, reason="no AVX-512 VNNI on this CPU")
+
+
+def oracle_int8(x, W, R, b, p, h0, c0, lens, reverse):
+    """float64 LSTM on what the int8 engine computes with: W and R per-row int8 (dequantized), each x
+    row as u8 with scale max|row| / 127, h with one scale max(1, |h0|) / 127 for the call, rounded
+    as the kernel rounds (float32 products, nearest even)."""
+    T, B, _ = x.shape
+    H = R.shape[1]
+    Wq, Rq = (bf16_pack.dequantize_int8(a).astype(np.float64) for a in (W, R))
+    f32 = np.float32
+    hscale = f32(max(1.0, float(np.abs(h0).max())) / f32(127))
+
+    def qx(row):
+        top = f32(np.abs(row).max())
+        inv = f32(127) / top if top > 0 else f32(0)
+        return np.rint((row * inv).astype(f32)).astype(np.float64) * np.float64(f32(top / f32(127)))
+
+    def qh(v):
+        return np.rint((v.astype(f32) * (f32(1) / hscale)).astype(f32)).astype(np.float64) * np.float64(hscale)
+    h, c = h0.astype(np.float64).copy(), c0.astype(np.float64).copy()
+    y = np.zeros((T, B, H))
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    for n in range(B):
+        L = T if lens is None else int(lens[n])
+        for t in range(L):
+            ti = L - 1 - t if reverse else t
+            g = Wq @ qx(x[ti, n]) + Rq @ qh(h[n]) + b
+            i, o, f, cc = np.split(g, 4)
+            if p is not None:
+                i, f = i + p[:H] * c[n], f + p[2 * H:] * c[n]
+            c[n] = sig(f) * c[n] + sig(i) * np.tanh(cc)
+            if p is not None:
+                o = o + p[H:2 * H] * c[n]
+            h[n] = sig(o) * np.tanh(c[n])
+            y[ti, n] = h[n]
+    return y, h, c
+
+
+@needs_vnni
+@needs_cc
+@pytest.mark.parametrize("mode", ["unit", "batch", "project", "auto"])
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
+def test_int8_kernel_matches_its_oracle(kernel, mode, shape):
+    """The int8 engine (VPDPBUSD) with state, peepholes, lengths and reverse: within 2e-3 of the
+    oracle that quantizes the same way, while the bf16 answer is measurably further."""
+    T, B, I, H = shape
+    rng = np.random.default_rng(T * B + 7)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    W, R = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.3 for k in (I, H))
+    b, p = rng.standard_normal(4 * H).astype(np.float32) * 0.2, rng.standard_normal(3 * H).astype(np.float32) * 0.3
+    h0, c0 = rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32)
+    lens = rng.integers(0, T + 1, B).astype(np.int32)
+    lens[0] = T
+    layer = bf16.Bf16Layer("vnni", mode)
+    for reverse, use_lens in ((False, False), (True, True)):
+        flags = layer.flags(2 << 20) | bf16.HAS_STATE | bf16.HAS_PEEP | (bf16.REVERSE if reverse else 0) | \
+            (bf16.HAS_LENS if use_lens else 0)
+        T_, B_ = x.shape[:2]
+        packed = [bf16_pack.pack_int8(W, H), bf16_pack.pack_int8(R, H), bf16_pack.pack_bias(b, H),
+                  bf16_pack.pack_peepholes(p, H)]
+        y = np.full((T_, B_, H), np.nan, np.float32)
+        hn, cn = np.empty((B_, H), np.float32), np.empty((B_, H), np.float32)
+        ln = np.ascontiguousarray(lens if use_lens else np.zeros(1), np.int32)
+        args = [x, *packed, h0, c0, ln, y, hn, cn]
+        assert kernel(*[a.ctypes.data for a in args], T_, B_, I, H, flags, 2) == 0
+        want = oracle_int8(x, W, R, b, p, h0, c0, lens if use_lens else None, reverse)
+        for g, w in zip((y, hn, cn), want):
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, w, atol=2e-3, rtol=0)
+        if not use_lens and T > 1:
+            assert np.abs(y - oracle(x, W, R, b, p, h0, c0, None, False)[0]).max() > 4e-3
+
+
+@needs_vnni
+@needs_cc
+def test_compiled_int8_artifact_against_onnx_runtime(tmp_path):
+    """compile --precision int8 of a two-layer LSTM (torch's initialization) at one row: int8
+    weights chosen where they pay (recorded in meta.json); the artifact within int8's tolerance of
+    ORT's fp32 answer and no further from it than twice ORT's own int8 path."""
+    import torch
+
+    from common.agreement import tolerance_for
+    from lstm_export import LSTM
+    from lstm_export.export import export_onnx
+    from runtimes.ort import OrtInt8Runtime
+    from runtimes.tvm_lstm.compile import compile_onnx
+    from runtimes.tvm_runtime import TvmLlvmRuntime
+    torch.manual_seed(0)
+    path = export_onnx(LSTM(16, 64, 2).eval(), tmp_path / "m.onnx", "native")
+    compiled = compile_onnx(path, tmp_path / "out", precision="int8", plan_budget_s=1.0,
+                            input_shapes={"input": (24, 1, 16)})
+    layers = compiled.meta["bf16_layers"]
+    assert compiled.meta["precision"] == "int8" and len(layers) == 2 and all(la["timed_ms"] for la in layers)
+    feeds = {"input": np.random.default_rng(0).standard_normal((24, 1, 16)).astype(np.float32)}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+    with TvmLlvmRuntime() as rt, OrtInt8Runtime() as peer:
+        rt.prepare(tmp_path / "out")
+        peer.prepare(path)
+        assert rt.precision == "int8"
+        got, theirs = rt.run(feeds), peer.run(feeds)
+        for n, w in zip(rt.output_names, want):
+            ours, ort_int8 = np.abs(got[n] - w).max(), np.abs(theirs[n] - w).max()
+            assert ours < tolerance_for("int8", 1e-5, 0)[0] and ours <= 2 * ort_int8 + 1e-4, (n, ours, ort_int8)
+            assert ours > 1e-5  # int8 (or bf16) ran, not fp32
