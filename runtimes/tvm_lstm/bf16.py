@@ -1,4 +1,5 @@
-"""compile --precision bf16: LSTM layers with bf16 weights and fp32 accumulation (bf16_lstm.c).
+"""compile --precision bf16 (and int8): LSTM layers with bf16 weights and fp32 accumulation, or
+int8 weights where they pay (bf16_lstm.c).
 
 The kernel is C with the AMX and AVX-512 BF16 intrinsics, because TVM 0.27's TIR cannot emit
 VDPBF16PS (its BF16 legalization rewrites the bfloat16x32 operands the LLVM intrinsic wants) and

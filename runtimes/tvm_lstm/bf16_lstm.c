@@ -1,9 +1,11 @@
-/* One direction of one LSTM layer in bf16: weights and the matmul operands (x_t, h_{t-1}) rounded
- * to bfloat16, every product accumulated in fp32, the cell state c, the gates and the outputs kept
- * in fp32. Linked into model.so (compile --precision bf16) and called from a TIR PrimFunc by
- * T.call_extern; the parallel work runs on TVM's own thread pool (TVMBackendParallelLaunch).
+/* One direction of one LSTM layer at reduced precision: in bf16, weights and the matmul operands
+ * (x_t, h_{t-1}) rounded to bfloat16, every product accumulated in fp32; with ENGINE_INT8, int8
+ * weights and u8 activations (the int8 engine's comment below). The cell state c, the gates and
+ * the outputs are fp32 either way. Linked into model.so (compile --precision bf16 or int8) and
+ * called from a TIR PrimFunc by T.call_extern; the parallel work runs on TVM's own thread pool
+ * (TVMBackendParallelLaunch).
  *
- * Two engines compute a tile's gates; both read the same packed weights (bf16_pack.py):
+ * Two bf16 engines compute a tile's gates; both read the same packed weights (bf16_pack.py):
  *  - AMX (TDPBF16PS): a tile of 16 batch rows x 16 units per gate, k in blocks of 32;
  *  - AVX-512 BF16 (VDPBF16PS): a register tile of up to 6 batch rows x 16 units x 4 gates.
  * Weight layout, for unit block u (16 units), k pair kp (k = 2kp, 2kp+1), gate g (ONNX order
