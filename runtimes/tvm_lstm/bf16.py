@@ -44,8 +44,9 @@ MARGIN = 0.05  # as plan_select: another candidate replaces the derived one only
 
 @dataclass(frozen=True)
 class Bf16Layer:
-    """How one layer runs: engine "amx" or "dot" (AVX-512 BF16), or "vnni" (int8 weights, VPDPBUSD;
-    compile --precision int8); mode "unit" (unit blocks shared
+    """How one layer runs: engine "amx" or "dot" (AVX-512 BF16), or with int8 weights (compile
+    --precision int8) "vnni" (VPDPBUSD) or "amx8" (AMX TDPBUSD; not with the projection first);
+    mode "unit" (unit blocks shared
     out, a barrier per step), "batch" (each core its own rows, no barrier), "project" (x @ W for
     every step first, then the unit split) or "auto" (T or B symbolic: `derived`'s rule, which the
     kernel applies at each call to the batch it gets)."""
@@ -60,12 +61,12 @@ class Bf16Layer:
     def flags(self, l2_bytes: int = 0) -> int:
         """The kernel's flags (with "auto", one core's L2 in KB from bit 16 on: the rule's bound)."""
         auto = (l2_bytes // 1024) << 16 if self.mode == "auto" else 0
-        engine = {"amx": ENGINE_AMX, "dot": 0, "vnni": ENGINE_INT8}[self.engine]
+        engine = {"amx": ENGINE_AMX, "dot": 0, "vnni": ENGINE_INT8, "amx8": ENGINE_INT8 | ENGINE_AMX}[self.engine]
         return engine | MODES[self.mode] | auto
 
     @property
     def int8(self) -> bool:
-        return self.engine == "vnni"
+        return self.engine in ("vnni", "amx8")
 
 
 def features(target) -> tuple[bool, bool]:
@@ -86,6 +87,19 @@ def features(target) -> tuple[bool, bool]:
     dot = has("avx512bf16") or "avx512_bf16" in flags
     amx = (has("amx-bf16") and has("amx-tile")) or {"amx_bf16", "amx_tile"} <= flags
     return dot, amx
+
+
+def has_amx_int8(target) -> bool:
+    """AMX-INT8 (TDPBUSD) on the target (or this CPU)."""
+    from tvm.target import codegen
+
+    from .cpu_plan import is_host
+    from .targets import cpu_flags
+    try:
+        llvm = bool(codegen.target_has_features("amx-int8", target))
+    except Exception:  # noqa: BLE001
+        llvm = False
+    return llvm or (is_host(target) and not target.attrs.get("mattr") and "amx_int8" in cpu_flags())
 
 
 def has_vnni(target) -> bool:
@@ -119,14 +133,18 @@ def require(target, precision: str = "bf16") -> tuple[bool, bool]:
 
 
 def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: int, int8: bool = False,
-            dot: bool = True) -> Bf16Layer:
+            dot: bool = True, amx8: bool = False) -> Bf16Layer:
     """The rule (module docstring) for T steps of B rows (None: symbolic; the kernel applies the
     rule to the shapes of each call, bf16_lstm.c's MODE_AUTO). int8 (compile --precision int8):
     int8 weights below 16 rows, where a step reads every weight for a row or two and int8 halves
-    those bytes (T256 B1 I512 H512: 2.7 ms against 6.9 with AMX bf16), and when symbolic; AMX bf16
-    at 16 rows and more, where int8 on VPDPBUSD lost (T64 B64: 27.9 ms against 11.3)."""
+    those bytes (T256 B1 I512 H512: 2.7 ms against 6.9 with AMX bf16); at 16 rows and more AMX int8
+    where the CPU has it (T64 B64: 7.9 ms against 12.0 with AMX bf16), else the bf16 engines
+    (VPDPBUSD lost there: 27.9 ms). Symbolic: AMX int8 if there, which the kernel turns into
+    VPDPBUSD below 16 rows."""
     engine = "amx" if amx else "dot"
-    if int8 and (T is None or B is None or B < 16 or not (amx or dot)):
+    if int8 and (T is None or B is None or B >= 16) and amx8:
+        engine = "amx8"
+    elif int8 and (T is None or B is None or B < 16 or not (amx or dot)):
         engine = "vnni"
     if T is None or B is None:
         return Bf16Layer(engine, "auto")
@@ -138,10 +156,12 @@ def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: i
     return Bf16Layer(engine, "batch" if weights <= l2_bytes else "unit")
 
 
-def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True) -> list[Bf16Layer]:
-    engines = (["amx"] if amx else []) + (["dot"] if dot else []) + (["vnni"] if int8 else [])
+def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True, amx8: bool = False) -> list[Bf16Layer]:
+    engines = (["amx"] if amx else []) + (["dot"] if dot else []) + (["vnni"] if int8 else []) + \
+        (["amx8"] if int8 and amx8 else [])
     return [Bf16Layer(e, m) for e in engines for m in ("project", "unit", "batch")
-            if not (m == "batch" and B < (32 if e == "amx" else 2 if e == "dot" else 6))]
+            if not (m == "batch" and B < (32 if e in ("amx", "amx8") else 2 if e == "dot" else 6))
+            and not (e == "amx8" and m == "project")]
 
 
 def object_file(workdir: str | Path, cc: str) -> Path:

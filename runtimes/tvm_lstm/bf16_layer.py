@@ -26,6 +26,7 @@ class Bf16Options:
     l2_bytes: int
     dot: bool = True
     int8: bool = False
+    amx8: bool = False  # AMX-INT8 (TDPBUSD) for int8 layers
     measure_s: float = 0.0
     cc: str | None = None
     layers: list = field(default_factory=list)
@@ -34,7 +35,8 @@ class Bf16Options:
 def make_bf16_layer(I: int, H: int, flags: int, threads: int, has_state: bool, has_lens: bool, int8: bool = False):
     """PrimFunc(x (T, B, I), w, r (bf16 bits, or int8's bytes), bias, p, h0, c0, lens) -> y (T, B, H),
     hn, cn (B, H). Without has_state h0, c0 are (1, H) placeholders; without has_lens lens is (1,)."""
-    IK, HK, HP = (bf16_pack.ceil_to(n, m) for n, m in ((I, 32), (H, 32), (H, 16)))
+    kb = bf16_pack.K_BLOCK_INT8 if int8 else bf16_pack.K_BLOCK
+    IK, HK, HP = (bf16_pack.ceil_to(n, m) for n, m in ((I, kb), (H, kb), (H, 16)))
     # bf16: 4 gates x HP units x K values of 2 bytes; int8: 1 byte each, then scales and sums (UB x 256 B each)
     W_SIZE, R_SIZE = ((K * 4 * HP + 2 * (HP // 16) * 256) if int8 else K * 4 * HP for K in (IK, HK))
     WT = "uint8" if int8 else "uint16"
@@ -90,7 +92,7 @@ def _static(dim) -> int | None:
 
 def _choose(opts: Bf16Options, t: int | None, b: int | None, I: int, H: int) -> bf16.Bf16Layer:
     """The derived layer, or the fastest candidate timed on (t, b) here; recorded in opts.layers."""
-    base = bf16.derived(t, b, I, H, opts.amx, opts.l2_bytes, opts.int8, opts.dot)
+    base = bf16.derived(t, b, I, H, opts.amx, opts.l2_bytes, opts.int8, opts.dot, opts.amx8)
     shape = (t, b, I, H)
     if opts.measure_s <= 0 or t is None or b is None or opts.cc is None:
         why = ("the derived rule, applied at each call (symbolic T or B)" if t is None or b is None else
@@ -101,7 +103,7 @@ def _choose(opts: Bf16Options, t: int | None, b: int | None, I: int, H: int) -> 
     if done is not None:  # the other direction, or a layer alike: timed once
         opts.layers.append({**done, "chosen_by": "as an identical layer above"})
         return bf16.Bf16Layer(done["engine"], done["mode"])
-    cands = [base] + [c for c in bf16.candidates(b, opts.amx, opts.int8, opts.dot) if c != base]
+    cands = [base] + [c for c in bf16.candidates(b, opts.amx, opts.int8, opts.dot, opts.amx8) if c != base]
     timed = bf16.measure(bf16.host_library(opts.cc), t, b, I, H, cands, opts.threads, opts.measure_s)
     layer = bf16.choose(base, timed)
     opts.layers.append(bf16.record(layer, "measured here", timed, shape))

@@ -32,6 +32,7 @@ extern int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv);
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define TGT_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
 #define TGT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+#define TGT_AMX8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-int8")))
 
 enum { HAS_STATE = 1, HAS_PEEP = 2, HAS_LENS = 4, REVERSE = 8, ENGINE_AMX = 16, SPLIT_BATCH = 32, PROJECT_FIRST = 64, MODE_AUTO = 128,
        ENGINE_INT8 = 256 /* int8 weights, VPDPBUSD: see the int8 engine below */ };
@@ -364,6 +365,50 @@ static TGT_AMX void amx_tile(job_t *j, int64_t t, int64_t rb, int64_t u, const u
            _mm512_load_ps(scratch + 512 + 16 * r), _mm512_load_ps(scratch + 768 + 16 * r), hcur, hnext);
 }
 
+/* ---- AMX int8 (ENGINE_INT8 | ENGINE_AMX, the fused splits): TDPBUSD on the int8 layout, whose 16
+ * k quads of one gate are a B tile (256-byte stride); K is padded to 64 for it. The x part and the
+ * h part have different activation scales, so each is summed in int32 tiles, stored, and scaled
+ * into the fp32 gates in `scratch` (4 x 256 floats, then 4 x 256 int32) before the update. */
+static TGT_AMX8 void amx8_tile(job_t *j, int64_t t, int64_t rb, int64_t u, const uint16_t *hcur, uint16_t *hnext,
+                               float *scratch) {
+  int32_t *ci = (int32_t *)(scratch + 1024);
+  int64_t rows = j->B - rb * 16 < 16 ? j->B - rb * 16 : 16;
+  memset(scratch, 0, 4096);
+  for (int part = 0; part < 2; part++) {
+    if (part && t == 0 && !(j->flags & HAS_STATE)) break;
+    w8_t w = w8_of(j, part);
+    const uint8_t *a = part ? (const uint8_t *)hcur + rb * 16 * w.K : (const uint8_t *)j->xs + (t * j->XB + rb * 16) * w.K;
+    const int8_t *wt = w.q + u * (w.K / 4) * 256;
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t kb = 0; kb < w.K / 64; kb++) {
+      const int8_t *wk = wt + kb * 16 * 256; /* 16 k quads x 4 gates x 64 bytes */
+      _tile_loadd(4, a + kb * 64, w.K);
+      _tile_loadd(5, wk, 256);
+      _tile_dpbusd(0, 4, 5);
+      _tile_loadd(6, wk + 64, 256);
+      _tile_dpbusd(1, 4, 6);
+      _tile_loadd(7, wk + 128, 256);
+      _tile_dpbusd(2, 4, 7);
+      _tile_loadd(5, wk + 192, 256);
+      _tile_dpbusd(3, 4, 5);
+    }
+    _tile_stored(0, ci, 64); _tile_stored(1, ci + 256, 64); _tile_stored(2, ci + 512, 64); _tile_stored(3, ci + 768, 64);
+    for (int g = 0; g < 4; g++) {
+      __m512i c128 = _mm512_loadu_si512(w.csum128 + u * 64 + 16 * g);
+      __m512 ws = _mm512_loadu_ps(w.scale + u * 64 + 16 * g);
+      for (int64_t r = 0; r < rows; r++) {
+        float as = part ? j->hscale : j->xscale[t * j->XB + rb * 16 + r];
+        __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(ci + 256 * g + 16 * r), c128));
+        float *dst = scratch + 256 * g + 16 * r;
+        _mm512_store_ps(dst, _mm512_fmadd_ps(v, _mm512_mul_ps(ws, _mm512_set1_ps(as)), _mm512_load_ps(dst)));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; r++)
+    update(j, rb * 16 + r, u, t, _mm512_load_ps(scratch + 16 * r), _mm512_load_ps(scratch + 256 + 16 * r),
+           _mm512_load_ps(scratch + 512 + 16 * r), _mm512_load_ps(scratch + 768 + 16 * r), hcur, hnext);
+}
+
 /* ---- the whole sequence, one parallel launch */
 /* int8: one row of x as u8 with its scale max|x| / 127 (a zero row: scale 0, every byte 128) */
 static TGT void quantize_row(const job_t *j, const float *src, uint8_t *dst, float *scale) {
@@ -436,7 +481,7 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
   job_t *j = (job_t *)cdata;
   int n = penv->num_task;
   int amx = (j->flags & ENGINE_AMX) != 0, int8 = (j->flags & ENGINE_INT8) != 0;
-  float scratch[1024] __attribute__((aligned(64)));
+  float scratch[2048] __attribute__((aligned(64))); /* AMX: the gate tiles (and AMX int8's int32 tiles) */
   if (amx) amx_config();
   /* this task's rows (batch split: whole row groups of 16 for AMX, else of 1) or unit blocks */
   int64_t group = amx ? 16 : 1, groups = (amx ? j->BP : j->B) / group;
@@ -462,7 +507,11 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
     for (int64_t u = ua; u < ue; u++) {
       if (amx) {
         int64_t ra = batch ? g0 : 0, re = batch ? g1 : j->BP / 16;
-        for (int64_t rb = ra; rb < re; rb++) if (rb * 16 < j->B) amx_tile(j, t, rb, u, hcur, hnext, scratch);
+        for (int64_t rb = ra; rb < re; rb++)
+          if (rb * 16 < j->B) {
+            if (int8) amx8_tile(j, t, rb, u, hcur, hnext, scratch);
+            else amx_tile(j, t, rb, u, hcur, hnext, scratch);
+          }
       } else {
         int64_t ba = batch ? g0 : 0, be = batch ? g1 : j->B;
         if (int8) dot8_rows(j, t, ba, be, u, hcur, hnext); else dot_rows(j, t, ba, be, u, hcur, hnext);
@@ -496,8 +545,9 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
   memset(&j, 0, sizeof j);
   j.x = x; j.w = w; j.r = r; j.bias = bias; j.p = p; j.h0 = h0; j.c0 = c0; j.lens = lens;
   j.y = y; j.hn = hn; j.cn = cn; j.T = T; j.B = B; j.I = I; j.H = H; j.flags = flags;
-  if ((flags & ENGINE_INT8) || ((flags & ENGINE_AMX) && amx_permitted() != 0)) j.flags &= ~ENGINE_AMX;
-  j.IK = ceil_to(I, 32); j.HK = ceil_to(H, 32); j.HP = ceil_to(H, 16); j.UB = j.HP / 16; j.BP = ceil_to(B, 16);
+  if ((flags & ENGINE_AMX) && amx_permitted() != 0) j.flags &= ~ENGINE_AMX;
+  int64_t kq = (flags & ENGINE_INT8) ? 64 : 32; /* an AMX int8 tile row holds 64 k */
+  j.IK = ceil_to(I, kq); j.HK = ceil_to(H, kq); j.HP = ceil_to(H, 16); j.UB = j.HP / 16; j.BP = ceil_to(B, 16);
   if (B == 0) return 0;
   if (T == 0) { /* no step: the state as it came */
     for (int64_t b = 0; b < B; b++)
@@ -514,6 +564,7 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
     else if ((j.IK + j.HK) * 4 * j.HP * 2 <= (flags >> 16) * 1024) j.flags |= SPLIT_BATCH;
   }
   if (j.flags & PROJECT_FIRST) j.flags &= ~SPLIT_BATCH;
+  if ((j.flags & PROJECT_FIRST) && (j.flags & ENGINE_INT8)) j.flags &= ~ENGINE_AMX; /* no AMX int8 projection */
   j.XB = (j.flags & PROJECT_FIRST) ? B : j.BP;
   size_t xs = (size_t)(T * j.XB + 16) * j.IK * 2, hb = (size_t)j.BP * j.HK * 2, st = (size_t)j.BP * j.HP * 4;
   size_t xp = (j.flags & PROJECT_FIRST) ? (size_t)(T * B + 16) * j.HP * 16 : 0;

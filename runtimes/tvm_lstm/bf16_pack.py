@@ -12,6 +12,7 @@ import numpy as np
 
 UNITS = 16  # units per block: one AVX-512 register of fp32, one AMX tile's columns
 K_BLOCK = 32  # k per AMX tile row (64 bytes of bf16)
+K_BLOCK_INT8 = 64  # k per AMX tile row of int8 (the kernel pads K so for every int8 engine)
 
 
 def ceil_to(n: int, m: int) -> int:
@@ -65,7 +66,7 @@ def pack_int8(w: np.ndarray, hidden: int) -> np.ndarray:
     the scales (UB, 4, 16) float32 and 128 x each row's sum of q (UB, 4, 16) int32, which the kernel
     subtracts because its activations are unsigned (q + 128)."""
     k = w.shape[1]
-    kk, hp = ceil_to(max(k, 1), K_BLOCK), ceil_to(hidden, UNITS)
+    kk, hp = ceil_to(max(k, 1), K_BLOCK_INT8), ceil_to(hidden, UNITS)
     g = np.zeros((4, hp, kk), np.float32)
     g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
     top = np.abs(g).max(axis=2)  # (4, hp)

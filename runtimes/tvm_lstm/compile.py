@@ -317,7 +317,7 @@ def _bf16_setup(tgt, plan, plan_budget_s, precision="bf16"):
     lays out any other kernels), and each LSTM layer's engine timed on this machine instead."""
     from tvm.target import codegen
 
-    from .bf16 import require
+    from .bf16 import has_amx_int8, require
     from .bf16_layer import Bf16Options
     from .cpu_plan import is_host, plan_for
     from .plan_select import PlanChoice, budget_from
@@ -331,7 +331,8 @@ def _bf16_setup(tgt, plan, plan_budget_s, precision="bf16"):
     measure = min(budget, 3.0) if host and cc else 0.0  # per distinct layer
     why = f"--precision {precision}: each LSTM layer's engine is chosen instead (bf16_layers)"
     opts = Bf16Options(amx=amx, threads=plan.threads, l2_bytes=plan.info.l2 if plan.info else 1 << 20,
-                       measure_s=measure, cc=cc, dot=dot, int8=precision == "int8")
+                       measure_s=measure, cc=cc, dot=dot, int8=precision == "int8",
+                       amx8=precision == "int8" and amx and has_amx_int8(tgt))
     return plan, PlanChoice("derived", "derived", why=why), opts
 
 

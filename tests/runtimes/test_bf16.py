@@ -179,6 +179,10 @@ def test_derived_rule():
     assert bf16.derived(1, 1, 128, 256, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "unit")
     assert bf16.derived(64, 64, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("amx", "unit")
     assert bf16.derived(None, None, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "auto")
+    # with AMX-INT8: that for 16 rows and more, and for symbolic shapes (the kernel takes VPDPBUSD below 16)
+    assert bf16.derived(64, 64, 256, 512, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("amx8", "unit")
+    assert bf16.derived(32, 1, 128, 256, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("vnni", "project")
+    assert bf16.derived(None, 8, 256, 512, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("amx8", "auto")
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
     assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
 
@@ -228,13 +232,18 @@ def oracle_int8(x, W, R, b, p, h0, c0, lens, reverse):
     return y, h, c
 
 
+needs_amx8 = pytest.mark.skipif(not {"amx_int8", "amx_tile"} <= FLAGS, reason="no AMX-INT8 on this CPU")
+
+
 @needs_vnni
 @needs_cc
+@pytest.mark.parametrize("engine", ["vnni", pytest.param("amx8", marks=needs_amx8)])
 @pytest.mark.parametrize("mode", ["unit", "batch", "project", "auto"])
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
-def test_int8_kernel_matches_its_oracle(kernel, mode, shape):
-    """The int8 engine (VPDPBUSD) with state, peepholes, lengths and reverse: within 2e-3 of the
-    oracle that quantizes the same way, while the bf16 answer is measurably further."""
+def test_int8_kernel_matches_its_oracle(kernel, engine, mode, shape):
+    """The int8 engines (VPDPBUSD; AMX TDPBUSD, which the kernel replaces by VPDPBUSD for the
+    projection first) with state, peepholes, lengths and reverse: within 2e-3 of the oracle that
+    quantizes the same way, while the bf16 answer is measurably further."""
     T, B, I, H = shape
     rng = np.random.default_rng(T * B + 7)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
@@ -243,7 +252,7 @@ def test_int8_kernel_matches_its_oracle(kernel, mode, shape):
     h0, c0 = rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32)
     lens = rng.integers(0, T + 1, B).astype(np.int32)
     lens[0] = T
-    layer = bf16.Bf16Layer("vnni", mode)
+    layer = bf16.Bf16Layer(engine, mode)
     for reverse, use_lens in ((False, False), (True, True)):
         flags = layer.flags(2 << 20) | bf16.HAS_STATE | bf16.HAS_PEEP | (bf16.REVERSE if reverse else 0) | \
             (bf16.HAS_LENS if use_lens else 0)
