@@ -67,8 +67,9 @@ def emit_bf16_direction(bb, X, spec, w, r, bias, p, h_d, c_d, lens, has_state: b
     """One direction of an LSTM layer in bf16 -> (y, hn, cn). w (4H, I), r (4H, H), bias (4H,) = Wb + Rb,
     p (3H,) or None: this direction's constants in ONNX order."""
     if spec.clip is not None or spec.input_forget or tuple(a[0].lower() for a in (spec.f, spec.g, spec.h)) != _DEFAULT:
-        raise UserError("--precision bf16 computes LSTMs with the default activations (Sigmoid, Tanh, Tanh), no "
-                        "clip and input_forget=0; this model's LSTM differs: compile it at fp32 (the default)")
+        raise UserError(f"--precision {'int8' if opts.int8 else 'bf16'} computes LSTMs with the default activations "
+                        "(Sigmoid, Tanh, Tanh), no clip and input_forget=0; this model's LSTM differs: compile it at "
+                        "fp32 (the default)")
     H = spec.hidden
     layer = _choose(opts, _static(n_t), _static(n_b), I, H)
     flags = (layer.flags(opts.l2_bytes) | (bf16.HAS_STATE if has_state else 0) | (bf16.HAS_PEEP if p is not None else 0)
