@@ -69,50 +69,40 @@ class Bf16Layer:
         return self.engine in ("vnni", "amx8")
 
 
-def features(target) -> tuple[bool, bool]:
-    """(AVX-512 BF16, AMX-BF16): what the llvm target's -mcpu/-mattr enable, or for a target that is
-    this machine what its CPU says (/proc/cpuinfo). LLVM's name for a CPU can undersell it: this
-    KVM guest's Xeon is `rocketlake` to LLVM, which has neither, while the CPU reports both."""
+def _has(target, llvm_names: tuple[str, ...], cpu_names: tuple[str, ...]) -> bool:
+    """Whether the llvm target's -mcpu/-mattr enable all of `llvm_names`, or, for a target that is
+    this machine, its CPU reports all of `cpu_names` (/proc/cpuinfo). LLVM's name for a CPU can
+    undersell it: this KVM guest's Xeon is `rocketlake` to LLVM, which has no bf16 or AMX, while
+    the CPU reports both."""
     from tvm.target import codegen
 
     from .cpu_plan import is_host
     from .targets import cpu_flags
 
-    def has(f):
+    def llvm(f):
         try:
             return bool(codegen.target_has_features(f, target))
         except Exception:  # noqa: BLE001 -- an LLVM that does not know the name: not there
             return False
-    flags = cpu_flags() if is_host(target) and not target.attrs.get("mattr") else set()
-    dot = has("avx512bf16") or "avx512_bf16" in flags
-    amx = (has("amx-bf16") and has("amx-tile")) or {"amx_bf16", "amx_tile"} <= flags
-    return dot, amx
+    if all(llvm(f) for f in llvm_names):
+        return True
+    return is_host(target) and not target.attrs.get("mattr") and set(cpu_names) <= cpu_flags()
+
+
+def features(target) -> tuple[bool, bool]:
+    """(AVX-512 BF16, AMX-BF16) on the target (or this CPU)."""
+    return (_has(target, ("avx512bf16",), ("avx512_bf16",)),
+            _has(target, ("amx-bf16", "amx-tile"), ("amx_bf16", "amx_tile")))
 
 
 def has_amx_int8(target) -> bool:
     """AMX-INT8 (TDPBUSD) on the target (or this CPU)."""
-    from tvm.target import codegen
-
-    from .cpu_plan import is_host
-    from .targets import cpu_flags
-    try:
-        llvm = bool(codegen.target_has_features("amx-int8", target))
-    except Exception:  # noqa: BLE001
-        llvm = False
-    return llvm or (is_host(target) and not target.attrs.get("mattr") and "amx_int8" in cpu_flags())
+    return _has(target, ("amx-int8", "amx-tile"), ("amx_int8", "amx_tile"))
 
 
 def has_vnni(target) -> bool:
     """AVX-512 VNNI (VPDPBUSD), the int8 engine's instruction, on the target (or this CPU)."""
-    from tvm.target import codegen
-
-    from .cpu_plan import is_host
-    from .targets import cpu_flags
-    try:
-        llvm = bool(codegen.target_has_features("avx512vnni", target))
-    except Exception:  # noqa: BLE001
-        llvm = False
-    return llvm or (is_host(target) and not target.attrs.get("mattr") and "avx512_vnni" in cpu_flags())
+    return _has(target, ("avx512vnni",), ("avx512_vnni",))
 
 
 def require(target, precision: str = "bf16") -> tuple[bool, bool]:

@@ -32,12 +32,18 @@ def from_bf16(b: np.ndarray) -> np.ndarray:
     return (np.asarray(b, np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def _gates(w: np.ndarray, hidden: int, k_block: int) -> np.ndarray:
+    """ONNX-ordered (4H, K) weights as (4, H padded to 16, K padded to k_block) float32, zeros past."""
+    k = w.shape[1]
+    g = np.zeros((4, ceil_to(hidden, UNITS), ceil_to(max(k, 1), k_block)), np.float32)
+    g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
+    return g
+
+
 def pack_weights(w: np.ndarray, hidden: int) -> np.ndarray:
     """ONNX-ordered (4H, K) float32 weights -> flat bf16 bits in the kernel's layout."""
-    k = w.shape[1]
-    kk, hp = ceil_to(max(k, 1), K_BLOCK), ceil_to(hidden, UNITS)
-    g = np.zeros((4, hp, kk), np.float32)
-    g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
+    g = _gates(w, hidden, K_BLOCK)
+    _, hp, kk = g.shape
     # (4, UB, 16, KP, 2) -> (UB, KP, 4, 16, 2)
     g = g.reshape(4, hp // UNITS, UNITS, kk // 2, 2).transpose(1, 3, 0, 2, 4)
     return to_bf16(np.ascontiguousarray(g)).ravel()
@@ -65,10 +71,8 @@ def pack_int8(w: np.ndarray, hidden: int) -> np.ndarray:
     pack_weights with four k per 32-bit lane, w[u, kq, g, j, s] = q[g*H + 16u + j, 4kq + s]; then
     the scales (UB, 4, 16) float32 and 128 x each row's sum of q (UB, 4, 16) int32, which the kernel
     subtracts because its activations are unsigned (q + 128)."""
-    k = w.shape[1]
-    kk, hp = ceil_to(max(k, 1), K_BLOCK_INT8), ceil_to(hidden, UNITS)
-    g = np.zeros((4, hp, kk), np.float32)
-    g[:, :hidden, :k] = np.asarray(w, np.float32).reshape(4, hidden, k)
+    g = _gates(w, hidden, K_BLOCK_INT8)
+    _, hp, kk = g.shape
     top = np.abs(g).max(axis=2)  # (4, hp)
     scale = np.where(top > 0, top / 127.0, 1.0).astype(np.float32)
     q = np.rint(g / scale[:, :, None]).clip(-127, 127).astype(np.int8)

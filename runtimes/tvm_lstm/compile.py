@@ -254,7 +254,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         ex, from_db, owned = built or compile_module(mod, tgt, db, plan.lanes if plan else 16)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        lib = _export(ex, tgt, plan, out, bf16 is not None)  # (an executable a VM has run warns "Scope Saving" here)
+        lib = _export(ex, tgt, plan, out, bf16 is not None)
     meta = {
         "inputs": [_spec(s, static.get(s.name)) for s in source.inputs if s.name not in values],
         "outputs": [_spec(s) for s in source.outputs],
