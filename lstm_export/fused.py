@@ -9,6 +9,14 @@ gate gradients. No autograd node per step.
 Gates are i, f, g, o as in PyTorch, permuted into the kernel's blocked order (each thread's units'
 four gates adjacent) by indexing the weights before the call, so autograd permutes their gradients
 back. The float64 path is the same code with libm activations, for gradcheck.
+
+Higher-order gradients: the kernel's backward is a numpy routine, so autograd cannot differentiate
+it. Where a backward must itself be differentiable (create_graph=True: a gradient penalty, a
+Hessian-vector product, MAML) or runs under vmap (batched gradients, `is_grads_batched`), the node
+recomputes its forward in plain torch ops from the inputs it saved (cell.recur) and differentiates
+that instead: torch's exact answer at every order, at the autograd path's cost for that call only.
+Under torch.func transforms and forward-mode AD the layer takes the autograd path from the start
+(`available` says no), since a numpy forward cannot see their wrapped tensors.
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import native
+from .cell import recur
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -96,10 +106,30 @@ def plan_for(hidden: int, threads: int, panel: int) -> LayerPlan:
 
 
 def available(x: Tensor, *weights: Tensor | None) -> bool:
-    """Whether the native kernel can run this layer: CPU, float32 or float64, one dtype, a kernel."""
+    """Whether the native kernel can run this layer: CPU, float32 or float64, one dtype, a kernel,
+    and plain tensors (no torch.func transform or forward-mode AD in play, see the module doc)."""
     ts = [x, *(w for w in weights if w is not None)]
     return (all(t.device.type == "cpu" and t.dtype == x.dtype for t in ts)
-            and x.dtype in (torch.float32, torch.float64) and native.kernel() is not None)
+            and x.dtype in (torch.float32, torch.float64) and not _transformed(ts)
+            and native.kernel() is not None)
+
+
+def _transformed(ts) -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, jvp, ...) is active or any tensor carries
+    a forward-mode tangent: the numpy kernel would read the bare values and drop the rest."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if fwAD._current_level < 0:  # no dual level entered: no tensor can have a tangent
+        return False
+    return any(fwAD.unpack_dual(t).tangent is not None for t in ts)
+
+
+def _wrapped(*ts: Tensor | None) -> bool:
+    """Whether a gradient arrives batched: torch.autograd.grad(is_grads_batched=True) (and so
+    gradcheck's check_batched_grad) vmaps the backward with the legacy batched tensors, which the
+    functorch wrapper check does not see."""
+    fc = torch._C._functorch
+    return any(t is not None and (fc.is_legacy_batchedtensor(t) or fc.is_functorch_wrapped_tensor(t)) for t in ts)
 
 
 def lstm_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
@@ -186,6 +216,7 @@ class _LSTMLayer(torch.autograd.Function):
                 _ptr(cp))
         if record:
             ctx.saved = (xs, wi, wh, G.reshape(T, B, 4 * H), hp, cp, tc, lens, reverse, plan)
+            ctx.save_for_backward(x, w_ih, w_hh, b, h0, c0)  # for a differentiable backward
             # the records go back when the graph lets go of them (after backward, or never run),
             # so that backward(retain_graph=True) may run again
             weakref.finalize(ctx, _WORKSPACE.give, G, hp, cp, tc)
@@ -194,32 +225,66 @@ class _LSTMLayer(torch.autograd.Function):
         return torch.from_numpy(y), torch.from_numpy(h), torch.from_numpy(c)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh, dc):
-        kern = native.kernel()
-        xs, wi, wh, G, hp, cp, tc, lens, reverse, plan = ctx.saved
-        T, B, H4 = G.shape
-        H, I, dt = H4 // 4, xs.shape[2], G.dtype
-        need_x, need_wi, need_wh, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
-        with _KERNEL_LOCK:
-            dys = np.ascontiguousarray(dy.numpy(), dt) if dy is not None else np.zeros((T, B, H), dt)
-            dhs = np.array(dh.numpy(), dt, copy=True, order="C") if dh is not None else np.zeros((B, H), dt)
-            dcs = np.array(dc.numpy(), dt, copy=True, order="C") if dc is not None else np.zeros((B, H), dt)
-            dG, db = _WORKSPACE.take((T, B, H4), dt), np.zeros(H4, dt)
-            split = np.asarray(plan.split, np.int64)
-            w_loop = _weights_for_loop(kern, wh)
-            getattr(kern.lib, f"lstm_backward_{_suffix(dt)}")(
-                ctypes.byref(kern.blas), plan.threads, _ptr(split), T, B, H, _ptr(lens), int(reverse), _ptr(G),
-                _ptr(cp), _ptr(tc), _ptr(dys), _ptr(w_loop), _ptr(dhs), _ptr(dcs), _ptr(dG),
-                _ptr(db))
-            dG = dG.reshape(T * B, H4)  # the stacked gate gradients: every weight gradient is one GEMM
-            d_wi = _gemm(kern, 1, 0, dG, xs.reshape(T * B, I), np.empty((H4, I), dt), 0.0, plan.threads) \
-                if need_wi else None
-            d_wh = _gemm(kern, 1, 0, dG, hp.reshape(T * B, H), np.empty((H4, H), dt), 0.0, plan.threads) \
-                if need_wh else None
-            d_x = _matmul(kern, dG, wi, plan.threads).reshape(T, B, I) if need_x else None
-        _WORKSPACE.give(dG.reshape(T, B, H4))
-        as_t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-        d_b = torch.from_numpy(db) if need_b else None
-        return (as_t(d_x), as_t(d_wi), as_t(d_wh), d_b, as_t(dhs) if need_h0 else None,
-                as_t(dcs) if need_c0 else None, None, None, None, None)
+        # grad mode is on in a backward exactly when the caller asked for create_graph=True
+        if torch.is_grad_enabled() or _wrapped(dy, dh, dc):
+            return _recomputed_backward(ctx, dy, dh, dc)
+        return _native_backward(ctx, dy, dh, dc)
+
+
+def _recomputed_backward(ctx, dy, dh, dc):
+    """The node's gradients from its forward recomputed in torch ops (cell.recur) from the saved
+    inputs, which still carry their own history: the result is differentiable to any order and
+    batches under vmap. Inputs in blocked gate order are permuted back to PyTorch's i, f, g, o."""
+    _, _, _, _, _, _, _, lens, reverse, plan = ctx.saved
+    create_graph = torch.is_grad_enabled()
+    inputs = ctx.saved_tensors  # x, W_ih, W_hh, b (blocked order), h0, c0
+    wanted = [k for k, need in enumerate(ctx.needs_input_grad[:6]) if need]
+    with torch.enable_grad():
+        ins = [t if k not in wanted or t.requires_grad else t.detach().requires_grad_()
+               for k, t in enumerate(inputs)]
+        x, w_ih, w_hh, b, h0, c0 = ins
+        back = torch.argsort(plan.order)  # blocked row -> PyTorch row
+        xw = x @ w_ih[back].t() + b[back]  # (T, B, 4H)
+        mask = None
+        if lens is not None:
+            steps = torch.arange(x.shape[0]).unsqueeze(1)  # (T, 1)
+            mask = (steps < torch.from_numpy(lens).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
+        y, (h, c) = recur(xw, w_hh[back], h0, c0, mask, reverse)
+        grads = torch.autograd.grad((y, h, c), [ins[k] for k in wanted], (dy, dh, dc),
+                                    create_graph=create_graph, allow_unused=True)
+    out = [None] * 10
+    for k, g in zip(wanted, grads):
+        out[k] = g
+    return tuple(out)
+
+
+def _native_backward(ctx, dy, dh, dc):
+    """The kernel's backward: one loop of dh @ W_hh, then the weight gradients as large GEMMs."""
+    kern = native.kernel()
+    xs, wi, wh, G, hp, cp, tc, lens, reverse, plan = ctx.saved
+    T, B, H4 = G.shape
+    H, I, dt = H4 // 4, xs.shape[2], G.dtype
+    need_x, need_wi, need_wh, need_b, need_h0, need_c0 = ctx.needs_input_grad[:6]
+    with _KERNEL_LOCK:
+        dys = np.ascontiguousarray(dy.numpy(), dt) if dy is not None else np.zeros((T, B, H), dt)
+        dhs = np.array(dh.numpy(), dt, copy=True, order="C") if dh is not None else np.zeros((B, H), dt)
+        dcs = np.array(dc.numpy(), dt, copy=True, order="C") if dc is not None else np.zeros((B, H), dt)
+        dG, db = _WORKSPACE.take((T, B, H4), dt), np.zeros(H4, dt)
+        split = np.asarray(plan.split, np.int64)
+        w_loop = _weights_for_loop(kern, wh)
+        getattr(kern.lib, f"lstm_backward_{_suffix(dt)}")(
+            ctypes.byref(kern.blas), plan.threads, _ptr(split), T, B, H, _ptr(lens), int(reverse), _ptr(G),
+            _ptr(cp), _ptr(tc), _ptr(dys), _ptr(w_loop), _ptr(dhs), _ptr(dcs), _ptr(dG),
+            _ptr(db))
+        dG = dG.reshape(T * B, H4)  # the stacked gate gradients: every weight gradient is one GEMM
+        d_wi = _gemm(kern, 1, 0, dG, xs.reshape(T * B, I), np.empty((H4, I), dt), 0.0, plan.threads) \
+            if need_wi else None
+        d_wh = _gemm(kern, 1, 0, dG, hp.reshape(T * B, H), np.empty((H4, H), dt), 0.0, plan.threads) \
+            if need_wh else None
+        d_x = _matmul(kern, dG, wi, plan.threads).reshape(T, B, I) if need_x else None
+    _WORKSPACE.give(dG.reshape(T, B, H4))
+    as_t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
+    d_b = torch.from_numpy(db) if need_b else None
+    return (as_t(d_x), as_t(d_wi), as_t(d_wh), d_b, as_t(dhs) if need_h0 else None,
+            as_t(dcs) if need_c0 else None, None, None, None, None)
