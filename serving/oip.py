@@ -24,18 +24,9 @@ import numpy as np
 from .bodies import json_object, v2_error
 from .state_token import TokenError, sign, verify
 from .streaming import StreamError
+from .v2_tensors import NAMES, V2Error, decode_tensor, is_int, params_of
 
-DATATYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
-             "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
-             "FP32": np.float32, "FP64": np.float64}
-NAMES = {np.dtype(v): k for k, v in DATATYPES.items()}
 HEADER = "inference-header-content-length"
-
-
-class V2Error(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 def _shape(spec_shape) -> list[int]:
@@ -51,38 +42,6 @@ def split_body(raw: bytes, header_length: str | None) -> tuple[dict, bytes]:
     else:
         head, blob = raw, b""
     return json_object(head), blob
-
-
-def decode_tensor(t, blob: bytes, offset: int) -> tuple[np.ndarray, int]:
-    """One request tensor as numpy, and the offset past its binary bytes."""
-    if not isinstance(t, dict) or not isinstance(t.get("name"), str):
-        raise V2Error(400, "each input needs a 'name', a 'shape', a 'datatype' and 'data' (or binary_data_size)")
-    name, dt = t["name"], t.get("datatype")
-    if dt not in DATATYPES:
-        raise V2Error(400, f"input {name!r}: datatype {dt!r} is not one of {', '.join(DATATYPES)}")
-    shape = t.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise V2Error(400, f"input {name!r}: 'shape' must be a list of non-negative integers")
-    size = int(np.prod(shape, dtype=np.int64))
-    params = t.get("parameters") or {}
-    nbytes = params.get("binary_data_size")
-    dtype = np.dtype(DATATYPES[dt])
-    if nbytes is not None:
-        if not isinstance(nbytes, int) or nbytes != size * dtype.itemsize or offset + nbytes > len(blob):
-            raise V2Error(400, f"input {name!r}: binary_data_size {nbytes!r} does not match shape {shape} of {dt}, "
-                               "or runs past the body")
-        return np.frombuffer(blob, dtype, size, offset).reshape(shape).copy(), offset + nbytes
-    data = t.get("data")
-    if data is None:
-        raise V2Error(400, f"input {name!r} has no 'data' (and no binary_data_size)")
-    try:
-        a = np.asarray(data, dtype=dtype)
-    except (ValueError, TypeError, OverflowError):
-        raise V2Error(400, f"input {name!r}: 'data' does not hold {dt} values") from None
-    if a.size != size:
-        raise V2Error(400, f"input {name!r}: 'data' holds {a.size} values, shape {shape} needs {size}")
-    return a.reshape(shape), offset
 
 
 def _bool_param(params: dict, key: str) -> bool:
@@ -107,26 +66,27 @@ class V2Model:
                         for s in self.outputs],
             "parameters": {"sequence": True, "state_tokens": key is not None},
         }
-        self._sequences: dict[str, str] = {}  # sequence id -> stream id (without a key)
+        self._sequences: dict[int | str, str] = {}  # sequence id -> stream id (without a key)
         self._lock = threading.Lock()
 
     def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
         """The response JSON and the binary outputs that follow it (empty for all-JSON)."""
-        params = body.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise V2Error(400, "'parameters' must be an object")
+        params = params_of(body, "the request")
+        if "id" in body and not isinstance(body["id"], str):
+            raise V2Error(400, f"'id' must be a string, got {type(body['id']).__name__}")
         inputs = body.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1:
             raise V2Error(400, f"send one input, {self.data_name!r} (the stream's state is kept by the server)")
-        data, _ = decode_tensor(inputs[0], blob, 0)
-        if inputs[0]["name"] != self.data_name:
-            raise V2Error(400, f"input {inputs[0]['name']!r} is not this model's; it takes {self.data_name!r}")
+        name = inputs[0].get("name") if isinstance(inputs[0], dict) else None
+        if isinstance(name, str) and name != self.data_name:
+            raise V2Error(400, f"input {name!r} is not this model's; it takes {self.data_name!r}")
+        data, _ = decode_tensor(inputs[0], blob, 0, self.metadata["inputs"][0])
         if data.ndim != len(self.session.data_spec.shape) or data.shape[self.batch_axis] != 1:
             raise V2Error(400, f"input {self.data_name!r} has shape {list(data.shape)}: send one stream, batch 1 "
                                f"(metadata shape {self.metadata['inputs'][0]['shape']})")
         chunk = np.take(data, 0, axis=self.batch_axis)
         seq = params.get("sequence_id")
-        if seq is not None and (isinstance(seq, bool) or not isinstance(seq, (int, str)) or seq in (0, "")):
+        if seq is not None and not (is_int(seq) and seq != 0 or isinstance(seq, str) and seq):
             raise V2Error(400, f"sequence_id must be a non-zero integer or a non-empty string, got {seq!r}")
         start, end = _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
         out_params: dict = {}
@@ -137,7 +97,7 @@ class V2Model:
             if not end:
                 out_params["state_token"] = sign(self.key, self.session.source.digest, seq, state)
         else:
-            outs = self._run_sequence(chunk, str(seq), start, end)
+            outs = self._run_sequence(chunk, seq, start, end)  # 7 and "7" are two sequences, as in Triton
         if seq is not None:
             out_params.update(sequence_id=seq, sequence_start=start, sequence_end=end)
         return self._response(body, outs, out_params)
@@ -168,7 +128,7 @@ class V2Model:
         finally:
             self.session.close(sid)
 
-    def _run_sequence(self, chunk, seq: str, start: bool, end: bool):
+    def _run_sequence(self, chunk, seq: int | str, start: bool, end: bool):
         with self._lock:
             sid = self._sequences.get(seq)
             if start:
@@ -200,9 +160,9 @@ class V2Model:
 
     def _response(self, body: dict, outs: dict, params: dict) -> tuple[dict, list[bytes]]:
         wanted = body.get("outputs")
-        binary_default = _bool_param(body.get("parameters") or {}, "binary_data_output")
+        binary_default = _bool_param(params_of(body, "the request"), "binary_data_output")
         names = [o.name for o in self.outputs]
-        if wanted is None:
+        if "outputs" not in body:
             wanted = [{"name": n} for n in names]
         if not isinstance(wanted, list):
             raise V2Error(400, "'outputs' must be a list of {'name': ...}")
@@ -213,7 +173,7 @@ class V2Model:
                 raise V2Error(400, f"output {name!r} is not this model's; it gives {', '.join(names)}")
             a = np.ascontiguousarray(np.expand_dims(outs[name], self.batch_axis))
             t = {"name": name, "datatype": NAMES[a.dtype], "shape": list(a.shape)}
-            if _bool_param(w.get("parameters") or {}, "binary_data") or binary_default:
+            if _bool_param(params_of(w, f"output {name!r}"), "binary_data") or binary_default:
                 t["parameters"] = {"binary_data_size": a.nbytes}
                 blobs.append(a.tobytes())
             else:

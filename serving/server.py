@@ -43,6 +43,7 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
     from fastapi.responses import PlainTextResponse, Response
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     cfg = cfg or ServerConfig()
     session = StreamingSession(model, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
@@ -88,6 +89,17 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
         if request.url.path.startswith("/v2"):
             return v2_error(400, str(exc))
         return v1_error(400, "malformed_json", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        # an unknown route or method: each protocol's error body, not FastAPI's {"detail": ...}
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += "; the routes are listed in docs/serving.md"
+        if request.url.path.startswith("/v2"):
+            return v2_error(exc.status_code, message)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return v1_error(exc.status_code, code, message)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):

@@ -21,7 +21,8 @@ import numpy as np
 
 from common.errors import UserError
 
-MAGIC = b"lstm-export-state-1\0"
+# 2: the sequence digest covers the id's type; a version-1 token is refused as not this format
+MAGIC = b"lstm-export-state-2\0"
 _HEAD = struct.Struct("<32s16sQII")  # model digest, sequence digest, steps, layers, hidden
 MAC_BYTES = 32
 MIN_KEY_BYTES = 16
@@ -63,7 +64,10 @@ def load_key(path: str | None) -> bytes | None:
 
 
 def _sequence_digest(sequence_id) -> bytes:
-    return hashlib.sha256(str(sequence_id).encode()).digest()[:16]
+    # the id's type is part of it: 7 and "7" are two sequences (as in Triton), and a token made for
+    # one does not continue the other
+    kind = "int" if isinstance(sequence_id, int) else "str"
+    return hashlib.sha256(f"{kind}:{sequence_id}".encode()).digest()[:16]
 
 
 def sign(key: bytes, model_digest: str, sequence_id, state: StreamState) -> str:
@@ -84,7 +88,10 @@ def verify(key: bytes, token, model_digest: str, sequence_id, layers: int, hidde
     except (ValueError, TypeError):  # binascii.Error is a ValueError
         raise TokenError("state_token is not base64url; send it as the previous response gave it") from None
     size = len(MAGIC) + _HEAD.size + 2 * layers * hidden * 4 + MAC_BYTES
-    if len(raw) != size or not raw.startswith(MAGIC):
+    if not raw.startswith(MAGIC):
+        raise TokenError("state_token does not begin as this server's state tokens do (edited, from another "
+                         "version of lstm-export, or not a state token); send it as the previous response gave it")
+    if len(raw) != size:
         raise TokenError(f"state_token is {len(raw)} bytes, not the {size} of this model's state "
                          "(truncated, edited, or made for another model)")
     payload, mac = raw[:-MAC_BYTES], raw[-MAC_BYTES:]
