@@ -30,6 +30,11 @@ def add_command(sub) -> None:
                    help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local instance")
     p.add_argument("--ray-logs", action="store_true", help="show Ray's own start-up and serving logs")
     for f in fields(ServerConfig):  # one flag per limit, same name, same default
+        if isinstance(f.default, bool):  # a switch: off unless given
+            p.add_argument(f"--{f.name.replace('_', '-')}", action="store_true",
+                           help="let ONNX Runtime's threads spin after each run (faster back-to-back calls, "
+                                "cores taken from the server's other work)" if f.name == "ort_spinning" else None)
+            continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=LIMITS.get(f.name, type(f.default)), default=f.default,
                        help=f"(default: {f.default})")
     p.set_defaults(func=cmd_serve)

@@ -49,8 +49,11 @@ class OrtCpuRuntime(Runtime):
     name = "ort-cpu"
     providers = ["CPUExecutionProvider"]
 
-    def __init__(self, threads: int | None = None, optimize: bool = True):
-        self.threads, self.optimize = threads, optimize
+    def __init__(self, threads: int | None = None, optimize: bool = True, spin: bool = True):
+        """spin=False: the pool's threads sleep as soon as a run ends. ORT's default spins them for a
+        while after each run, which is fastest for back-to-back calls but takes the cores a server's
+        other work (HTTP, JSON, the next request) needs; serving turns it off."""
+        self.threads, self.optimize, self.spin = threads, optimize, spin
         self.session = None
         self.placements: dict[str, tuple[str, str]] = {}
 
@@ -71,6 +74,9 @@ class OrtCpuRuntime(Runtime):
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
+        if not self.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not self.optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 4  # fatal only: a failed run is raised (and reported once) by us, not logged

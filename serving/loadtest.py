@@ -39,7 +39,7 @@ def reference_logits(sess, ids: np.ndarray) -> np.ndarray:
 
 def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int = 20, chunk_len: int = 8,
                 vocab_size: int = 64, seed: int = 0, timeout_s: float = 30.0, protocol: str = "v1",
-                model_name: str = "lm.streaming", replicas: int = 1) -> LoadResult:
+                model_name: str = "lm.streaming", replicas: int = 1, label: str | None = None) -> LoadResult:
     """Each client opens a stream and sends `chunks` chunks of `chunk_len` random token ids: on /v1,
     or on the Open Inference Protocol's /v2 infer as one sequence (carrying its state token when
     the server signs one)."""
@@ -102,7 +102,7 @@ def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int
             mismatches += 1
     lat = np.array(latencies) * 1000
     n = clients * chunks
-    return LoadResult(protocol, replicas, clients, n, errors[0], mismatches, round(seconds, 3), round(n / seconds, 1),
+    return LoadResult(label or protocol, replicas, clients, n, errors[0], mismatches, round(seconds, 3), round(n / seconds, 1),
                       round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 99)), 2))
 
 
@@ -115,11 +115,13 @@ def free_port() -> int:
 class ServerProcess:
     """`lstm-export serve` in its own process on a loopback port, for as long as the with-block lasts."""
 
-    def __init__(self, model_path: str | Path, *flags: str, env: dict | None = None):
+    def __init__(self, model_path: str | Path, *flags: str, env: dict | None = None, bare: bool = False):
+        """bare: the baseline endpoint (serving/bare.py) over the same model instead of `serve`."""
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "cli", "serve", str(model_path), "--port", str(self.port), *flags]
+        command = ["serving.bare"] if bare else ["cli", "serve"]
+        self.cmd = [sys.executable, "-m", *command, str(model_path), "--port", str(self.port), *flags]
 
     def __enter__(self):
         import os

@@ -25,13 +25,14 @@ class ServerConfig:
 
     runtime: str = "ort-cpu"
     max_batch: int = 16
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.0
     max_streams: int = 256
     idle_timeout_s: float = 300.0
     max_chunk: int = 1024
     max_body_bytes: int = 1_000_000
     body_timeout_s: float = 10.0
     max_generate: int = 2000
+    ort_spinning: bool = False
 
 
 def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None):
@@ -47,7 +48,7 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     cfg = cfg or ServerConfig()
     session = StreamingSession(model, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
-                               cfg.idle_timeout_s, cfg.max_chunk)
+                               cfg.idle_timeout_s, cfg.max_chunk, ort_spinning=cfg.ort_spinning)
     registry = CollectorRegistry()  # one per app: no module-level state
     requests = Counter("lstm_requests_total", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram("lstm_request_seconds", "request latency", ["route"], registry=registry,

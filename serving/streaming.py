@@ -1,9 +1,11 @@
 """Stateful streaming over an ONNX model with (h, c) inputs and outputs, many streams on one runtime.
 
 `open()` a stream, `feed(stream, chunk)` returns the outputs and keeps the state, `close(stream)`.
-Concurrent feeds are micro-batched: a worker thread takes the first waiting request, waits up to
-`max_wait_ms` for more (at most `max_batch`), stacks those with the same chunk shape along the batch
-axis with their states, runs once, and splits the results. The LSTM treats batch rows independently,
+Concurrent feeds are batched continuously: a worker thread takes every request waiting when the
+runtime comes free (at most `max_batch`), stacks those with the same chunk shape along the batch
+axis with their states, runs once, and splits the results; the requests that arrive during a run
+form the next batch. A request alone never waits for company unless `max_wait_ms` > 0 asks for
+bigger batches at that cost. The LSTM treats batch rows independently,
 so a batched result equals feeding each stream alone (to float rounding of the batched GEMM).
 """
 from __future__ import annotations
@@ -67,14 +69,17 @@ class StreamingSession:
             (data, h_0, c_0) and outputs (data, h_n, c_n), as `lstm-export export --mode streaming` writes.
         runtime: a runtime name ("ort-cpu", "ort-cuda", "tvm-llvm") or a Runtime object.
         max_batch: most chunks run together.
-        max_wait_ms: how long the batcher waits for more chunks after the first.
+        max_wait_ms: how long the batcher may wait for more chunks after those already queued
+            (default 0: none; it runs what is there as soon as the runtime is free).
         max_streams: open streams allowed at once.
         idle_timeout_s: streams unused this long are closed.
         max_chunk: longest chunk (time steps) accepted.
+        ort_spinning: for an ONNX Runtime named by `runtime`, let its threads spin after runs.
     """
 
-    def __init__(self, model, runtime: str | Runtime = "ort-cpu", max_batch: int = 16, max_wait_ms: float = 2.0,
-                 max_streams: int = 1024, idle_timeout_s: float = 600.0, max_chunk: int = 4096):
+    def __init__(self, model, runtime: str | Runtime = "ort-cpu", max_batch: int = 16, max_wait_ms: float = 0.0,
+                 max_streams: int = 1024, idle_timeout_s: float = 600.0, max_chunk: int = 4096,
+                 ort_spinning: bool = False):
         self.source = source = open_model(model)  # read once, here
         ins, outs = source.inputs, source.outputs
         names = [s.name for s in ins]
@@ -93,12 +98,18 @@ class StreamingSession:
         self.layers, self.hidden = int(self.state_spec.shape[0]), int(self.state_spec.shape[2])
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_streams, self.idle_timeout, self.max_chunk = max_streams, idle_timeout_s, max_chunk
-        self.runtime = get_runtime(runtime) if isinstance(runtime, str) else runtime
+        if isinstance(runtime, str):  # ONNX Runtime's threads sleep between runs unless asked (runtimes/ort.py)
+            kw = {"spin": ort_spinning} if runtime.startswith("ort-") else {}
+            runtime = get_runtime(runtime, **kw)
+        self.runtime = runtime
         self.runtime.prepare(source)
         self.stats = StreamingStats()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
+        # held for each runtime call: a feed that finds it free and nobody queued runs in its own
+        # thread at once (no hop through the batcher and back); the batcher takes what queues meanwhile
+        self._run_lock = threading.Lock()
         self._worker = threading.Thread(target=self._loop, name="lstm-export-batcher", daemon=True)
         self._worker.start()
 
@@ -180,6 +191,14 @@ class StreamingSession:
             if stream_id not in self._streams:
                 raise StreamError(f"unknown stream {stream_id!r}", status=404)
         req = _Request(stream_id, chunk)
+        # with max_wait > 0 the user asked for fuller batches: every request then goes through the batcher
+        if self.max_wait == 0 and self._queue.empty() and self._run_lock.acquire(blocking=False):
+            try:
+                if self._queue.empty():  # still nobody waiting: this request alone, now
+                    self._run_group([req])
+                    return req.future.result(timeout=0)
+            finally:
+                self._run_lock.release()
         self._queue.put(req)
         return req.future.result(timeout=timeout)
 
@@ -197,21 +216,21 @@ class StreamingSession:
             first = self._queue.get()
             if first is None:
                 return
-            pending = [first]
-            deadline = time.monotonic() + self.max_wait
-            while len(pending) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                try:
-                    nxt = self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                pending.append(nxt)
-            self._run_batches(pending)
+            with self._run_lock:  # the runtime is free: all that queued during the last run joins
+                pending = [first]
+                deadline = time.monotonic() + self.max_wait
+                while len(pending) < self.max_batch:
+                    # what is queued already joins without waiting; then up to max_wait for more
+                    left = deadline - time.monotonic()
+                    try:
+                        nxt = self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    pending.append(nxt)
+                self._run_batches(pending)
 
     def _run_batches(self, pending: list[_Request]) -> None:
         """Groups by chunk shape, one chunk per stream per run (a stream's later chunk waits its turn)."""

@@ -111,3 +111,56 @@ def test_streaming_on_tvm_llvm_equals_ort(lm_streaming):
             outs[runtime] = [s.feed(a, ids[:10])["logits"], s.feed(b, ids[:4])["logits"], s.feed(a, ids[10:])["logits"]]
     for x, y in zip(outs["ort-cpu"], outs["tvm-llvm"]):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_batching_is_continuous_and_a_lone_request_never_waits(lm_streaming):
+    """max_wait_ms=0 (the default): a request alone runs at once (in its caller's thread), and the
+    requests that arrive while a run is in progress form the next batch together. The runtime is ONNX Runtime with a gate that
+    holds the first run until four more requests are queued."""
+    from runtimes.ort import OrtCpuRuntime
+    lm, path = lm_streaming
+    release, entered = threading.Event(), threading.Event()
+
+    class Gated(OrtCpuRuntime):
+        def _run(self, feeds):
+            if not entered.is_set():
+                entered.set()
+                assert release.wait(10)
+            return super()._run(feeds)
+
+    rng = np.random.default_rng(2)
+    chunks = [rng.integers(0, 12, 4) for _ in range(5)]
+    with StreamingSession(path, Gated(spin=False)) as s:
+        assert s.max_wait == 0
+        sids = [s.open() for _ in chunks]
+        queued, put = [], s._queue.put
+        s._queue.put = lambda r: queued.append(r) or put(r)  # counts the requests that had to queue
+        out = {}
+        threads = [threading.Thread(target=lambda k=k: out.setdefault(k, s.feed(sids[k], chunks[k])["logits"]))
+                   for k in range(5)]
+        threads[0].start()
+        assert entered.wait(10)  # the first request runs alone, with nobody else queued
+        for t in threads[1:]:
+            t.start()
+        while len(queued) < 4:  # the other four wait behind the running one
+            threading.Event().wait(0.005)
+        release.set()
+        for t in threads:
+            t.join()
+        assert s.stats.batch_sizes == {1: 1, 4: 1}, s.stats.batch_sizes
+    for k in range(5):
+        np.testing.assert_allclose(out[k], _torch_logits(lm, chunks[k]), atol=1e-5)
+
+
+def test_serving_sessions_turn_onnx_runtimes_spinning_off(lm_streaming):
+    """The ORT session a server runs has its threads' spinning off unless asked (read back from
+    ONNX Runtime's own session options)."""
+    _, path = lm_streaming
+    for spinning in (False, True):
+        with StreamingSession(path, "ort-cpu", ort_spinning=spinning) as s:
+            entries = s.runtime.session.get_session_options()
+            if spinning:
+                with pytest.raises(Exception):
+                    entries.get_session_config_entry("session.intra_op.allow_spinning")  # ORT's default: spin
+            else:
+                assert entries.get_session_config_entry("session.intra_op.allow_spinning") == "0"
