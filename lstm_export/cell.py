@@ -10,6 +10,12 @@ from torch import Tensor
 State = tuple[Tensor, Tensor]
 
 
+def step_mask(T: int, lengths: Tensor) -> Tensor:
+    """(T, B, 1) bool, True on the steps each of the B sequences has (lengths (B,) in [0, T])."""
+    steps = torch.arange(T).unsqueeze(1)  # (T, 1)
+    return (steps < lengths.unsqueeze(0)).unsqueeze(-1)
+
+
 def lstm_gates(gates: Tensor, c: Tensor) -> State:
     """The LSTM state update from fused pre-activations (.., 4H) in PyTorch order i, f, g, o."""
     i, f, g, o = gates.chunk(4, dim=-1)  # each (B, H)

@@ -32,7 +32,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import native
-from .cell import recur
+from .cell import recur, step_mask
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -246,10 +246,7 @@ def _recomputed_backward(ctx, dy, dh, dc):
         x, w_ih, w_hh, b, h0, c0 = ins
         back = torch.argsort(plan.order)  # blocked row -> PyTorch row
         xw = x @ w_ih[back].t() + b[back]  # (T, B, 4H)
-        mask = None
-        if lens is not None:
-            steps = torch.arange(x.shape[0]).unsqueeze(1)  # (T, 1)
-            mask = (steps < torch.from_numpy(lens).unsqueeze(0)).unsqueeze(-1)  # (T, B, 1)
+        mask = None if lens is None else step_mask(x.shape[0], torch.from_numpy(lens))  # (T, B, 1)
         y, (h, c) = recur(xw, w_hh[back], h0, c0, mask, reverse)
         grads = torch.autograd.grad((y, h, c), [ins[k] for k in wanted], (dy, dh, dc),
                                     create_graph=create_graph, allow_unused=True)

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from common.errors import UserError
 
 from . import fused
-from .cell import State, lstm_gates, recur
+from .cell import State, lstm_gates, recur, step_mask
 
 
 def _check_args(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0) -> None:
@@ -214,8 +214,7 @@ class LSTM(nn.Module):
             # 0 is a sequence with no steps (as ONNX's sequence_lens allows): zeros out, the initial state kept
             if lengths.shape != (B,) or (B and (int(lengths.max()) > T or int(lengths.min()) < 0)):
                 raise ValueError(f"lengths must be B={B} integers in [0, {T}], got {lengths.tolist()}")
-            steps = torch.arange(T).unsqueeze(1)  # (T, 1)
-            mask = (steps < lengths.unsqueeze(0)).to(x.device).unsqueeze(-1)  # (T, B, 1) bool
+            mask = step_mask(T, lengths).to(x.device)  # (T, B, 1) bool
 
         h_n, c_n = [], []
         layer_in = x
