@@ -32,7 +32,7 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
     from tvm.relax.frontend.onnx import from_onnx
 
     from .native_log import native_stderr_to_log
-    from .registry import lstm_registered
+    from .registry import ConvertFailure, lstm_registered
     printed = io.StringIO()  # the frontend prints "Error converting operator X, with inputs: ..." itself
     failure = None
     with native_stderr_to_log("TVM import"):
@@ -43,9 +43,12 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
             ops = str(e).split(":", 1)[-1].strip().splitlines()[0]
             failure = UserError(f"TVM cannot import this model: no converter for operator(s) {ops}")
         except UserError as e:
-            failure = UserError(str(e))
+            failure = type(e)(str(e))
+        except ConvertFailure as e:
+            where = f"{e.op} node {e.node!r}" if e.node else f"a {e.op} node"
+            failure = _failure(model, f"TVM cannot import {where}: {first_line(e.cause, 200).rstrip('.')}")
         except Exception as e:  # one line: the op, the node, TVM's reason
-            failure = UserError(_import_failure(model, printed.getvalue(), first_line(e, 200)))
+            failure = _import_failure(model, printed.getvalue(), first_line(e, 200))
         # the failed import's frames (and the BlockBuilder they hold, which warns when destroyed)
         # are freed here, while TVM's log still goes to the debug log
         import gc
@@ -53,7 +56,9 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
     raise failure
 
 
-def _import_failure(model, printed: str, why: str) -> str:
+def _import_failure(model, printed: str, why: str) -> UserError:
+    """One line naming the node TVM failed on and its reason: a SymbolicShapeError when the model has
+    symbolic input dims (static shapes may cure it), else a UserError."""
     from .simplify import all_nodes
     nodes_all = list(all_nodes(model.graph))  # If/Loop/Scan bodies too: exporters wrap whole models in If
     found = re.search(r"Error converting operator (\w+)", printed)
@@ -61,22 +66,23 @@ def _import_failure(model, printed: str, why: str) -> str:
     if op is None:  # TVM's own message may start with the op ("Squeeze axis 2 has a symbolic extent ...")
         first = why.split(maxsplit=1)[0] if why else ""
         op = first if any(n.op_type == first for n in nodes_all) else None
-    nodes = [n.name or f"#{i}" for i, n in enumerate(nodes_all) if n.op_type == op]
+    named = re.search(r"\bNode (\S+) ", why)  # TVM's "Node node_2 cannot handle ShapeExpr inputs"
+    hit = [n for n in nodes_all if named and n.name == named.group(1)]
+    if op is None and len(hit) == 1:
+        op = hit[0].op_type
+    nodes = [n.name or f"#{i}" for i, n in enumerate(nodes_all) if n.op_type == op and (not hit or n in hit)]
     where = (f"{op} node {nodes[0]!r}" if len(nodes) == 1 else
              f"one of the {op} nodes ({', '.join(map(repr, nodes[:4]))})" if nodes else "this model")
-    hint = ""
-    if "ynamic" in why or "symbolic" in why:
-        from ..model_io import input_specs
-        open_dims = [(s.name, s.shape) for s in input_specs(model)
-                     if any(not (isinstance(d, int) and d > 0) for d in s.shape)]
-        if open_dims:
-            def dims(sh):
-                return "x".join(str(d) if isinstance(d, int) and d > 0 else f"<{d if d != '?' else f'dim{k}'}>"
-                                for k, d in enumerate(sh))
-            shown = " ".join(f"--input-shape {n}={dims(sh)}" for n, sh in open_dims)
-            hint = (f"; the model has symbolic input dims: compile it for the sizes you run, "
-                    f"`lstm-export compile MODEL {shown}` (numbers for the <names>)")
-    return f"TVM cannot import {where}: {why}{hint}"
+    return _failure(model, f"TVM cannot import {where}: {why.rstrip('.')}")
+
+
+def _failure(model, text: str) -> UserError:
+    from common.errors import SymbolicShapeError
+
+    from ..model_io import input_specs
+    symbolic = any(not (isinstance(d, int) and d > 0) for s in input_specs(model) for d in s.shape)
+    return SymbolicShapeError(text) if symbolic else UserError(
+        f"{text}; run it with --runtime ort-cpu meanwhile, and report the model with this line")
 
 
 def legalize_cpu(mod, target):
@@ -85,6 +91,20 @@ def legalize_cpu(mod, target):
     from tvm.relax.backend.cpu_generic import legalize_passes
     with target:
         return tvm.transform.Sequential(legalize_passes(target))(mod)
+
+
+def build(model, mod, target, database=None, lanes: int = 16):
+    """compile_module, with TVM's failures as one line (a SymbolicShapeError on a model with symbolic
+    input dims); TVM's C++ log lines go to the debug log."""
+    from .native_log import native_stderr_to_log
+    with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
+        try:
+            return compile_module(mod, target, database, lanes)
+        except UserError:
+            raise
+        except Exception as e:
+            failure = _failure(model, f"TVM cannot build this model: {first_line(e, 200)}")
+    raise failure
 
 
 def compile_module(mod, target, database=None, lanes: int = 16):
@@ -196,12 +216,14 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
 
     from ..model_io import bind_shapes
     from .simplify import needs_simplifying, simplify
+    from .slice_bounds import clamp_slice_bounds
     source = open_model(model_path)
     model = source.onnx()
     static, dims = bind_shapes(source.inputs, dict(input_shapes or {}), dims) if input_shapes else ({}, dims)
     values = dict(input_values or {})
     if dims or static or values or needs_simplifying(model):  # shape arithmetic TVM cannot take: folded first
         model = simplify(model, dims, static, values, source.inputs)
+    model = clamp_slice_bounds(model)  # a flip's end=-INT64_MAX overflows TVM's int64 on a symbolic axis
     tgt = parse_target(target, threads, arch)
     kind = tgt.kind.name
     choice = bf16 = None
@@ -241,8 +263,6 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
                             f"`lstm-export compile MODEL.onnx --tune --trials N --tuning-db {db_dir}`")
     elif tune_trials > 0:
         raise UserError("--tune works with llvm targets only (CUDA kernels are scheduled by dlight)")
-    from .native_log import native_stderr_to_log
-    built = None
     if choice is not None and choice.source == "measured":
         plan, _, choice = _measured_plan(model, source, tgt, plan, mod, db, static, values, dims,
                                          choice.budget_s, progress)
@@ -250,10 +270,11 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
         # its VM's state, and every load of that model.so printed TVM's "Scope Loaded" warnings.
         if choice.chosen != "derived":
             mod = import_onnx(model, plan=plan)
-    with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
-        ex, from_db, owned = built or compile_module(mod, tgt, db, plan.lanes if plan else 16)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    ex, from_db, owned = build(model, mod, tgt, db, plan.lanes if plan else 16)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from .native_log import native_stderr_to_log
+    with native_stderr_to_log("TVM export"):
         lib = _export(ex, tgt, plan, out, bf16 is not None)
     meta = {
         "inputs": [_spec(s, static.get(s.name)) for s in source.inputs if s.name not in values],
@@ -303,12 +324,8 @@ def _measured_plan(model, source, tgt, base, mod, db, static, values, dims, budg
     feeds = {s.name: feeds[s.name] for s in source.inputs if s.name not in values}
     def say(text):  # a few seconds in all: one line per candidate, on a terminal or not
         print(f"compile: building {text} to time it", file=sys.stderr, flush=True)
-    from .native_log import native_stderr_to_log
-
-    def build(plan, m):
-        with native_stderr_to_log("TVM build"):
-            return compile_module(m, tgt, db, plan.lanes)
-    return select(model, tgt, base, lambda m, plan: import_onnx(m, plan=plan), build, feeds, budget_s,
+    return select(model, tgt, base, lambda m, plan: import_onnx(m, plan=plan),
+                  lambda plan, m: build(model, m, tgt, db, plan.lanes), feeds, budget_s,
                   derived_mod=mod, progress=say if progress else None)
 
 
