@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import SymbolicShapeError, UserError
 
 from .types import check_out_folder
 
@@ -16,11 +16,14 @@ def cmd_compile(args) -> int:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
     from runtimes.model_io import parse_dims, parse_input_shapes, parse_input_values
-    compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
-                            tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim),
-                            input_shapes=parse_input_shapes(args.input_shape),
-                            input_values=parse_input_values(args.input_value), plan_budget_s=args.plan_budget_s,
-                            precision=args.precision)
+    shapes = parse_input_shapes(args.input_shape)
+    try:
+        compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,
+                                tune_trials=args.trials if args.tune else 0, dims=parse_dims(args.dim),
+                                input_shapes=shapes, input_values=parse_input_values(args.input_value),
+                                plan_budget_s=args.plan_budget_s, precision=args.precision)
+    except SymbolicShapeError as e:
+        raise UserError(_with_hint(e, args, shapes)) from None
     lib, meta = compiled.library, compiled.meta
     tuning = meta.get("tuning")
     if tuning:
@@ -48,6 +51,18 @@ def cmd_compile(args) -> int:
         print(f"kernels from the tuning database: {meta['kernels_from_db']}"
               + (f" ({meta['tuning_db']})" if meta["tuning_db"] else " (none for this CPU; --tune makes one)"))
     return 0
+
+
+def _with_hint(e, args, shapes) -> str:
+    """The failure, and the --input-shape arguments that make it compile when there are such
+    (shape_hint compiles with them first; a hint that does not work is not given)."""
+    from runtimes.source import open_model
+    from runtimes.tvm_lstm.shape_hint import shape_hint
+    hint = None if shapes or args.dim or args.input_value else shape_hint(open_model(args.model), args.target)
+    if hint is None:
+        return f"{e}; run it with --runtime ort-cpu meanwhile, and report the model with this line"
+    return (f"{e}; the model has symbolic input dims: compile it for the sizes you run, `lstm-export compile "
+            f"{args.model} {hint[0]}` (numbers for the <names>; it compiles with {hint[1]})")
 
 
 def _check_artifact_folder(out: Path, force: bool) -> None:

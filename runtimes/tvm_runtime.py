@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from common.errors import UserError
+from common.errors import SymbolicShapeError, UserError
 
 from .base import Availability, Runtime
 
@@ -55,9 +55,7 @@ class TvmLlvmRuntime(Runtime):
         else:
             try:
                 compiled, where = self._compile(source), self.compile_target
-            except UserError as e:
-                if not _symbolic(source) or not _shape_bound(str(e)):
-                    raise
+            except SymbolicShapeError as e:
                 # the feeds fix every dim: run compiles for their shapes (compile --input-shape does this)
                 self._deferred = (source, e)
                 return
@@ -176,16 +174,6 @@ def _switch_inputs(source) -> list[str]:
         return []
     return [s.name for s in source.inputs
             if not s.shape and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
-
-
-def _symbolic(source) -> bool:
-    return any(not (isinstance(d, int) and d > 0) for s in source.inputs for d in s.shape)
-
-
-def _shape_bound(message: str) -> bool:
-    """Whether an import error is one that static input shapes can cure (a symbolic extent where
-    TVM needs a static one, or shape arithmetic on a symbolic dim)."""
-    return any(w in message for w in ("symbolic", "ynamic", "--input-shape", "--dim"))
 
 
 def _x(shape) -> str:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import tvm
 from tvm.relax.frontend.onnx import onnx_frontend
+
+from common.errors import UserError
 
 from .converter import LSTM
 from .gru_rnn import GRU, RNN
@@ -34,11 +37,31 @@ def lstm_registered(cuda: bool = False, plan=None, bf16=None):
             table.update(gathers, LSTM=converter, GRU=gru, RNN=rnn)
             return table
 
-        onnx_frontend._get_convert_map = with_lstm
+        importer = onnx_frontend.ONNXGraphImporter
+        convert = importer._convert_operator
+
+        def named(self, op_name, inputs, attrs, opset):  # a converter's failure, with the node it was on
+            try:
+                return convert(self, op_name, inputs, attrs, opset)
+            except (UserError, tvm.error.OpNotImplemented, ConvertFailure):
+                raise
+            except Exception as e:
+                raise ConvertFailure(op_name, attrs.get("tvm_custom", {}).get("name") or "", e) from e
+
+        onnx_frontend._get_convert_map, importer._convert_operator = with_lstm, named
         try:
             yield
         finally:
-            onnx_frontend._get_convert_map = original
+            onnx_frontend._get_convert_map, importer._convert_operator = original, convert
+
+
+class ConvertFailure(Exception):
+    """TVM's converter for `op` failed on the node called `node` (in any graph: TVM's importer
+    names only top-level nodes in what it prints) with `cause`."""
+
+    def __init__(self, op: str, node: str, cause: Exception):
+        super().__init__(f"{op} node {node!r}: {cause}")
+        self.op, self.node, self.cause = op, node, cause
 
 
 _CONVERT_MAP_LOCK = threading.RLock()

@@ -131,10 +131,15 @@ def _fold_graph(model, g, outer_dims: dict, outer_consts: dict) -> int:
     for i, n in enumerate(g.node):
         if n.op_type == "Shape" and n.output[0] in shapes and None not in shapes[n.output[0]]:
             folded[i] = [np.array(shapes[n.output[0]], np.int64)]
-        elif n.op_type == "Gather" and n.input[0] in shapes and n.input[1] in consts:
-            picked = np.take(np.array(shapes[n.input[0]], dtype=object), consts[n.input[1]].astype(np.int64))
-            if not any(v is None for v in np.atleast_1d(picked)):
+        elif n.op_type == "Size" and n.input[0] in dims and None not in dims[n.input[0]]:
+            folded[i] = [np.array(int(np.prod(dims[n.input[0]], dtype=np.int64)), np.int64)]
+        elif n.op_type in ("Gather", "Slice") and n.input[0] in shapes and len(n.input) >= 2 + (n.op_type == "Slice") \
+                and all(x in consts for x in n.input[1:] if x):
+            picked = _pick(n, np.array(shapes[n.input[0]], dtype=object), consts)
+            if picked is not None and not any(v is None for v in np.atleast_1d(picked)):
                 folded[i] = [np.array(picked, np.int64)]
+            elif picked is not None and np.ndim(picked) == 1:  # a slice still holding symbolic dims
+                shapes[n.output[0]] = list(picked)
         elif n.op_type in FOLDABLE and n.domain in ("", "ai.onnx") and n.input \
                 and all(x in consts for x in n.input if x):
             outs = _evaluate(model, n, consts)
@@ -154,10 +159,29 @@ def _fold_graph(model, g, outer_dims: dict, outer_consts: dict) -> int:
     return len(folded) + inner
 
 
+def _pick(node, shape, consts):
+    """Gather(shape, k) or Slice(shape, starts, ends[, axes, steps]) on an object array of dims
+    (None where symbolic), or None for a form not handled (an axis other than 0)."""
+    args = [consts[x].astype(np.int64) if x else None for x in node.input[1:]]
+    if node.op_type == "Gather":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        return np.take(shape, args[0]) if axis == 0 else None
+    starts, ends = args[0], args[1]
+    axes = args[2] if len(args) > 2 and args[2] is not None else np.zeros(1, np.int64)
+    steps = args[3] if len(args) > 3 and args[3] is not None else np.ones(1, np.int64)
+    if starts.size != 1 or axes.size != 1 or int(axes[0]) not in (0, -1):
+        return None
+    # Python's slice clamps out-of-range bounds as ONNX does, for either step sign
+    return shape[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+
+
 # shape arithmetic: cheap, deterministic ops whose results on constants are small
 FOLDABLE = {"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Abs", "Max", "Min", "Cast", "Concat", "Unsqueeze", "Squeeze",
             "Reshape", "Slice", "Transpose", "ConstantOfShape", "Range", "Expand", "Equal", "Where", "Less",
-            "Greater", "Not", "And", "Or", "Identity", "Floor", "Ceil"}
+            "Greater", "Not", "And", "Or", "Identity", "Floor", "Ceil", "Gather", "GatherElements", "Size",
+            "Shape", "ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin", "Split", "Tile", "Pow", "Sqrt",
+            "CastLike", "GreaterOrEqual", "LessOrEqual", "Sign", "Clip", "Round", "Flatten", "Reciprocal",
+            "Xor", "Exp", "Log"}
 MAX_FOLDED = 4096  # elements: no op here may turn a small constant into a large one
 
 

@@ -192,7 +192,7 @@ def test_compile_with_input_shapes_then_run_and_compare(cli_here, tmp_path, kind
     plain = cli_here("compile", path, "--out", tmp_path / "plain")
     if kind == "vad":  # the Squeeze on the symbolic time axis stops the symbolic import, in one line
         assert plain.returncode == 2 and plain.stderr.count("\n") == 1, plain.stderr
-        assert "Squeeze nodes (" in plain.stderr and "/Squeeze'" in plain.stderr  # the candidates, named
+        assert "Squeeze node '" in plain.stderr and "/Squeeze'" in plain.stderr  # the node, in its If branch
         assert "--input-shape input=<batch>x<samples>" in plain.stderr
     else:  # TVM takes this Reshape with the batch and width symbolic
         assert plain.returncode == 0, plain.stderr
