@@ -65,6 +65,11 @@ def _specs(values, initializers=()) -> list[TensorSpec]:
     return out
 
 
+def fixed_dim(d) -> bool:
+    """Whether a declared dim is a size (not a name, '?' or an exporter's -1)."""
+    return isinstance(d, int) and d > 0
+
+
 def input_specs(model) -> list[TensorSpec]:
     return _specs(model.graph.input, [i.name for i in model.graph.initializer])
 

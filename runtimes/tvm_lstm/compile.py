@@ -33,7 +33,7 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
 
     from .native_log import native_stderr_to_log
     from .registry import ConvertFailure, lstm_registered
-    printed = io.StringIO()  # the frontend prints "Error converting operator X, with inputs: ..." itself
+    printed = io.StringIO()  # the frontend prints "Error converting operator X, ...": no console text
     failure = None
     with native_stderr_to_log("TVM import"):
         try:
@@ -48,7 +48,7 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
             where = f"{e.op} node {e.node!r}" if e.node else f"a {e.op} node"
             failure = _failure(model, f"TVM cannot import {where}: {first_line(e.cause, 200).rstrip('.')}")
         except Exception as e:  # one line: the op, the node, TVM's reason
-            failure = _import_failure(model, printed.getvalue(), first_line(e, 200))
+            failure = _import_failure(model, first_line(e, 200))
         # the failed import's frames (and the BlockBuilder they hold, which warns when destroyed)
         # are freed here, while TVM's log still goes to the debug log
         import gc
@@ -56,16 +56,14 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
     raise failure
 
 
-def _import_failure(model, printed: str, why: str) -> UserError:
-    """One line naming the node TVM failed on and its reason: a SymbolicShapeError when the model has
-    symbolic input dims (static shapes may cure it), else a UserError."""
+def _import_failure(model, why: str) -> UserError:
+    """One line naming the node a failure outside the converters (those are ConvertFailures) was on,
+    and its reason: a SymbolicShapeError when the model has symbolic input dims (static shapes may
+    cure it), else a UserError."""
     from .simplify import all_nodes
     nodes_all = list(all_nodes(model.graph))  # If/Loop/Scan bodies too: exporters wrap whole models in If
-    found = re.search(r"Error converting operator (\w+)", printed)
-    op = found.group(1) if found else None
-    if op is None:  # TVM's own message may start with the op ("Squeeze axis 2 has a symbolic extent ...")
-        first = why.split(maxsplit=1)[0] if why else ""
-        op = first if any(n.op_type == first for n in nodes_all) else None
+    first = why.split(maxsplit=1)[0] if why else ""  # TVM's message may start with the op
+    op = first if any(n.op_type == first for n in nodes_all) else None
     named = re.search(r"\bNode (\S+) ", why)  # TVM's "Node node_2 cannot handle ShapeExpr inputs"
     hit = [n for n in nodes_all if named and n.name == named.group(1)]
     if op is None and len(hit) == 1:
@@ -79,8 +77,8 @@ def _import_failure(model, printed: str, why: str) -> UserError:
 def _failure(model, text: str) -> UserError:
     from common.errors import SymbolicShapeError
 
-    from ..model_io import input_specs
-    symbolic = any(not (isinstance(d, int) and d > 0) for s in input_specs(model) for d in s.shape)
+    from ..model_io import fixed_dim, input_specs
+    symbolic = any(not fixed_dim(d) for s in input_specs(model) for d in s.shape)
     return SymbolicShapeError(text) if symbolic else UserError(
         f"{text}; run it with --runtime ort-cpu meanwhile, and report the model with this line")
 
