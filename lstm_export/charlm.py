@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 from .config import ModelConfig
 from .model import LSTM, LayerNormLSTM

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 from .charlm import CharLM
 from .config import ModelConfig, TrainConfig

@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 DEFAULT_CORPUS_CHARS = 4_000_000  # enough stdlib source for minutes of training, read in a second
 

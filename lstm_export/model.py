@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 from . import fused
 from .cell import State, lstm_gates, recur, step_mask

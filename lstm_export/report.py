@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.machine import cpu_name
-from common.plotting import figure
+from lstm_export.common.machine import cpu_name
+from lstm_export.common.plotting import figure
 
 from .checkpoint import Checkpoint
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 from . import checkpoint as ckpt_io
 from .charlm import CharLM, sample_id

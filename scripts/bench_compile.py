@@ -1,8 +1,8 @@
 """Compile time and model.so size against sequence length, unrolled vs native -> benchmarks/compile_vs_seqlen.*"""
 import sys
 
-from common.machine import cpu_name
-from runtimes.tvm_lstm.scaling import compile_scaling, write_table
+from lstm_export.common.machine import cpu_name
+from lstm_export.runtimes.tvm_lstm.scaling import compile_scaling, write_table
 
 if __name__ == "__main__":
     rows = compile_scaling(cap_s=float(sys.argv[1]) if len(sys.argv) > 1 else 600.0)

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 mkdir -p benchmarks
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-name=$(.venv/bin/python -c 'import sys; from harness.bench_report import machine_slug; print(machine_slug(sys.argv[1] or None))' "${TARGET:-}")
+name=$(.venv/bin/python -c 'import sys; from lstm_export.harness.bench_report import machine_slug; print(machine_slug(sys.argv[1] or None))' "${TARGET:-}")
 .venv/bin/python - "$work" <<'PY'
 import sys, warnings
 import onnx, torch

@@ -9,7 +9,7 @@ TEXT=${TEXT:-../shared/data/tinyshakespeare.txt}
 OUT=${OUT:-runs/tinyshakespeare}
 [ -f "$TEXT" ] || { echo "bench_train: corpus $TEXT not found; set TEXT=PATH" >&2; exit 2; }
 rm -rf "$OUT"; mkdir -p "$(dirname "$OUT")"
-name=$(.venv/bin/python -c 'from harness.bench_report import machine_slug; print(machine_slug())')
+name=$(.venv/bin/python -c 'from lstm_export.harness.bench_report import machine_slug; print(machine_slug())')
 [ "${LSTM_EXPORT_NATIVE:-1}" = 0 ] && name="$name-autograd"
 CMD=".venv/bin/lstm-export train --config char-base --text $TEXT --out $OUT"
 # not a terminal: train prints one line per evaluation (step, losses, chars/s, seconds)

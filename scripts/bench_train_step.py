@@ -6,8 +6,8 @@ Usage: .venv/bin/python scripts/bench_train_step.py [--shape T128,B64,I512,H512,
 import argparse
 import sys
 
-from harness.bench_report import machine_slug
-from harness.train_bench import SHAPES, bench_training, plot
+from lstm_export.harness.bench_report import machine_slug
+from lstm_export.harness.train_bench import SHAPES, bench_training, plot
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,6 +1,6 @@
 """Bounded loopback load test of `lstm-export serve` -> benchmarks/serve_load_<cpu>.{json,md}: the /v1 routes
 and the Open Inference Protocol's /v2 infer on one process, beside the baseline that runs in the same run:
-a bare Starlette endpoint over the same ONNX Runtime session (serving/bare.py, /v2 JSON, one request at a
+a bare Starlette endpoint over the same ONNX Runtime session (lstm_export/serving/bare.py, /v2 JSON, one request at a
 time); /v2 on 2 Ray Serve replicas (with state tokens) when ray[serve] is installed; and the server's cost
 per request against feeding the same stream in-process. `serve` runs with its defaults.
 """
@@ -23,12 +23,12 @@ def main() -> None:
         ap.error("client counts and --chunks must be positive")
     import torch
 
-    from common.machine import cpu_name
-    from harness.bench_report import machine_slug
     from lstm_export.charlm import CharLM
+    from lstm_export.common.machine import cpu_name
     from lstm_export.config import ModelConfig
     from lstm_export.export import export_onnx
-    from serving.loadtest import ServerProcess, in_process_ms, run_clients, write_report
+    from lstm_export.harness.bench_report import machine_slug
+    from lstm_export.serving.loadtest import ServerProcess, in_process_ms, run_clients, write_report
 
     counts, chunks = args.clients, args.chunks
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from common.machine import cpu_name
-from harness.bench import tune_shapes
+from lstm_export.common.machine import cpu_name
+from lstm_export.harness.bench import tune_shapes
 
 out = Path(__file__).resolve().parent.parent / "benchmarks"
 if sys.argv[1:] == ["--render"]:

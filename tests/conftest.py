@@ -66,7 +66,7 @@ def tiny_text_file(tmp_path, tiny_text) -> Path:
 def run_cli(*args, timeout=300, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Runs `lstm-export ARGS` in a fresh interpreter; returns the completed process (text mode)."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lstm_export.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=e, cwd=cwd or REPO)
 
 
@@ -82,7 +82,7 @@ def run_cli_here(*args) -> subprocess.CompletedProcess:
     import contextlib
     import io
 
-    from cli.main import main
+    from lstm_export.cli.main import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:

@@ -10,50 +10,67 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-OURS = ("common", "lstm_export", "runtimes", "harness", "serving", "cli")
-# package -> the packages of ours it may import (besides itself)
+PACKAGE = REPO / "lstm_export"
+# Everything installs under the one name `lstm_export`; each subpackage named here is a floor, and
+# the modules directly in lstm_export/ (model, reference, data, training, export) are the producer.
+SUBFLOORS = ("common", "runtimes", "harness", "serving", "cli")
+# floor -> the floors it may import (besides itself)
 ALLOWED = {
     "common": set(),
-    "lstm_export": {"common"},
-    "runtimes": {"common", "lstm_export"},
-    "harness": {"common", "lstm_export", "runtimes"},
-    "serving": {"common", "lstm_export", "runtimes"},
-    "cli": {"common", "lstm_export", "runtimes", "harness", "serving"},
+    "producer": {"common"},
+    "runtimes": {"common", "producer"},
+    "harness": {"common", "producer", "runtimes"},
+    "serving": {"common", "producer", "runtimes"},
+    "cli": {"common", "producer", "runtimes", "harness", "serving"},
 }
-MODULES = sorted(p for pkg in OURS for p in (REPO / pkg).rglob("*.py"))
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def floor_of(module: str) -> str | None:
+    """The floor of a dotted module name of ours (None: not ours)."""
+    parts = module.split(".")
+    if parts[0] != "lstm_export":
+        return None
+    if parts[1:] == ["__main__"]:  # `python -m lstm_export`: the command line's entry point
+        return "cli"
+    return parts[1] if len(parts) > 1 and parts[1] in SUBFLOORS else "producer"
 
 
 def _imports(path: Path) -> set[str]:
-    """Top-level packages of ours that `path` imports, anywhere in the file."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
-    return found & set(OURS)
+    """Floors of ours that `path` imports, anywhere in the file, relative imports resolved."""
+    return {f for m in _module_imports(path, None, REPO) if (f := floor_of(m))}
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(REPO)) for p in MODULES])
 def test_imports_point_down(path):
-    pkg = path.relative_to(REPO).parts[0]
-    wrong = _imports(path) - ALLOWED[pkg] - {pkg}
-    assert not wrong, f"{path.relative_to(REPO)} ({pkg}) imports {sorted(wrong)}; allowed: {sorted(ALLOWED[pkg])}"
+    floor = floor_of(_module_name(path))
+    wrong = _imports(path) - ALLOWED[floor] - {floor}
+    assert not wrong, f"{path.relative_to(REPO)} ({floor}) imports {sorted(wrong)}; allowed: {sorted(ALLOWED[floor])}"
 
 
 def test_the_rules_catch_a_wrong_arrow(tmp_path):
-    bad = tmp_path / "m.py"
-    bad.write_text("def f():\n    from harness.compare import compare\n    import runtimes.base\n")
-    assert _imports(bad) == {"harness", "runtimes"}
+    pkg = tmp_path / "lstm_export" / "runtimes"
+    pkg.mkdir(parents=True)
+    bad = pkg / "m.py"
+    bad.write_text("def f():\n    from lstm_export.harness.compare import compare\n    import lstm_export.model\n"
+                   "from ..cli import main\nfrom . import base\n")
+    assert {f for m in _module_imports(bad, None, tmp_path) if (f := floor_of(m))} == {
+        "harness", "producer", "cli", "runtimes"}
+
+
+def test_nothing_imports_the_old_top_level_names():
+    """`common`, `runtimes`, ... moved under lstm_export: a leftover absolute import of the old name would
+    work only from a checkout's root, never from the installed wheel."""
+    old = [(str(p.relative_to(REPO)), m) for p in [*MODULES, *sorted((REPO / "tests").rglob("*.py"))]
+           for m in _module_imports(p, None, REPO) if m.split(".")[0] in SUBFLOORS]
+    assert not old, f"import these as lstm_export.<name>: {old}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(REPO)) for p in MODULES])
 def test_every_module_imports(path):
-    rel = path.relative_to(REPO).with_suffix("")
-    if rel.name == "__main__":
+    if path.stem == "__main__":
         pytest.skip("runs the command line when imported")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    importlib.import_module(".".join(parts))
+    importlib.import_module(_module_name(path))
 
 
 def _module_name(path: Path, root: Path = REPO) -> str:
@@ -61,7 +78,7 @@ def _module_name(path: Path, root: Path = REPO) -> str:
     return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
 
 
-def _module_imports(path: Path, known: set[str], root: Path) -> set[str]:
+def _module_imports(path: Path, known: set[str] | None, root: Path) -> set[str]:
     """Modules of ours (dotted names) that `path` imports, relative imports resolved, anywhere in
     the file: a function-level import closes a circle as surely as a top-level one."""
     name = _module_name(path, root)
@@ -78,8 +95,9 @@ def _module_imports(path: Path, known: set[str], root: Path) -> set[str]:
                 mod = node.module or ""
             found.add(mod)
             found |= {f"{mod}.{a.name}" for a in node.names}  # `from . import packing`
-    # a name that is not a module (`from .x import f`) is dropped; the package itself is no edge
-    return {m for m in found if m in known and m != name and not name.startswith(m + ".")}
+    # a name that is not a module (`from .x import f`) is dropped (known=None keeps every name); the
+    # package itself is no edge
+    return {m for m in found if (known is None or m in known) and m != name and not name.startswith(m + ".")}
 
 
 def import_circles(paths, root: Path = REPO) -> list[list[str]]:
@@ -135,3 +153,14 @@ def test_the_circle_check_finds_one(tmp_path):
 def test_modules_stay_small():
     big = {str(p.relative_to(REPO)): n for p in MODULES if (n := len(p.read_text().splitlines())) > 400}
     assert not big, f"split these by concept (about 400 lines at most): {big}"
+
+
+def test_the_package_name_does_not_import_torch():
+    """`lstm_export/__init__.py` loads the producer's names on first use: a runtime's or a server's
+    import of lstm_export.runtimes does not pay for torch, and `from lstm_export import LSTM` still works."""
+    import subprocess
+    import sys
+    code = ("import sys, lstm_export.runtimes.base, lstm_export.common.errors; assert 'torch' not in sys.modules, 1; "
+            "from lstm_export import LSTM, UserError; assert 'torch' in sys.modules and LSTM.__name__ == 'LSTM'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from common.errors import UserError
+from lstm_export.common.errors import UserError
 
 from .graph import GraphBuilder
 from .layers import native_stack, unrolled_stack

@@ -2,7 +2,7 @@
 nothing is written; parsed in-process (argparse runs before any command touches a file)."""
 import pytest
 
-from cli.main import main
+from lstm_export.cli.main import main
 
 BAD = [
     ("train", "--lr", "inf"),
@@ -71,7 +71,7 @@ def test_bad_flag_is_one_line_exit_2_and_writes_nothing(argv, capsys, tmp_path, 
     (("compare", "m.onnx", "--atol", "0"), "atol", 0.0),
 ])
 def test_good_values_at_the_bounds_are_accepted(argv, attr, value):
-    from cli.main import build_parser
+    from lstm_export.cli.main import build_parser
     assert getattr(build_parser().parse_args(list(argv)), attr) == value
 
 

@@ -108,7 +108,7 @@ def test_run_bad_files_and_names(cli_here, native, tmp_path):
 def test_ort_errors_lose_their_cxx_boilerplate():
     """ORT's load errors carry a prefix and a C++ source location; what the user reads is the reason.
     (The message is onnxruntime 1.31's for an IR version it cannot read; newer releases read it.)"""
-    from runtimes.ort import ort_message
+    from lstm_export.runtimes.ort import ort_message
     raw = ("[ONNXRuntimeError] : 1 : FAIL : /onnxruntime_src/onnxruntime/core/graph/model.cc:256 "
            "onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&, const "
            "onnxruntime::IOnnxRuntimeOpSchemaRegistryList*, const onnxruntime::logging::Logger&, const "
@@ -131,7 +131,7 @@ def test_reference_evaluator_refuses_sequence_lens(cli, tmp_path):
 def test_reference_evaluator_refuses_what_it_would_ignore(tmp_path, attrs, named):
     """onnx's reference LSTM ignores these attributes (its numbers differ from ORT's by up to 0.27)."""
     from lstm_export import UserError
-    from runtimes.onnx_reference import ReferenceRuntime
+    from lstm_export.runtimes.onnx_reference import ReferenceRuntime
     node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], name="n", hidden_size=2, **attrs)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [3, 1, 2])],
                           [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 1, 1, 2])],

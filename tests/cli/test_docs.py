@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.main import build_parser
+from lstm_export.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 CLI_MD = REPO / "docs" / "cli.md"

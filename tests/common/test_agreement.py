@@ -1,5 +1,5 @@
 """The tolerance a runtime is held to follows from the precision it computes in."""
-from common.agreement import PRECISION_TOLERANCE, output_error, tolerance_for
+from lstm_export.common.agreement import PRECISION_TOLERANCE, output_error, tolerance_for
 
 
 def test_reduced_precision_widens_the_tolerance_and_fp32_keeps_the_callers():

@@ -4,8 +4,8 @@ import time
 import numpy as np
 import pytest
 
-from common.agreement import output_error
-from common.timing import ratio_to_best, time_runs
+from lstm_export.common.agreement import output_error
+from lstm_export.common.timing import ratio_to_best, time_runs
 
 
 def test_samples_and_warmup():

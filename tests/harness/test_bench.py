@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from harness import bench as bench_mod
-from harness.bench import PEERS, Shape, bench
+from lstm_export.harness import bench as bench_mod
+from lstm_export.harness.bench import PEERS, Shape, bench
 
 TINY = Shape(3, 2, 4, 8)  # microseconds per run: the harness, not the speed, is under test
 ENTRIES = ["torch.nn.LSTM", "ort-cpu native", "torch (ours)"]

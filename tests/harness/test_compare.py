@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from common.errors import UserError
-from harness.compare import compare
-from runtimes.base import Availability, Runtime, RuntimeFailure
-from runtimes.ort import OrtCpuRuntime
+from lstm_export.common.errors import UserError
+from lstm_export.harness.compare import compare
+from lstm_export.runtimes.base import Availability, Runtime, RuntimeFailure
+from lstm_export.runtimes.ort import OrtCpuRuntime
 
 
 def _det(path):

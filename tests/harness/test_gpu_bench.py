@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import gpu_bench
+from lstm_export.harness import gpu_bench
 
 
 def test_drawn_weights_give_torch_and_onnx_the_same_lstm(tmp_path):

@@ -83,7 +83,7 @@ def test_failed_write_leaves_old_checkpoint_intact(tmp_path, tiny_text, monkeypa
 
 def _start_training(tmp_path, text_file, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "cli", "train", "--text", str(text_file),
+    return subprocess.Popen([sys.executable, "-m", "lstm_export.cli", "train", "--text", str(text_file),
                              "--out", str(tmp_path / "run"), "--embed", "16", "--hidden", "32", "--layers", "1",
                              "--batch", "4", "--bptt", "16", "--steps", "100000", "--eval-every", "5", "--quiet",
                              *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -122,14 +122,14 @@ def test_two_process_ddp_ends_with_equal_weights(tmp_path, tiny_text_file, tiny_
             "--bptt", "16", "--steps", "12", "--eval-every", "6", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "cli", "train", *args, "--out", str(tmp_path / "ddp"), "--save-all-ranks"],
+                        "-m", "lstm_export.cli", "train", *args, "--out", str(tmp_path / "ddp"), "--save-all-ranks"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     w0 = torch.load(tmp_path / "ddp" / "weights-rank0.pt")
     w1 = torch.load(tmp_path / "ddp" / "weights-rank1.pt")
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
-    single = subprocess.run([sys.executable, "-m", "cli", "train", *args, "--out", str(tmp_path / "one")],
+    single = subprocess.run([sys.executable, "-m", "lstm_export.cli", "train", *args, "--out", str(tmp_path / "one")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     w = ckpt_io.load(tmp_path / "one" / "ckpt.pt").model_state

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from common.errors import UserError
 from lstm_export import checkpoint as ckpt_io
 from lstm_export import train as train_mod
+from lstm_export.common.errors import UserError
 from lstm_export.config import ModelConfig, TrainConfig
 
 SMALL = ["--embed", "8", "--hidden", "16", "--layers", "1", "--batch", "4", "--bptt", "8", "--quiet"]

@@ -4,7 +4,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from runtimes.tvm_runtime import TvmLlvmRuntime
+from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
 
 H, I = 4, 3
 INPUTS = ["X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"]

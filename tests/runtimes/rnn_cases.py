@@ -98,7 +98,7 @@ def ort_outputs(model, feeds):
 def check(model, tmp_path, shapes=((5, 3), (8, 2)), plan=None, target=None, atol=1e-5, runtime=None):
     """Compiles once (with a KernelPlan and target where given; on `runtime`, a TVM runtime class,
     default tvm-llvm) and checks every output at each (T, B) against ONNX Runtime."""
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     rt = (runtime or TvmLlvmRuntime)(cache=False, plan=plan, target=target)

@@ -1,4 +1,4 @@
-"""compile --precision bf16 (runtimes/tvm_lstm/bf16*.py, bf16_lstm.c): the kernel against a float64
+"""compile --precision bf16 (lstm_export/runtimes/tvm_lstm/bf16*.py, bf16_lstm.c): the kernel against a float64
 oracle that rounds the same operands to bf16, the compiled artifact against ONNX Runtime, and the
 refusals."""
 import shutil
@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not installed")
 
-from common.errors import UserError  # noqa: E402
-from runtimes.tvm_lstm import bf16, bf16_pack  # noqa: E402
-from runtimes.tvm_lstm.targets import cpu_flags  # noqa: E402
+from lstm_export.common.errors import UserError  # noqa: E402
+from lstm_export.runtimes.tvm_lstm import bf16, bf16_pack  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.targets import cpu_flags  # noqa: E402
 from tests.runtimes.lstm_cases import feeds_for, lstm_model  # noqa: E402
 
 FLAGS = cpu_flags()
@@ -121,8 +121,8 @@ def test_no_initial_state_starts_from_zero(kernel):
 def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
     """The artifact as deployed (model.so in a folder) against ORT's fp32 answer: within bf16's
     error, every layer recorded as bf16 in meta.json, and not bitwise the fp32 answer."""
-    from runtimes.tvm_lstm.compile import compile_onnx
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     full = case.startswith("bidirectional")
     model = lstm_model(D=2 if full else 1, hidden=40, direction="bidirectional" if full else "forward",
                        optional=("B", "sequence_lens", "initial_h", "initial_c", "P") if full else ("B",))
@@ -145,7 +145,7 @@ def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
 @needs_cc
 def test_bf16_refusals(tmp_path):
     """One line naming the fix: a target without bf16, an LSTM the kernel does not compute, a GRU."""
-    from runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
     plain = lstm_model(hidden=8, optional=("B",))
     onnx.save(plain, tmp_path / "plain.onnx")
     with pytest.raises(UserError, match="AVX512-BF16.*haswell has neither"):
@@ -280,12 +280,12 @@ def test_compiled_int8_artifact_against_onnx_runtime(tmp_path):
     ORT's fp32 answer and no further from it than twice ORT's own int8 path."""
     import torch
 
-    from common.agreement import tolerance_for
     from lstm_export import LSTM
+    from lstm_export.common.agreement import tolerance_for
     from lstm_export.export import export_onnx
-    from runtimes.ort import OrtInt8Runtime
-    from runtimes.tvm_lstm.compile import compile_onnx
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.ort import OrtInt8Runtime
+    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     torch.manual_seed(0)
     path = export_onnx(LSTM(16, 64, 2).eval(), tmp_path / "m.onnx", "native")
     compiled = compile_onnx(path, tmp_path / "out", precision="int8", plan_budget_s=1.0,

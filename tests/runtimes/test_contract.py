@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.agreement import tolerance_for
 from lstm_export import LSTM
 from lstm_export.charlm import CharLM
+from lstm_export.common.agreement import tolerance_for
 from lstm_export.config import ModelConfig
 from lstm_export.export import export_onnx
-from runtimes import REGISTRY, get_runtime, list_runtimes
-from runtimes.model_io import load_onnx, random_feeds
+from lstm_export.runtimes import REGISTRY, get_runtime, list_runtimes
+from lstm_export.runtimes.model_io import load_onnx, random_feeds
 
 MODEL_RUNTIMES = ("torch", "torch-nn", "numpy-f64")  # run our model object, not the ONNX file
 
@@ -62,7 +62,7 @@ def test_ort_cuda_is_refused_without_cuda():
 
 def test_ort_reports_where_each_node_ran_and_refuses_cpu_fallback_as_cuda(tmp_path):
     from lstm_export import UserError
-    from runtimes.ort import check_on_cuda
+    from lstm_export.runtimes.ort import check_on_cuda
     m = LSTM(3, 4, 2).eval()
     path = export_onnx(m, tmp_path / "n.onnx", "native")
     rt = get_runtime("ort-cpu")
@@ -86,7 +86,7 @@ def test_openvino_default_says_what_it_computes_in(exported):
     avail = list_runtimes()["openvino-default"]
     if not avail:
         pytest.skip(f"openvino-default: {avail.reason}")
-    from runtimes.tvm_lstm.targets import cpu_flags
+    from lstm_export.runtimes.tvm_lstm.targets import cpu_flags
     _, path = exported
     with get_runtime("openvino-default") as rt, get_runtime("openvino") as pinned:
         rt.prepare(path)

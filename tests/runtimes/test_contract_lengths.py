@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import UserError
 from lstm_export import LSTM, export_onnx
-from runtimes.base import get_runtime, list_runtimes
+from lstm_export.common.errors import UserError
+from lstm_export.runtimes.base import get_runtime, list_runtimes
 
 RUNTIMES = [n for n in ("ort-cpu", "tvm-llvm", "openvino") if list_runtimes()[n]]
 

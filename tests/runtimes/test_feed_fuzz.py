@@ -6,11 +6,11 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from common.errors import UserError
 from lstm_export.charlm import CharLM
+from lstm_export.common.errors import UserError
 from lstm_export.config import ModelConfig
 from lstm_export.export import export_onnx
-from runtimes.base import get_runtime, list_runtimes
+from lstm_export.runtimes.base import get_runtime, list_runtimes
 
 VOCAB = 11
 

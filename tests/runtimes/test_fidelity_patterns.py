@@ -12,7 +12,7 @@ from onnx import TensorProto as TP
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from runtimes.base import get_runtime
+from lstm_export.runtimes.base import get_runtime
 
 pytestmark = pytest.mark.skipif(not get_runtime("tvm-llvm").availability().ok, reason="apache-tvm is not installed")
 I64 = np.iinfo(np.int64).max
@@ -112,8 +112,8 @@ def test_compile_failure_is_one_line_and_its_hint_works(cli_here, tmp_path, patt
 def test_unnamed_dims_get_their_own_placeholders(tmp_path):
     import onnx
 
-    from runtimes.source import open_model
-    from runtimes.tvm_lstm.shape_hint import shape_hint
+    from lstm_export.runtimes.source import open_model
+    from lstm_export.runtimes.tvm_lstm.shape_hint import shape_hint
     m = _model(_tensordot, None, 17, False)
     d = m.graph.input[0].type.tensor_type.shape.dim
     d[0].dim_value = -1  # an exporter's -1 and an unnamed dim: no shared placeholder

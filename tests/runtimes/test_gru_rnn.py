@@ -9,7 +9,7 @@ from onnx import TensorProto, numpy_helper
 
 pytest.importorskip("tvm")
 
-from runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
+from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
 from ..marks import one_fast  # noqa: E402
 from .rnn_cases import H, check, rnn_model  # noqa: E402
@@ -167,7 +167,7 @@ def test_cuda_compiles_here(tmp_path, op, attrs):
     import json
     import shutil
 
-    from runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
     onnx.save(rnn_model(op, 2, 0, direction="bidirectional", hidden=40, **attrs), tmp_path / "m.onnx")
@@ -178,7 +178,7 @@ def test_cuda_compiles_here(tmp_path, op, attrs):
 
 @pytest.mark.parametrize("op,attrs", CUDA_CASES)
 def test_cuda_matches_ort(tmp_path, op, attrs):
-    from runtimes.tvm_runtime import TvmCudaRuntime
+    from lstm_export.runtimes.tvm_runtime import TvmCudaRuntime
     available = TvmCudaRuntime.availability()
     if not available:
         pytest.skip(available.reason)

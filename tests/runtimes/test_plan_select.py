@@ -1,4 +1,4 @@
-"""Measured plan selection (runtimes/tvm_lstm/plan_select.py): compile times candidate kernel
+"""Measured plan selection (lstm_export/runtimes/tvm_lstm/plan_select.py): compile times candidate kernel
 plans on this machine, keeps the fastest, records it in meta.json and caches the choice."""
 import dataclasses
 import json
@@ -11,10 +11,10 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed")
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from runtimes.tvm_lstm import plan_select  # noqa: E402
-from runtimes.tvm_lstm.compile import compile_onnx, parse_target  # noqa: E402
-from runtimes.tvm_lstm.cpu_plan import ALL, NONE, layer_plan, plan_for  # noqa: E402
-from runtimes.tvm_lstm.recurrence import CellSpec  # noqa: E402
+from lstm_export.runtimes.tvm_lstm import plan_select  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.compile import compile_onnx, parse_target  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.cpu_plan import ALL, NONE, layer_plan, plan_for  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.recurrence import CellSpec  # noqa: E402
 
 TIMED_AT = (5, 8, 6)  # (T, B, I): B >= any register tile, so the tiles' plans are what runs
 
@@ -33,7 +33,7 @@ def test_layer_plan_turns_thresholds_into_this_layers_decisions():
     """Packed W and R of a 20-unit LSTM on 6 inputs take 4 * 4 blocks-worth of floats per row
     (packing pads units to whole blocks): a batch-split threshold above that size decides 'batch
     split', below it 'step split', and plans that decide alike become one plan."""
-    from runtimes.tvm_lstm import packing
+    from lstm_export.runtimes.tvm_lstm import packing
     base = plan_for(parse_target("llvm", None, "sm_90"))
     spec = CellSpec(20, ("Sigmoid", None, None), ("Tanh", None, None), ("Tanh", None, None))
     w = packing.pack_gates(np.zeros((80, 6), np.float32), 20, base.lanes)
@@ -78,7 +78,7 @@ def test_compile_measures_plans_caches_the_choice_and_the_artifact_is_right(monk
     assert again.meta["plan_selection"]["source"] == "cache"
     assert again.meta["plan_selection"]["chosen"] == choice["chosen"]
     assert again.meta["kernel_plan"] == first.meta["kernel_plan"]
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     x = np.random.default_rng(1).standard_normal(TIMED_AT).astype(np.float32)
     for folder in (tmp_path / "a", tmp_path / "b"):
         rt = TvmLlvmRuntime()
@@ -122,7 +122,7 @@ def test_a_measured_artifact_loads_without_tvm_noise(small, tmp_path):
     import subprocess
     import sys
     compile_onnx(small, tmp_path / "out", plan_budget_s=2)
-    code = ("import numpy as np; from runtimes.tvm_runtime import TvmLlvmRuntime; rt = TvmLlvmRuntime(); "
+    code = ("import numpy as np; from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime; rt = TvmLlvmRuntime(); "
             f"rt.prepare({str(tmp_path / 'out')!r}); rt.run({{'input': np.zeros((3, 2, 6), np.float32)}}); print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr[-500:]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes.base import get_runtime
+from lstm_export.runtimes.base import get_runtime
 
 pytest.importorskip("tvm")
 

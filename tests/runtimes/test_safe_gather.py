@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("tvm")
 
-from runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 TABLE = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
@@ -142,7 +142,7 @@ def test_indexing_ops_check_each_index_in_the_artifact(tmp_path, name):
 
 
 def test_gather_elements_index_dims_past_the_data_are_refused_at_import(tmp_path):
-    from common.errors import UserError
+    from lstm_export.common.errors import UserError
     path = _indexing_model(tmp_path / "m.onnx", "GatherElements", [1, 6, 2], axis=0)  # dim 1: 6 > 5
     with pytest.raises(UserError, match="GatherElements node 'pick': indices dim 1 is 6, past data's 5"):
         compile_onnx(path, tmp_path / "art", "llvm", progress=False)
@@ -153,8 +153,8 @@ def test_gather_elements_graph_inputs_are_bounded_by_the_contract(tmp_path):
     a feed past it is one error before any runtime runs (ORT agrees the random one is valid)."""
     import onnxruntime as ort
 
-    from common.errors import UserError
-    from runtimes.model_io import check_feeds, index_bounds, input_specs, random_feeds
+    from lstm_export.common.errors import UserError
+    from lstm_export.runtimes.model_io import check_feeds, index_bounds, input_specs, random_feeds
     model = onnx.load(_indexing_model(tmp_path / "m.onnx", "GatherElements", ["n", 5, 2], axis=0))
     assert index_bounds(model) == {"idx": 4}
     feeds = random_feeds(model, seed=0, dims={"n": 3})

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("tvm")
 
 from lstm_export import LSTM, export_onnx  # noqa: E402
-from runtimes.base import get_runtime  # noqa: E402
-from runtimes.model_io import random_feeds  # noqa: E402
-from runtimes.source import open_model  # noqa: E402
-from runtimes.tvm_lstm.cache import cache_key, cached_compile, evict  # noqa: E402
-from runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.base import get_runtime  # noqa: E402
+from lstm_export.runtimes.model_io import random_feeds  # noqa: E402
+from lstm_export.runtimes.source import open_model  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.cache import cache_key, cached_compile, evict  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -67,7 +67,7 @@ def test_a_folder_without_its_onnx_runs_on_tvm_only(compiled, tmp_path):
     with get_runtime("tvm-llvm") as rt:
         rt.prepare(source)
         assert set(rt.run(feeds)) == {"output", "h_n", "c_n"}
-    from common.errors import UserError
+    from lstm_export.common.errors import UserError
     with pytest.raises(UserError, match="keeps no model.onnx, so only tvm runtimes can run it"):
         get_runtime("ort-cpu").prepare(source)
 
@@ -92,7 +92,7 @@ def test_cli_commands_take_a_compiled_folder(cli_here, compiled, tmp_path, monke
 def test_serve_a_compiled_streaming_folder(tmp_path):
     from fastapi.testclient import TestClient
 
-    from serving.server import ServerConfig, create_app
+    from lstm_export.serving.server import ServerConfig, create_app
     onnx_path = _export(tmp_path / "s.onnx", mode="streaming")
     art = compile_onnx(onnx_path, tmp_path / "art", "llvm", progress=False)
     x = np.random.default_rng(0).standard_normal((4, 1, 3)).astype(np.float32)  # (T, B, I)
@@ -150,8 +150,8 @@ def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
     old code (it once timed a GRU on its old portable loop after the packed kernel landed)."""
     import shutil
 
-    import runtimes.tvm_lstm as pkg
-    from runtimes.tvm_lstm import cache
+    import lstm_export.runtimes.tvm_lstm as pkg
+    from lstm_export.runtimes.tvm_lstm import cache
     copy = tmp_path / "compiler"
     shutil.copytree(Path(pkg.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "tuning_db"))
     before = cache.compiler_digest(copy)
@@ -165,8 +165,8 @@ def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
 
 
 def _plan():
-    from runtimes.tvm_lstm.cpu_plan import plan_for
-    from runtimes.tvm_lstm.targets import parse_target
+    from lstm_export.runtimes.tvm_lstm.cpu_plan import plan_for
+    from lstm_export.runtimes.tvm_lstm.targets import parse_target
     return plan_for(parse_target("llvm"))
 
 

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM, UserError  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
-from runtimes.tvm_lstm.targets import parse_target, usable_cores  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.targets import parse_target, usable_cores  # noqa: E402
 
 from .test_tvm_cpu_kernel import host_flags  # noqa: E402
 
@@ -68,7 +68,7 @@ def test_avx2_build_runs_here(cli, small_native, tmp_path):
     machine with AVX2 runs: compiled through the CLI, loaded from the folder, checked against ORT."""
     if not {"avx2", "fma"} <= host_flags():
         pytest.skip("no AVX2/FMA on this CPU")
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     r = cli("compile", small_native, "--target", "llvm -mcpu=haswell", "--out", tmp_path / "avx2")
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "avx2" / "meta.json").read_text())
@@ -92,7 +92,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, m
     test_tvm_cpu_kernel.py::test_kernel_uses_the_targets_vector_registers."""
     import shutil
 
-    from runtimes.tvm_lstm import thread_pool
+    from lstm_export.runtimes.tvm_lstm import thread_pool
     if linker == "absent":
         monkeypatch.setattr(thread_pool, "compiler_for", lambda triple, host: None)
     elif shutil.which("aarch64-linux-gnu-gcc") is None:
@@ -116,7 +116,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, m
         assert obj[:4] == b"\x7fELF" and obj[4] == 2  # 64-bit ELF
         assert int.from_bytes(obj[18:20], "little") == em_aarch64
     assert any(b"lstm_layer_cpu" in obj for obj in objects)
-    from runtimes.tvm_runtime import TvmLlvmRuntime
+    from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     with pytest.raises(UserError, match="cross-compiled for aarch64"):
         TvmLlvmRuntime().prepare(tmp_path / "arm")
 
@@ -153,7 +153,7 @@ def test_an_artifact_for_an_isa_this_cpu_lacks_is_refused(monkeypatch):
     refuses it in one line first (the CPU's flags faked as an AMD EPYC's)."""
     import platform
 
-    from runtimes import tvm_runtime
+    from lstm_export.runtimes import tvm_runtime
     monkeypatch.setattr(tvm_runtime, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
     here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
     meta = {"target_kind": "llvm", "arch": here, "library": "model.so", "kernel_plan": {"isa": "avx512"}}
@@ -166,7 +166,7 @@ def test_our_runtime_on_an_onnx_file_runs_on_every_core(small_native):
     """`lstm-export run/compare` compile an .onnx in-process and load the artifact: the pool the
     kernels then run on has the compile target's cores, with no TVM_NUM_THREADS set."""
     script = ("import sys, numpy as np, tvm\n"
-              "from runtimes.tvm_runtime import TvmLlvmRuntime\n"
+              "from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime\n"
               "rt = TvmLlvmRuntime()\n"
               "rt.prepare(sys.argv[1])\n"
               "rt.run({'input': np.zeros((2, 8, 6), np.float32)})\n"
@@ -184,7 +184,7 @@ def test_pool_threads_nests_in_one_thread():
     import os
     import threading
 
-    from runtimes.tvm_lstm.thread_pool import pool_threads
+    from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
     done = threading.Event()
 
     def nested():

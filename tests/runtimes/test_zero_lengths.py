@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from runtimes.tvm_runtime import TvmLlvmRuntime
+from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
 from tests.marks import one_fast
 
 from . import lstm_cases, rnn_cases
@@ -49,7 +49,7 @@ def test_torch_runtimes_give_onnx_s_zeros_for_an_empty_sequence(tmp_path):
     import torch
 
     from lstm_export import LSTM, export_onnx
-    from runtimes.base import get_runtime
+    from lstm_export.runtimes.base import get_runtime
     torch.manual_seed(0)
     m = LSTM(3, 5, 2, bidirectional=True).eval()
     path = export_onnx(m, tmp_path / "m.onnx", "native", lengths=True, initial_state=True)

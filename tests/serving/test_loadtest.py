@@ -4,7 +4,7 @@ import torch
 from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
 from lstm_export.export import export_onnx
-from serving.loadtest import ServerProcess, run_clients
+from lstm_export.serving.loadtest import ServerProcess, run_clients
 
 
 def test_concurrent_clients_get_their_own_streams_back(tmp_path):

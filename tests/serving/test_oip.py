@@ -21,7 +21,7 @@ pytest.importorskip("fastapi", reason="fastapi is not installed")
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from serving.server import ServerConfig, create_app  # noqa: E402
+from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
 VOCAB = "abcdefghij .\n"
 KEY = b"0123456789abcdef-test-key"

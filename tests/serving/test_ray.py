@@ -16,10 +16,10 @@ from lstm_export.charlm import CharLM  # noqa: E402
 from lstm_export.config import ModelConfig  # noqa: E402
 from lstm_export.data import Vocab  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from runtimes.source import open_model  # noqa: E402
-from serving import ray_serve  # noqa: E402
-from serving.server import ServerConfig  # noqa: E402
-from serving.streaming import StreamingSession  # noqa: E402
+from lstm_export.runtimes.source import open_model  # noqa: E402
+from lstm_export.serving import ray_serve  # noqa: E402
+from lstm_export.serving.server import ServerConfig  # noqa: E402
+from lstm_export.serving.streaming import StreamingSession  # noqa: E402
 
 VOCAB = "abcdefghij .\n"
 KEY = b"ray-test-key-0123456789"

@@ -15,7 +15,7 @@ from lstm_export.export import export_onnx
 pytest.importorskip("fastapi", reason="fastapi is not installed")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serving.server import ServerConfig, create_app  # noqa: E402
+from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
 VOCAB = "abcdefghij .\n"
 

@@ -10,7 +10,7 @@ from lstm_export.charlm import CharLM
 from lstm_export.config import ModelConfig
 from lstm_export.data import Vocab
 from lstm_export.export import export_onnx
-from serving.streaming import StreamError, StreamingSession
+from lstm_export.serving.streaming import StreamError, StreamingSession
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_batching_is_continuous_and_a_lone_request_never_waits(lm_streaming):
     """max_wait_ms=0 (the default): a request alone runs at once (in its caller's thread), and the
     requests that arrive while a run is in progress form the next batch together. The runtime is ONNX Runtime with a gate that
     holds the first run until four more requests are queued."""
-    from runtimes.ort import OrtCpuRuntime
+    from lstm_export.runtimes.ort import OrtCpuRuntime
     lm, path = lm_streaming
     release, entered = threading.Event(), threading.Event()
 

@@ -20,7 +20,7 @@ st = pytest.importorskip("hypothesis.strategies", reason="hypothesis is not inst
 from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from serving.server import ServerConfig, create_app  # noqa: E402
+from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
 VOCAB = "abcdefghij .\n"
 V, MAX_CHUNK = len(VOCAB), 16

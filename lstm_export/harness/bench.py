@@ -1,0 +1,400 @@
+"""`lstm-export bench`: every runtime on the same LSTM shapes, outputs checked equal before timing.
+
+Each entry is a runtime on a graph (native or unrolled ONNX, or a torch model). For each shape:
+outputs are compared with torch.nn.LSTM first (a fast wrong answer is a failure, not a timing),
+then warm-up, then repeated runs until at least `min_runs` and `min_s` seconds; median, p90, p99,
+GFLOP/s, and the ratio of the median to the best peer's median measured in the same run.
+Every entry of a shape is prepared first and then timed in `rounds` interleaved rounds (A B C A B C
+...), so that a slow drift of the machine (another tenant, the clock) moves every entry's samples
+alike instead of landing on whichever entry ran at the time.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lstm_export.common.agreement import output_error, tolerance_for
+from lstm_export.common.errors import UserError
+from lstm_export.common.timing import ratio_to_best, time_runs
+from lstm_export.runtimes.base import describe
+
+from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
+    PEERS,
+    REDUCED_PEERS,
+    BenchReport,
+    Timing,
+    plot,
+)
+
+# (label, runtime, graph): graph is "native", "unrolled" or "model" (a torch runtime on our model)
+ENTRIES = [
+    ("torch (ours)", "torch", "model"),
+    ("torch.nn.LSTM", "torch-nn", "model"),
+    ("torch.compile (ours)", "torch-compile", "model"),
+    ("ort-cpu native", "ort-cpu", "native"),
+    ("ort-cpu unrolled", "ort-cpu", "unrolled"),
+    ("openvino native", "openvino", "native"),
+    ("tvm-llvm native", "tvm-llvm", "native"),
+    # the compiled artifact loaded in a fresh process with TVM's runtime alone and no environment
+    # variables (lstm_export/runtimes/deployed.py): what a user who deploys model.so gets
+    ("tvm-llvm native (deployed)", "tvm-deployed", "native"),
+    ("tvm-llvm unrolled", "tvm-llvm", "unrolled"),
+    # reduced precision, each row's error against fp32 in max_err: ours (compile --precision bf16 or
+    # int8, for the shape's static shapes so that compile times each layer's engines, where the CPU
+    # has the instructions) against the peers' reduced-precision paths as users get them
+    ("tvm-llvm native bf16", "tvm-bf16", "native"),
+    ("tvm-llvm native int8", "tvm-int8", "native"),
+    ("openvino native (default)", "openvino-default", "native"),
+    ("ort-cpu native int8", "ort-cpu-int8", "native"),
+]
+GPU_ENTRIES = [("torch.nn.LSTM cuda", "torch-nn-cuda", "model"), ("ort-cuda native", "ort-cuda", "native"),
+               ("tvm-cuda native", "tvm-cuda", "native")]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """T steps, batch B, input size I, hidden H, layers; `lm` times the char LM (I = vocabulary)."""
+
+    T: int
+    B: int
+    I: int
+    H: int
+    layers: int = 1
+    lm: bool = False
+
+    @property
+    def name(self) -> str:
+        return (f"charLM T{self.T} B{self.B} V{self.I} H{self.H} L{self.layers}" if self.lm
+                else f"T{self.T} B{self.B} I{self.I} H{self.H} L{self.layers}")
+
+    def flops(self) -> float:
+        """Multiply-adds x 2 of the gate GEMMs plus ~10 flops per unit per step for the cell."""
+        total = 0.0
+        for layer in range(self.layers):
+            i = (64 if self.lm else self.I) if layer == 0 else self.H
+            total += self.T * self.B * (2 * 4 * self.H * (i + self.H) + 10 * self.H)
+        if self.lm:
+            total += self.T * self.B * 2 * self.H * self.I
+        return total
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """'T,B,I,H[,layers]'."""
+        try:
+            parts = [int(p) for p in text.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) not in (4, 5) or min(parts) < 1 or max(parts) > 1_000_000:
+            raise UserError(f"--shape expects T,B,I,H[,layers]: 4 or 5 integers from 1 to 1000000, got {text!r}")
+        return cls(*parts)
+
+
+DEFAULT_SHAPES = [Shape(50, 128, 20, 100), Shape(32, 1, 128, 256), Shape(64, 64, 256, 512), Shape(1, 1, 256, 256, 2),
+                  Shape(256, 1, 65, 512, 2, lm=True)]
+
+
+def _model(shape: Shape):
+    import torch
+
+    from lstm_export import LSTM
+    from lstm_export.charlm import CharLM
+    from lstm_export.config import ModelConfig
+    torch.manual_seed(0)
+    if shape.lm:
+        return CharLM(ModelConfig(vocab_size=shape.I, embed=64, hidden=shape.H, layers=shape.layers)).eval()
+    return LSTM(shape.I, shape.H, shape.layers).eval()
+
+
+def _feeds(shape: Shape) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    if shape.lm:
+        return {"tokens": rng.integers(0, shape.I, (shape.B, shape.T)).astype(np.int64)}
+    return {"input": rng.standard_normal((shape.T, shape.B, shape.I)).astype(np.float32)}
+
+
+def _runtime(name: str, model, threads: int, target: str | None = None):
+    from lstm_export.runtimes.base import get_runtime, runtime_class
+    if name == "tvm-deployed":
+        return _Deployed(threads, target)
+    if name in ("tvm-bf16", "tvm-int8"):
+        return _Bf16(threads, target, name[4:])
+    if name == "torch-compile":
+        from lstm_export.runtimes.torch_runtime import TorchCompileRuntime
+        return TorchCompileRuntime(model=model, threads=threads)
+    if name == "torch-nn-cuda":
+        return get_runtime("torch-nn", model=model, device="cuda")
+    cls = runtime_class(name)
+    avail = cls.availability()
+    if not avail:
+        raise _Unavailable(avail.reason)
+    kwargs = {"model": model} if name in ("torch", "torch-nn") else {}
+    if "threads" in cls.__init__.__code__.co_varnames:
+        kwargs["threads"] = threads
+    if name == "tvm-llvm" and target:
+        kwargs["target"] = target
+    return cls(**kwargs)
+
+
+class _Deployed:
+    """The bench's face of DeployedArtifact: prepare compiles the graph to a folder, then serves it
+    from a fresh process; timing happens there (time_runs)."""
+
+    def __init__(self, threads: int, target: str | None):
+        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
+        avail = TvmLlvmRuntime.availability()
+        if not avail:
+            raise _Unavailable(avail.reason)
+        self.threads, self.target = threads, target
+        self.worker = None
+
+    def prepare(self, graph) -> None:
+        from lstm_export.runtimes.deployed import DeployedArtifact
+        from lstm_export.runtimes.source import open_model
+        from lstm_export.runtimes.tvm_lstm.cache import cached_compile
+        compiled, _ = cached_compile(open_model(graph), self.target or "llvm", threads=self.threads)
+        self.worker = DeployedArtifact(compiled.folder)
+
+    def run(self, feeds):
+        return self.worker.run(feeds)
+
+    def time_runs(self, feeds, **kwargs):
+        return self.worker.time_runs(feeds, **kwargs)
+
+    def release(self) -> None:
+        if self.worker is not None:
+            self.worker.release()
+
+
+class _Bf16:
+    """compile --precision bf16 or int8 of the graph, for `static_shapes` (the bench sets them to its
+    feeds' shapes), into a temporary folder, loaded as users load it."""
+
+    def __init__(self, threads: int, target: str | None, precision: str = "bf16"):
+        from lstm_export.runtimes.tvm_lstm.bf16 import features, has_vnni
+        from lstm_export.runtimes.tvm_lstm.targets import parse_target
+        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
+        avail = TvmLlvmRuntime.availability()
+        if not avail:
+            raise _Unavailable(avail.reason)
+        tgt = parse_target(target or "llvm", threads)
+        if precision == "bf16" and not features(tgt)[0]:
+            raise _Unavailable("no AVX512-BF16 on this CPU (or the target)")
+        if precision == "int8" and not has_vnni(tgt):
+            raise _Unavailable("no AVX-512 VNNI on this CPU (or the target)")
+        self.threads, self.target, self.precision = threads, target, precision
+        self.static_shapes = None
+        self.rt, self.tmp = None, None
+
+    def prepare(self, graph) -> None:
+        from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
+        self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-lowp-")
+        out = Path(self.tmp.name) / self.precision
+        compile_onnx(graph, out, self.target or "llvm", threads=self.threads, progress=False,
+                     precision=self.precision, input_shapes=self.static_shapes)
+        self.rt = TvmLlvmRuntime(threads=self.threads)
+        self.rt.prepare(out)
+
+    def run(self, feeds):
+        return self.rt.run(feeds)
+
+    def run_checked(self, feeds):
+        return self.rt.run_checked(feeds)
+
+    def release(self) -> None:
+        if self.rt is not None:
+            self.rt.release()
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+class _Unavailable(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _recorded(t: Timing):
+    """Runs the block; a failure becomes t's status (one broken entry must not lose the others' numbers)."""
+    try:
+        yield
+    except _Unavailable as e:
+        t.status = f"unavailable: {e}"
+    except UserError as e:
+        t.status = f"error: {e}"
+    except Exception as e:
+        t.status = f"error: {describe(e, 120)}"
+
+
+def machine_description(threads: int, target: str | None = None) -> dict:
+    """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
+    FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
+    from lstm_export.runtimes.tvm_lstm.cpu_plan import cpu_info
+    from lstm_export.runtimes.tvm_lstm.fma_peak import fma_peak
+    from lstm_export.runtimes.tvm_lstm.targets import host_target, parse_target
+    host = host_target(threads)
+    built = parse_target(target or "llvm", threads)
+    info, kinfo = cpu_info(host), cpu_info(built)
+    peak = fma_peak(host, threads)
+    kpeak = peak if kinfo.isa == info.isa else fma_peak(built, threads)
+    return {"machine_isa": info.isa, "kernel_isa": kinfo.isa, "target": target or "llvm", "cores": info.cores,
+            "l1d_kb": info.l1d // 1024, "l2_kb": info.l2 // 1024, "l3_mb": info.l3 // (1024 * 1024),
+            "cache_source": info.cache_source, "fma_peak_gflops": peak.gflops, "kernel_peak_gflops": kpeak.gflops}
+
+
+def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1e-4, min_s: float = 1.0,
+          rounds: int = 3, progress: bool = True, target: str | None = None, describe_machine: bool = True
+          ) -> BenchReport:
+    """Benchmarks `entries` (labels from ENTRIES) on `shapes`, each timed for `min_s` seconds in all,
+    split over `rounds` interleaved rounds; see the module docstring. `target` builds the tvm-llvm
+    entries for another TVM target (e.g. `llvm -mcpu=haswell` for the AVX2 kernel on an AVX-512
+    machine); `describe_machine` measures the FMA peak for the % of peak column."""
+
+    from lstm_export.common.machine import cpu_name
+    from lstm_export.runtimes.tvm_lstm.targets import usable_cores
+    threads = threads or usable_cores()
+    shapes = shapes or DEFAULT_SHAPES
+    table = {label: (rt, graph) for label, rt, graph in ENTRIES + GPU_ENTRIES}
+    labels = entries or [label for label, _, _ in ENTRIES]
+    unknown = [e for e in labels if e not in table]
+    if unknown:
+        raise UserError(f"unknown bench entries {unknown}; choose from {list(table)}")
+    if rounds < 1:
+        raise UserError(f"--rounds {rounds} must be at least 1")
+    report = BenchReport(cpu_name(), threads)
+    from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
+    with pool_threads(threads):  # TVM's pool starts during the bench, sized for `threads`
+        _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine)
+    return report
+
+
+def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine) -> None:
+    from tqdm import tqdm
+
+    from lstm_export.export import export_onnx
+    tvm_ok = any(table[e][0].startswith("tvm") for e in labels)
+    if describe_machine and tvm_ok and importlib.util.find_spec("tvm") is not None:
+        report.cpu = machine_description(threads, target)
+    jobs = [(s, e) for s in shapes for e in labels]
+    # a bar on a terminal; otherwise (a log, CI) one line per shape
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=len(jobs) * (1 + rounds), disable=not (progress and tty), desc="bench", unit="step")
+    with tempfile.TemporaryDirectory(prefix="lstm-export-bench-") as tmp:
+        for n_shape, shape in enumerate(shapes):
+            if progress and not tty:
+                print(f"bench: shape {n_shape + 1}/{len(shapes)}: {shape.name}", file=sys.stderr, flush=True)
+            model, feeds = _model(shape), _feeds(shape)
+            graphs = {"native": export_onnx(model, Path(tmp) / f"{shape.name}.native.onnx".replace(" ", "_"), "native"),
+                      "unrolled": export_onnx(model, Path(tmp) / f"{shape.name}.unrolled.onnx".replace(" ", "_"),
+                                              "unrolled", seq_len=shape.T, batch_size=shape.B)}
+            reference = _run_once("torch-nn", model, threads, None, feeds)
+            first = next(iter(reference))
+            done, ready = [], []  # every entry's Timing; those checked equal, with their runtime
+            for label in labels:
+                rt_name, graph = table[label]
+                bar.set_postfix_str(f"{shape.name}: {label}")
+                t = Timing(label, shape.name)
+                with _recorded(t):
+                    rt = _runtime(rt_name, model, threads, target)
+                    if isinstance(rt, _Bf16):
+                        rt.static_shapes = {k: v.shape for k, v in feeds.items()}
+                    rt.prepare(graphs.get(graph))
+                    out = rt.run(feeds)
+                    # a reduced-precision row is held to its format's tolerance (compare does the same)
+                    tol = tolerance_for(getattr(rt, "precision", "fp32"), atol, 0.0)
+                    err = output_error(first, out.get(first, np.empty(0)), reference[first], *tol)
+                    t.max_err = err.max_abs
+                    if err.passed:
+                        ready.append((t, rt, []))
+                    else:
+                        t.status = "mismatch"
+                        rt.release()
+                done.append(t)
+                bar.update(1 + (rounds if t.status != "ok" else 0))
+            for r in range(rounds):
+                for t, rt, secs in ready:
+                    bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
+                    if t.status == "ok":
+                        with _recorded(t):
+                            # the deployed entry times inside its worker; the others here, checked once above
+                            timer = getattr(rt, "time_runs", None) or (
+                                lambda f, rt=rt, **kw: time_runs(lambda: rt.run_checked(f), **kw))
+                            secs.extend(timer(feeds, warmup=3 if r == 0 else 1, min_runs=max(1, 10 // rounds),
+                                              min_s=min_s / rounds, max_s=20.0 / rounds))
+                    bar.update(1)
+            for t, rt, secs in ready:
+                if t.status == "ok":
+                    t.median_ms, t.p90_ms, t.p99_ms = (round(float(np.percentile(secs, q)) * 1e3, 4)
+                                                       for q in (50, 90, 99))
+                    t.runs = len(secs)
+                    t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
+                rt.release()
+            peers = [t.median_ms for t in done if t.entry in PEERS]
+            reduced = [t.median_ms for t in done if t.entry in REDUCED_PEERS]
+            for t in done:
+                t.ratio_to_best_peer = ratio_to_best(t.median_ms, peers)
+                t.ratio_to_best_reduced = ratio_to_best(t.median_ms, reduced)
+            report.timings += done
+            if report.cpu:
+                _best_peak(report.cpu, threads, target)
+    bar.close()
+    for t in report.timings:  # against the peak of the ISA the entry's code uses
+        if report.cpu and t.gflops is not None:
+            peak = report.cpu["kernel_peak_gflops" if t.entry.startswith("tvm") else "fma_peak_gflops"]
+            t.pct_peak = round(100 * t.gflops / peak, 4)
+
+
+def _best_peak(cpu: dict, threads, target) -> None:
+    """Measures the FMA peaks again and keeps the best. On a VM the other core is at times taken
+    by the host: one bench measured 385 GFLOP/s where 440-470 came before and after, which made
+    the kernel look 82% efficient instead of 67%. The best of a measurement before the first shape
+    and after each one is the bar."""
+    fresh = machine_description(threads, target)
+    for key in ("fma_peak_gflops", "kernel_peak_gflops"):
+        cpu[key] = max(cpu[key], fresh[key])
+
+
+def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | None = None,
+                progress: bool = True) -> list[dict]:
+    """MetaSchedule-tunes the kernels of each shape's graphs into the tuning database that `compile`
+    reads (default: the committed one for this CPU), `trials` per graph; then compiles each graph with
+    it. Native graphs have dynamic T and B, so only their static kernels (none, today) are tuned.
+    Returns one row per graph: tuned kernels, their ms before and after, tuning and compile seconds."""
+    import json
+
+    from lstm_export.export import export_onnx
+    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as tmp:
+        for shape in shapes or DEFAULT_SHAPES:
+            model = _model(shape)
+            for graph in ("native", "unrolled"):
+                path = Path(tmp) / f"{graph}.onnx"
+                kwargs = {"seq_len": shape.T, "batch_size": shape.B} if graph == "unrolled" else {}
+                export_onnx(model, path, graph, **kwargs)
+                if progress:
+                    print(f"{shape.name} {graph}", flush=True)
+                compile_onnx(path, Path(tmp) / "out", "llvm", threads=threads, tuning_db=tuning_db,
+                             tune_trials=trials, progress=progress)
+                meta = json.loads((Path(tmp) / "out" / "meta.json").read_text())
+                tuning = meta.get("tuning") or {}
+                rows.append({"shape": shape.name, "graph": graph, "kernels": len(tuning.get("tasks", [])),
+                             "trials": tuning.get("trials", 0), "tune_s": tuning.get("seconds", 0.0),
+                             "before_ms": tuning.get("before_ms", {}), "best_ms": tuning.get("best_ms", {}),
+                             "kernels_from_db": meta["kernels_from_db"], "compile_s": meta["compile_s"]})
+    return rows
+
+
+def _run_once(name, model, threads, graph, feeds):
+    rt = _runtime(name, model, threads)
+    rt.prepare(graph)
+    out = rt.run(feeds)
+    rt.release()
+    return out
+
+

@@ -1,0 +1,189 @@
+"""Relax converters for the ONNX GRU and RNN operators (the whole spec, opset 7 on), the LSTM
+converter's variants: the same parsing of directions, layout, activations and shapes, one GEMM for
+every step's input projection, then a TIR time loop per direction (gru_rnn_loop.py).
+
+With constant weights on a CPU target, GRU (both resets) and RNN run the LSTM's packed fast kernel
+(cpu.py) with their own cell (cpu_cells.py); computed weights run the portable loop. On CUDA they
+run a persistent kernel (cuda.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from lstm_export.common.errors import UserError
+
+from .cpu_layer import emit_cpu_layer
+from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
+from .marks import mark
+from .onnx_node import (
+    activation_triples,
+    as_float32,
+    attribute_string,
+    cast_back,
+    constant_value,
+    direction_slice,
+    static_shape,
+    zero_where_empty,
+)
+
+KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
+               "clip", "linear_before_reset", "tvm_custom"}
+DEFAULTS = {"GRU": ("Sigmoid", "Tanh"), "RNN": ("Tanh",)}
+GATES = {"GRU": 3, "RNN": 1}
+
+
+class GRU(onnx_frontend.OnnxOpConverter):
+    """ONNX GRU -> input projection GEMM + the GRU loop per direction."""
+
+    cuda = False
+    plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: the portable loop only
+    bf16 = False  # compile --precision bf16: GRU and RNN have no bf16 kernel, so they are refused
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
+
+
+class RNN(GRU):
+    """ONNX RNN -> input projection GEMM + the RNN loop per direction."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
+
+
+def _check_shape(got, want, what, op, node):
+    if len(got) != len(want) or any(g not in (w, None) for g, w in zip(got, want)):
+        raise UserError(f"{op} node {node!r}: {what} has shape {got}, expected {want}")
+
+
+def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False, plan=None, bf16=False):
+    node = attr.get("tvm_custom", {}).get("name", op)
+    if bf16:
+        raise UserError(f"{op} node {node!r}: --precision bf16 has a kernel for LSTM layers only; compile this "
+                        "model at fp32 (the default)")
+    unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
+    if unknown:
+        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")
+    inputs, back = as_float32(bb, list(inputs) + [None] * (6 - len(inputs)))
+    X, W, R, B, seq_lens, h0 = inputs[:6]
+    if X is None or W is None or R is None:
+        raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
+    direction = attribute_string(attr.get("direction", "forward"))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise UserError(f"{op} node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
+    D, G = (2 if direction == "bidirectional" else 1), GATES[op]
+    layout = int(attr.get("layout", 0))
+    if layout not in (0, 1):
+        raise UserError(f"{op} node {node!r}: layout {layout} must be 0 or 1")
+    r_shape = static_shape(R)
+    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
+    if hidden is None:
+        raise UserError(f"{op} node {node!r}: hidden_size is missing and R's shape is unknown")
+    H = int(hidden)
+    x_shape = static_shape(X)
+    if layout == 1:
+        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
+        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
+    if len(x_shape) != 3:
+        raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    _check_shape(static_shape(W), [D, G * H, x_shape[2]], "W", op, node)
+    _check_shape(r_shape, [D, G * H, H], "R", op, node)
+    if B is not None:
+        _check_shape(static_shape(B), [D, 2 * G * H], "B", op, node)
+
+    triples = activation_triples(attr, len(DEFAULTS[op]), D, DEFAULTS[op], op, node)
+    clip = attr.get("clip")
+    lbr = bool(attr.get("linear_before_reset", 0))
+    n_t, n_b = X.ty.shape.values[0], X.ty.shape.values[1]
+    if h0 is not None and layout == 1:
+        h0 = bb.emit(relax.op.permute_dims(h0, [1, 0, 2]))  # (D, B, H)
+    weights = [constant_value(v) if v is not None else None for v in (W, R, B)]
+    fast = (plan is not None and x_shape[2] is not None
+            and all(w is not None for w, v in zip(weights, (W, R, B)) if v is not None))
+    if fast:  # the kernel starts from zero itself and ignores absent lengths: (1, ...) placeholders
+        zeros = relax.const(np.zeros((1, H), np.float32)) if h0 is None else None
+        lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
+            relax.const(np.zeros(1, np.int32))
+    else:
+        zeros = bb.emit(relax.op.zeros(relax.ShapeExpr([n_b, H]), "float32")) if h0 is None else None
+        lens = bb.emit(relax.op.astype(seq_lens, "int32")) if seq_lens is not None else \
+            bb.emit(relax.op.zeros(relax.ShapeExpr([n_b]), "int32"))  # ignored: every sequence runs all T
+
+    ys, hs = [], []
+    per_dir = len(DEFAULTS[op])
+    for d in range(D):
+        reverse = direction == "reverse" or (direction == "bidirectional" and d == 1)
+        spec = LoopSpec(op, H, tuple(triples[per_dir * d:per_dir * (d + 1)]), float(clip) if clip is not None else None,
+                        reverse, seq_lens is not None, lbr)
+        h_d = bb.emit(direction_slice(h0, d)) if h0 is not None else zeros
+        if fast:
+            y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights],
+                                       h0 is not None, h_d, lens, n_t, n_b, int(x_shape[2]), plan)
+            ys.append(y)
+            hs.append(zero_where_empty(bb, h, lens) if seq_lens is not None else h)
+            continue
+        xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(bb.emit(direction_slice(W, d)), [1, 0])))  # (T, B, G*H)
+        rbh = relax.const(np.zeros(H, np.float32))
+        if B is not None:
+            halves = bb.emit(relax.op.split(bb.emit(direction_slice(B, d)), 2, axis=0))  # Wb, Rb: (G*H,) each
+            wb, rb = bb.emit(halves[0]), bb.emit(halves[1])
+            if lbr:  # Rbh sits inside r (.) (Ht-1*Rh + Rbh): kept apart, the rest goes into the projection
+                parts = bb.emit(relax.op.split(rb, [2 * H], axis=0))
+                rb_zr, rbh = bb.emit(parts[0]), bb.emit(parts[1])
+                rb = bb.emit(relax.op.concat([rb_zr, relax.op.zeros(relax.ShapeExpr([H]), "float32")], axis=0))
+            xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
+        r_t = bb.emit(relax.op.permute_dims(direction_slice(R, d), [1, 0]))  # (H, G*H)
+        if cuda:
+            from .cuda import make_cuda_loop
+            func = make_cuda_loop(spec)
+        else:
+            func = schedule_loop(make_loop(spec))
+        loop = bb.add_func(mark(func), f"{op.lower()}_loop_{'rev' if reverse else 'fwd'}")
+        out = bb.emit(relax.call_tir(loop, [xw, r_t, rbh, h_d, lens],
+                                     [relax.TensorType([n_t, n_b, H], "float32"),
+                                      relax.TensorType([n_b, H], "float32")]))
+        ys.append(bb.emit(relax.TupleGetItem(out, 0)))
+        h = bb.emit(relax.TupleGetItem(out, 1))
+        hs.append(zero_where_empty(bb, h, lens) if seq_lens is not None else h)
+    if D == 1:
+        Y = bb.emit(relax.op.reshape(ys[0], relax.ShapeExpr([n_t, 1, n_b, H])))  # (T, 1, B, H)
+        Y_h = bb.emit(relax.op.reshape(hs[0], relax.ShapeExpr([1, n_b, H])))
+    else:
+        Y = bb.emit(relax.op.stack(ys, axis=1))  # (T, D, B, H)
+        Y_h = bb.emit(relax.op.stack(hs, axis=0))  # (D, B, H)
+    if layout == 1:
+        Y = bb.emit(relax.op.permute_dims(Y, [2, 0, 1, 3]))  # (B, T, D, H)
+        Y_h = bb.emit(relax.op.permute_dims(Y_h, [1, 0, 2]))  # (B, D, H)
+    return cast_back(bb, [Y, Y_h], back)
+
+
+def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
+    """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py), each of
+    its passes' weights packed and concatenated in pass order."""
+    from . import packing
+    H, lanes = spec.hidden, plan.lanes
+    w, r, b = weights
+    if spec.kind == "GRU" and spec.linear_before_reset:
+        parts = [packing.gru_as_gates(w, r, b, H)]
+    elif spec.kind == "GRU":
+        parts = packing.gru0_as_passes(w, r, b, H)
+    else:
+        parts = [packing.rnn_as_gates(w, r, b, H)]
+    packed = [np.concatenate([packing.pack_gates(w4, w4.shape[0] // 4, lanes) for w4, _, _ in parts]),
+              np.concatenate([packing.pack_bias(b4, b4.shape[0] // 4, lanes) for _, _, b4 in parts]),
+              np.concatenate([packing.pack_gates(r4, r4.shape[0] // 4, lanes) for _, r4, _ in parts])]
+    no_peepholes = relax.const(np.zeros((3, 1), np.float32))
+    y, h, _ = emit_cpu_layer(bb, spec, I, plan, has_state, False,
+                             [X, *(relax.const(a) for a in packed), no_peepholes, h_d, h_d, lens], n_t, n_b)
+    return y, h

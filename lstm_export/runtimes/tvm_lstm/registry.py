@@ -1,0 +1,67 @@
+"""The import path: TVM's ONNX frontend with our LSTM, GRU, RNN and checked Gather converters
+registered for the duration of one import, without editing TVM's files. It sits above every
+converter module (each of them imports only downward)."""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import tvm
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from lstm_export.common.errors import UserError
+
+from .converter import LSTM
+from .gru_rnn import GRU, RNN
+from .safe_gather import SafeGather, SafeGatherElements, SafeGatherND
+
+
+@contextlib.contextmanager
+def lstm_registered(cuda: bool = False, plan=None, bf16=None):
+    """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
+    GatherND check indices on the CPU (safe_gather.py); TVM's files are not touched. CPU kernels are
+    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only); with `bf16`
+    (bf16_layer.Bf16Options) LSTM layers compute in bf16 and GRU and RNN nodes are refused.
+
+    TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
+    getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
+    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan, "bf16": bf16})
+    gathers = {c.__name__[4:]: type(c.__name__[4:], (c,), {"cuda": cuda})
+               for c in (SafeGather, SafeGatherElements, SafeGatherND)}
+    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan, "bf16": bf16 is not None}) for c in (GRU, RNN))
+    with _CONVERT_MAP_LOCK:
+        original = onnx_frontend._get_convert_map
+
+        def with_lstm():
+            table = dict(original())
+            table.update(gathers, LSTM=converter, GRU=gru, RNN=rnn)
+            return table
+
+        importer = onnx_frontend.ONNXGraphImporter
+        convert = importer._convert_operator
+
+        def named(self, op_name, inputs, attrs, opset):  # a converter's failure, with the node it was on
+            try:
+                return convert(self, op_name, inputs, attrs, opset)
+            except (UserError, tvm.error.OpNotImplemented, ConvertFailure):
+                raise
+            except Exception as e:
+                raise ConvertFailure(op_name, attrs.get("tvm_custom", {}).get("name") or "", e) from e
+
+        onnx_frontend._get_convert_map, importer._convert_operator = with_lstm, named
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map, importer._convert_operator = original, convert
+
+
+class ConvertFailure(Exception):
+    """TVM's converter for `op` failed on the node called `node` (in any graph: TVM's importer
+    names only top-level nodes in what it prints) with `cause`."""
+
+    def __init__(self, op: str, node: str, cause: Exception):
+        super().__init__(f"{op} node {node!r}: {cause}")
+        self.op, self.node, self.cause = op, node, cause
+
+
+_CONVERT_MAP_LOCK = threading.RLock()

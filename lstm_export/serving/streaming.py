@@ -1,0 +1,299 @@
+"""Stateful streaming over an ONNX model with (h, c) inputs and outputs, many streams on one runtime.
+
+`open()` a stream, `feed(stream, chunk)` returns the outputs and keeps the state, `close(stream)`.
+Concurrent feeds are batched continuously: a worker thread takes every request waiting when the
+runtime comes free (at most `max_batch`), stacks those with the same chunk shape along the batch
+axis with their states, runs once, and splits the results; the requests that arrive during a run
+form the next batch. A request alone never waits for company unless `max_wait_ms` > 0 asks for
+bigger batches at that cost. The LSTM treats batch rows independently,
+so a batched result equals feeding each stream alone (to float rounding of the batched GEMM).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lstm_export.common.errors import UserError
+from lstm_export.data import Vocab
+from lstm_export.runtimes.base import Runtime, get_runtime
+from lstm_export.runtimes.model_io import TensorSpec
+from lstm_export.runtimes.source import open_model
+
+
+class StreamError(UserError):
+    """A request the server should answer with a 4xx: unknown stream, bad chunk, too many streams."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Stream:
+    h: np.ndarray  # (L, H): this stream's column of the (L, B, H) state
+    c: np.ndarray
+    last_used: float
+    busy: bool = False
+    chunks: int = 0
+    steps: int = 0  # time steps consumed since the stream began (carried in a state token)
+
+
+@dataclass
+class _Request:
+    stream_id: str
+    chunk: np.ndarray
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class StreamingStats:
+    """Counters a server exports: open streams, batches run and their sizes."""
+
+    batches: int = 0
+    rows: int = 0
+    batch_sizes: dict = field(default_factory=dict)  # size -> count
+    expired: int = 0
+
+
+class StreamingSession:
+    """Many streams sharing one runtime session over a streaming graph (see module docstring).
+
+    Args:
+        model: an ONNX model (path, compiled folder or source.ModelSource) with inputs
+            (data, h_0, c_0) and outputs (data, h_n, c_n), as `lstm-export export --mode streaming` writes.
+        runtime: a runtime name ("ort-cpu", "ort-cuda", "tvm-llvm") or a Runtime object.
+        max_batch: most chunks run together.
+        max_wait_ms: how long the batcher may wait for more chunks after those already queued
+            (default 0: none; it runs what is there as soon as the runtime is free).
+        max_streams: open streams allowed at once.
+        idle_timeout_s: streams unused this long are closed.
+        max_chunk: longest chunk (time steps) accepted.
+        ort_spinning: for an ONNX Runtime named by `runtime`, let its threads spin after runs.
+    """
+
+    def __init__(self, model, runtime: str | Runtime = "ort-cpu", max_batch: int = 16, max_wait_ms: float = 0.0,
+                 max_streams: int = 1024, idle_timeout_s: float = 600.0, max_chunk: int = 4096,
+                 ort_spinning: bool = False):
+        self.source = source = open_model(model)  # read once, here
+        ins, outs = source.inputs, source.outputs
+        names = [s.name for s in ins]
+        if "h_0" not in names or "c_0" not in names or len(ins) != 3:
+            raise UserError(f"{model} is not a streaming graph: expected inputs (data, h_0, c_0), got {names}; "
+                            "export it with --mode streaming")
+        self.data_spec: TensorSpec = next(s for s in ins if s.name not in ("h_0", "c_0"))
+        self.state_spec = next(s for s in ins if s.name == "h_0")  # (L, batch, H)
+        self.output_names = [s.name for s in outs]
+        self.metadata = source.metadata()
+        cfg = self.metadata.get("lstm_export.config", {})
+        # Where batch and time sit in the data input: tokens (B, T); input (T, B, I) or (B, T, I).
+        self.batch_axis = 0 if (self.data_spec.name == "tokens" or cfg.get("batch_first")) else 1
+        chars = self.metadata.get("lstm_export.vocab")
+        self.vocab = Vocab(chars) if chars else None
+        self.layers, self.hidden = int(self.state_spec.shape[0]), int(self.state_spec.shape[2])
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.max_streams, self.idle_timeout, self.max_chunk = max_streams, idle_timeout_s, max_chunk
+        # ONNX Runtime's threads sleep between runs unless asked (lstm_export/runtimes/ort.py)
+        if isinstance(runtime, str):
+            kw = {"spin": ort_spinning} if runtime.startswith("ort-") else {}
+            runtime = get_runtime(runtime, **kw)
+        self.runtime = runtime
+        self.runtime.prepare(source)
+        self.stats = StreamingStats()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        # held for each runtime call: a feed that finds it free and nobody queued runs in its own
+        # thread at once (no hop through the batcher and back); the batcher takes what queues meanwhile
+        self._run_lock = threading.Lock()
+        self._worker = threading.Thread(target=self._loop, name="lstm-export-batcher", daemon=True)
+        self._worker.start()
+
+    # --- streams -------------------------------------------------------------------------------
+    def open(self, state=None) -> str:
+        """A new stream from the zero state, or from `state` (a state_token.StreamState: h, c, steps)."""
+        with self._lock:
+            self._expire_locked()
+            if len(self._streams) >= self.max_streams:
+                raise StreamError(f"too many open streams ({self.max_streams}); close some or wait for idle "
+                                  "ones to expire", status=429)
+            sid = uuid.uuid4().hex
+            if state is None:
+                z = np.zeros((self.layers, self.hidden), np.float32)
+                self._streams[sid] = _Stream(z, z.copy(), time.monotonic())
+            else:
+                self._streams[sid] = _Stream(np.array(state.h, np.float32), np.array(state.c, np.float32),
+                                             time.monotonic(), steps=int(state.steps))
+            return sid
+
+    def state(self, stream_id: str):
+        """The stream's state now, as a state_token.StreamState."""
+        from .state_token import StreamState
+        with self._lock:
+            st = self._streams.get(stream_id)
+            if st is None:
+                raise StreamError(f"unknown stream {stream_id!r}", status=404)
+            return StreamState(st.h.copy(), st.c.copy(), st.steps)
+
+    def close(self, stream_id: str) -> None:
+        with self._lock:
+            if self._streams.pop(stream_id, None) is None:
+                raise StreamError(f"unknown stream {stream_id!r}", status=404)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams open now (idle ones past the timeout are expired first, so metrics never count them)."""
+        with self._lock:
+            self._expire_locked()
+            return len(self._streams)
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, st in self._streams.items() if not st.busy and now - st.last_used > self.idle_timeout]:
+            del self._streams[sid]
+            self.stats.expired += 1
+
+    # --- feeding -------------------------------------------------------------------------------
+    def check_chunk(self, chunk: np.ndarray) -> np.ndarray:
+        """Validates one stream's chunk: tokens (T,) int, or features (T, I) float32."""
+        spec = self.data_spec
+        chunk = np.asarray(chunk)
+        want_rank = len(spec.shape) - 1
+        if chunk.ndim != want_rank:
+            raise StreamError(f"chunk has rank {chunk.ndim}, expected {want_rank} "
+                              f"({'time steps' if want_rank == 1 else 'time steps x features'})")
+        if chunk.shape[0] < 1 or chunk.shape[0] > self.max_chunk:
+            raise StreamError(f"chunk has {chunk.shape[0]} steps; send 1 to {self.max_chunk}", status=413
+                              if chunk.shape[0] > self.max_chunk else 400)
+        if np.issubdtype(spec.dtype, np.integer):
+            if not np.issubdtype(chunk.dtype, np.integer):
+                raise StreamError(f"chunk must hold integer token ids, got {chunk.dtype}")
+            if self.vocab is not None and (chunk.min() < 0 or chunk.max() >= len(self.vocab)):
+                raise StreamError(
+                    f"token ids must be in [0, {len(self.vocab)}), got {int(chunk.min())}..{int(chunk.max())}"
+                )
+            return chunk.astype(spec.dtype)
+        feat = spec.shape[-1]
+        if isinstance(feat, int) and chunk.shape[-1] != feat:
+            raise StreamError(f"chunk has {chunk.shape[-1]} features, expected {feat}")
+        if not np.isfinite(chunk).all():
+            raise StreamError("chunk holds NaN or Inf")
+        return chunk.astype(spec.dtype)
+
+    def feed(self, stream_id: str, chunk, timeout: float | None = 60.0) -> dict[str, np.ndarray]:
+        """Runs one chunk for one stream; returns its outputs (batch axis removed) and keeps the state."""
+        chunk = self.check_chunk(chunk)
+        with self._lock:
+            if stream_id not in self._streams:
+                raise StreamError(f"unknown stream {stream_id!r}", status=404)
+        req = _Request(stream_id, chunk)
+        # with max_wait > 0 the user asked for fuller batches: every request then goes through the batcher
+        if self.max_wait == 0 and self._queue.empty() and self._run_lock.acquire(blocking=False):
+            try:
+                if self._queue.empty():  # still nobody waiting: this request alone, now
+                    self._run_group([req])
+                    return req.future.result(timeout=0)
+            finally:
+                self._run_lock.release()
+        self._queue.put(req)
+        return req.future.result(timeout=timeout)
+
+    def feed_text(self, stream_id: str, text: str) -> dict[str, np.ndarray]:
+        if self.vocab is None:
+            raise StreamError("this model carries no vocabulary; send token ids")
+        unknown = self.vocab.unknown(text)
+        if unknown:
+            raise StreamError(f"characters not in the model's vocabulary: {unknown[:10]!r}")
+        return self.feed(stream_id, np.array(self.vocab.ids(text), np.int64))
+
+    # --- the batcher ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            with self._run_lock:  # the runtime is free: all that queued during the last run joins
+                pending = [first]
+                deadline = time.monotonic() + self.max_wait
+                while len(pending) < self.max_batch:
+                    # what is queued already joins without waiting; then up to max_wait for more
+                    left = deadline - time.monotonic()
+                    try:
+                        nxt = self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left)
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self._queue.put(None)
+                        break
+                    pending.append(nxt)
+                self._run_batches(pending)
+
+    def _run_batches(self, pending: list[_Request]) -> None:
+        """Groups by chunk shape, one chunk per stream per run (a stream's later chunk waits its turn)."""
+        while pending:
+            group, rest, seen = [], [], set()
+            shape = pending[0].chunk.shape
+            for r in pending:
+                if r.chunk.shape == shape and r.stream_id not in seen and len(group) < self.max_batch:
+                    group.append(r)
+                    seen.add(r.stream_id)
+                else:
+                    rest.append(r)
+            self._run_group(group)
+            pending = rest
+
+    def _run_group(self, group: list[_Request]) -> None:
+        live = []
+        with self._lock:
+            for r in group:
+                st = self._streams.get(r.stream_id)
+                if st is None:
+                    r.future.set_exception(StreamError(f"unknown stream {r.stream_id!r} (closed or expired)", 404))
+                else:
+                    st.busy = True
+                    live.append((r, st))
+        if not live:
+            return
+        try:
+            data = np.stack([r.chunk for r, _ in live], axis=self.batch_axis)  # chunks along the batch axis
+            h = np.stack([st.h for _, st in live], axis=1)  # (L, B, H)
+            c = np.stack([st.c for _, st in live], axis=1)
+            out = self.runtime.run({self.data_spec.name: data, "h_0": h, "c_0": c})
+        except Exception as e:  # the runtime failed: every caller in the batch hears why
+            with self._lock:
+                for _, st in live:
+                    st.busy = False
+            for r, _ in live:
+                r.future.set_exception(e)
+            return
+        names = self.output_names
+        y, h_n, c_n = out[names[0]], out[names[1]], out[names[2]]
+        now = time.monotonic()
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.rows += len(live)
+            self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
+            for k, (r, st) in enumerate(live):
+                st.h, st.c = h_n[:, k].copy(), c_n[:, k].copy()
+                st.last_used, st.busy = now, False
+                st.chunks += 1
+                st.steps += int(r.chunk.shape[0])
+        for k, (r, _) in enumerate(live):
+            r.future.set_result({names[0]: np.take(y, k, axis=self.batch_axis),
+                                 names[1]: h_n[:, k], names[2]: c_n[:, k]})
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+        self.runtime.release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
