@@ -27,6 +27,10 @@ from .streaming import StreamError
 from .v2_tensors import NAMES, V2Error, decode_tensor, is_int, params_of
 
 HEADER = "inference-header-content-length"
+# Triton's request parameters (priority and timeout are scheduling hints that leave the answer alone)
+# and the state token of a stateless replica; an output takes binary_data only.
+REQUEST_PARAMS = ("sequence_id", "sequence_start", "sequence_end", "state_token", "binary_data_output",
+                  "priority", "timeout")
 
 
 def _shape(spec_shape) -> list[int]:
@@ -71,7 +75,7 @@ class V2Model:
 
     def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
         """The response JSON and the binary outputs that follow it (empty for all-JSON)."""
-        params = params_of(body, "the request")
+        params = params_of(body, "the request", REQUEST_PARAMS)
         if "id" in body and not isinstance(body["id"], str):
             raise V2Error(400, f"'id' must be a string, got {type(body['id']).__name__}")
         inputs = body.get("inputs")
@@ -160,7 +164,7 @@ class V2Model:
 
     def _response(self, body: dict, outs: dict, params: dict) -> tuple[dict, list[bytes]]:
         wanted = body.get("outputs")
-        binary_default = _bool_param(params_of(body, "the request"), "binary_data_output")
+        binary_default = _bool_param(params_of(body, "the request", REQUEST_PARAMS), "binary_data_output")
         names = [o.name for o in self.outputs]
         if "outputs" not in body:
             wanted = [{"name": n} for n in names]
@@ -173,7 +177,7 @@ class V2Model:
                 raise V2Error(400, f"output {name!r} is not this model's; it gives {', '.join(names)}")
             a = np.ascontiguousarray(np.expand_dims(outs[name], self.batch_axis))
             t = {"name": name, "datatype": NAMES[a.dtype], "shape": list(a.shape)}
-            if _bool_param(params_of(w, f"output {name!r}"), "binary_data") or binary_default:
+            if _bool_param(params_of(w, f"output {name!r}", ("binary_data",)), "binary_data") or binary_default:
                 t["parameters"] = {"binary_data_size": a.nbytes}
                 blobs.append(a.tobytes())
             else:

@@ -33,14 +33,19 @@ def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def params_of(obj: dict, where: str) -> dict:
+def params_of(obj: dict, where: str, known: tuple[str, ...]) -> dict:
     """obj's 'parameters', which the protocol defines as an optional object (absent: none; null is
-    not an object)."""
+    not an object), holding only the `known` keys: a parameter this server would ignore (a typo of
+    binary_data_output, say) may be one that the client expects to change the answer, so it is refused."""
     if "parameters" not in obj:
         return {}
     p = obj["parameters"]
     if not isinstance(p, dict):
         raise V2Error(400, f"{where}: 'parameters' must be an object, got {type(p).__name__}")
+    unknown = sorted(k for k in p if k not in known)
+    if unknown:
+        raise V2Error(400, f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}"[:200]
+                           + f"; this server takes {', '.join(known)}")
     return p
 
 
@@ -63,7 +68,7 @@ def decode_tensor(t, blob: bytes, offset: int, want: dict) -> tuple[np.ndarray, 
     if size > MAX_ELEMENTS:
         raise V2Error(400, f"input {name!r}: shape {shape} declares {size} elements, more than {MAX_ELEMENTS}"[:300])
     dtype = np.dtype(DATATYPES[dt])
-    nbytes = params_of(t, f"input {name!r}").get("binary_data_size")
+    nbytes = params_of(t, f"input {name!r}", ("binary_data_size",)).get("binary_data_size")
     if nbytes is not None:
         if not is_int(nbytes) or nbytes != size * dtype.itemsize or offset + nbytes > len(blob):
             raise V2Error(400, f"input {name!r}: binary_data_size {nbytes!r} does not match shape {shape} of {dt}, "

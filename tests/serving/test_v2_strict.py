@@ -90,6 +90,10 @@ BAD = [
     (_body([1], id=7), "'id' must be a string"),
     (_body([1], parameters={"sequence_id": 1.5}), "sequence_id must be"),
     (_body([1], parameters={"binary_data_output": 1}), "true or false"),
+    # a parameter the server would ignore may be one the client counts on (a typo of binary_data_output)
+    (_body([1], parameters={"binary_data_outptu": True}), "unknown parameter(s) 'binary_data_outptu'"),
+    (_body([1], parameters={"": None}), "unknown parameter(s) ''"),
+    (_body([1], outputs=[{"name": "logits", "parameters": {"classification": 3}}]), "unknown parameter"),
     ({"inputs": [{"name": "tokens", "shape": [1, 1], "datatype": "INT64", "data": [1],
                   "parameters": {"binary_data_size": 8}}]}, "binary_data_size"),
 ]
