@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,49 +75,18 @@ def kernel() -> Kernel | None:
     return None
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lstm-export" / "native"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def _build() -> Path:
-    """Compiles lstm_kernel.c unless this machine's build is cached; returns the library's path."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    """Compiles lstm_kernel.c unless this source, compiler, flag set and CPU built it before (the key:
+    common.cbuild.cached_library); returns the library's path."""
+    from lstm_export.common.cbuild import CBuildError, cached_library, default_compiler
+    cc = default_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH to build the native LSTM kernel; set CC")
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"the C compiler {cc} does not run: {e}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *FLAGS, _cpu_flags()]).encode()).hexdigest()
-    out = _cache_dir() / f"lstm_kernel-{key[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # built beside its final name, then renamed: concurrent builders (test workers) never load half a file
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"building the native LSTM kernel failed ({cc}): "
-                               f"{(done.stderr.strip().splitlines() or ['no message'])[0]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    log.debug("built %s", out)
+        out = cached_library("native", "lstm_kernel", SOURCE, cc, FLAGS, ("-lm",))
+    except CBuildError as e:
+        raise RuntimeError(f"building the native LSTM kernel failed ({cc}): {e}") from None
+    log.debug("native kernel: %s", out)
     return out
 
 

@@ -102,7 +102,8 @@ def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int
             mismatches += 1
     lat = np.array(latencies) * 1000
     n = clients * chunks
-    return LoadResult(label or protocol, replicas, clients, n, errors[0], mismatches, round(seconds, 3), round(n / seconds, 1),
+    return LoadResult(label or protocol, replicas, clients, n, errors[0], mismatches, round(seconds, 3),
+                      round(n / seconds, 1),
                       round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 99)), 2))
 
 

@@ -17,10 +17,8 @@ one core's L2, else the unit split with a barrier per step.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import hashlib
-import os
-import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lstm_export.common.cbuild import CBuildError, cached_library, compile_c
 from lstm_export.common.errors import UserError
 
 from . import bf16_pack
@@ -157,16 +156,18 @@ def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True, amx8: bo
 def object_file(workdir: str | Path, cc: str) -> Path:
     """Compiles the kernel with `cc` into an object to link into model.so."""
     obj = Path(workdir) / "lstm_export_bf16.o"
-    _cc([cc, "-c", *CFLAGS, "-o", str(obj), str(SOURCE)], cc)
+    with _cc_errors(cc):
+        compile_c(cc, ["-c", *CFLAGS, "-o", str(obj), str(SOURCE)])
     return obj
 
 
-def _cc(cmd, cc):
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
-        raise UserError(f"{cc} could not compile the bf16 LSTM kernel ({SOURCE.name}): {first[0] if first else '?'}; "
-                        "it needs GCC 12 or Clang 14 or newer (AMX and AVX512-BF16 intrinsics)")
+@contextlib.contextmanager
+def _cc_errors(cc: str):
+    try:
+        yield
+    except CBuildError as e:
+        raise UserError(f"{cc} could not compile the reduced-precision LSTM kernel ({SOURCE.name}): {e}; "
+                        "it needs GCC 12 or Clang 14 or newer (AMX and AVX512-BF16 intrinsics)") from None
 
 
 _LIB_LOCK = threading.Lock()
@@ -175,16 +176,8 @@ _LIB_LOCK = threading.Lock()
 def host_library(cc: str):
     """The kernel as a shared library in this process, for timing candidates (cached per source)."""
     import tvm  # noqa: F401 -- loads libtvm_runtime with its symbols global: the kernel's thread pool
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lstm-export" / "bf16"
-    path = root / f"bf16_lstm-{digest}.so"
-    with _LIB_LOCK:
-        if not path.exists():
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.so")
-            _cc([cc, "-shared", *CFLAGS, "-o", str(tmp), str(SOURCE)], cc)
-            tmp.replace(path)
-        lib = ctypes.CDLL(str(path))
+    with _LIB_LOCK, _cc_errors(cc):  # the key holds the compiler: a change of CC is a new build
+        lib = ctypes.CDLL(str(cached_library("bf16", "bf16_lstm", SOURCE, cc, ["-shared", *CFLAGS])))
     fn = getattr(lib, SYMBOL)
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 6

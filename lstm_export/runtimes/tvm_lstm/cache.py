@@ -29,8 +29,8 @@ DEFAULT_CAP_MB = 2048
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lstm-export" / "tvm"
+    from lstm_export.common.cbuild import cache_root as root
+    return root("tvm")
 
 
 def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan, input_shapes=None,

@@ -121,8 +121,8 @@ def _cpu_name() -> str:
 
 
 def plans_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "lstm-export" / "plans"
+    from lstm_export.common.cbuild import cache_root
+    return cache_root("plans")
 
 
 def cached_choice(key: str, root: Path | None = None) -> dict | None:

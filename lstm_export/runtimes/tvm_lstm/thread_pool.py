@@ -13,10 +13,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import threading
 from pathlib import Path
 
+from lstm_export.common.cbuild import CBuildError, compile_c
 from lstm_export.common.errors import UserError
 
 _SOURCE = r"""
@@ -67,11 +67,10 @@ def thread_pool_object(workdir: str | Path, cores: int, cc: str) -> Path:
     src = Path(workdir) / "lstm_export_threads.c"
     obj = src.with_suffix(".o")
     src.write_text(source(cores))
-    proc = subprocess.run([cc, "-c", "-fPIC", "-O2", "-o", str(obj), str(src)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
-        raise UserError(f"{cc} could not compile the artifact's thread-pool constructor: {first[0] if first else '?'}")
+    try:
+        compile_c(cc, ["-c", "-fPIC", "-O2", "-o", str(obj), str(src)])
+    except CBuildError as e:
+        raise UserError(f"{cc} could not compile the artifact's thread-pool constructor: {e}") from None
     return obj
 
 
