@@ -241,15 +241,11 @@ def _feeds(args, source):
 
 
 def _runtime(name: str, checkpoint, no_cache: bool = False, threads: int | None = None):
-    from lstm_export.runtimes.base import get_runtime, runtime_class
-    if name in ("torch", "torch-nn", "numpy-f64"):
-        if not checkpoint:
-            raise UserError(f"runtime {name} runs our model, not an ONNX file: pass --checkpoint CKPT")
-        return get_runtime(name, checkpoint=checkpoint)
-    kwargs = {"cache": False} if no_cache and name.startswith("tvm") else {}
-    if threads and "threads" in runtime_class(name).__init__.__code__.co_varnames:
-        kwargs["threads"] = threads
-    return get_runtime(name, **kwargs)
+    from lstm_export.runtimes.base import RuntimeOptions, create, runtime_class
+    if not runtime_class(name).needs_model and not checkpoint:
+        raise UserError(f"runtime {name} runs our model, not an ONNX file: pass --checkpoint CKPT")
+    return create(name, RuntimeOptions(threads=threads or None, checkpoint=checkpoint or None,
+                                       cache=False if no_cache else None))
 
 
 def cmd_run(args) -> int:

@@ -29,7 +29,7 @@ def _step(title: str) -> None:
 def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
     """Trains the char-tiny model on this Python's stdlib sources, samples, exports, compares runtimes."""
     from lstm_export.harness.compare import compare
-    from lstm_export.runtimes.base import ONNX_RUNTIMES, get_runtime, list_runtimes
+    from lstm_export.runtimes.base import ONNX_RUNTIMES, RuntimeOptions, create, list_runtimes
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             raise UserError(f"--out {out} exists and was not made by the demo; choose an empty or new folder")
@@ -71,9 +71,9 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
     names = [n for n, a in list_runtimes().items() if a and n in ONNX_RUNTIMES]
     ok = True
     for mode, where in sources.items():
-        rts = [get_runtime("torch", model=model), get_runtime("torch-nn", model=model)]
+        rts = [create(n, RuntimeOptions(model=model)) for n in ("torch", "torch-nn")]
         source = open_model(where)  # read once for the feeds and the comparison
-        report = compare(source, rts + [get_runtime(n) for n in names], feeds_for(source), atol=1e-4, rtol=1e-4,
+        report = compare(source, rts + [create(n) for n in names], feeds_for(source), atol=1e-4, rtol=1e-4,
                          seed=0)
         print(f"\n[{mode}: {where}]\n{report.table()}")
         ok = ok and report.passed

@@ -119,7 +119,7 @@ def _feeds(shape: Shape) -> dict[str, np.ndarray]:
 
 
 def _runtime(name: str, model, threads: int, target: str | None = None):
-    from lstm_export.runtimes.base import get_runtime, runtime_class
+    from lstm_export.runtimes.base import RuntimeOptions, create, runtime_class
     if name == "tvm-deployed":
         return _Deployed(threads, target)
     if name in ("tvm-bf16", "tvm-int8"):
@@ -128,17 +128,11 @@ def _runtime(name: str, model, threads: int, target: str | None = None):
         from lstm_export.runtimes.torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
     if name == "torch-nn-cuda":
-        return get_runtime("torch-nn", model=model, device="cuda")
-    cls = runtime_class(name)
-    avail = cls.availability()
+        return create("torch-nn", RuntimeOptions(model=model, device="cuda"))
+    avail = runtime_class(name).availability()
     if not avail:
         raise _Unavailable(avail.reason)
-    kwargs = {"model": model} if name in ("torch", "torch-nn") else {}
-    if "threads" in cls.__init__.__code__.co_varnames:
-        kwargs["threads"] = threads
-    if name == "tvm-llvm" and target:
-        kwargs["target"] = target
-    return cls(**kwargs)
+    return create(name, RuntimeOptions(threads=threads, target=target, model=model))
 
 
 class _Deployed:

@@ -15,7 +15,7 @@ import numpy as np
 from lstm_export.common.agreement import OutputError, outputs_error, tolerance_for
 from lstm_export.common.errors import UserError
 from lstm_export.common.plotting import figure
-from lstm_export.runtimes.base import Runtime, get_runtime
+from lstm_export.runtimes.base import Runtime, create
 from lstm_export.runtimes.source import open_model
 
 
@@ -103,8 +103,8 @@ def compare(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarray],
     """
     source = open_model(model)
     source.check_feeds(feeds, allow_nonfinite)
-    rts = [get_runtime(r) if isinstance(r, str) else r for r in runtimes]
-    ref_rt = rts[0] if reference is None else (get_runtime(reference) if isinstance(reference, str) else reference)
+    rts = [create(r) if isinstance(r, str) else r for r in runtimes]
+    ref_rt = rts[0] if reference is None else (create(reference) if isinstance(reference, str) else reference)
     others = [r for r in rts if r is not ref_rt]
     axes = time_axes(source)
     tolerances = tolerances or {}

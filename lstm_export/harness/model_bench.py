@@ -11,7 +11,7 @@ from lstm_export.common.agreement import outputs_error
 from lstm_export.common.errors import UserError
 from lstm_export.common.machine import cpu_name
 from lstm_export.common.timing import ratio_to_best, time_runs
-from lstm_export.runtimes.base import Runtime, get_runtime
+from lstm_export.runtimes.base import Runtime, create
 from lstm_export.runtimes.source import open_model
 
 from .bench_report import BenchReport, Timing
@@ -27,10 +27,10 @@ def bench_model(model, runtimes: list[str | Runtime], feeds: dict[str, np.ndarra
     """
     source = open_model(model)
     label = label or f"{source.path.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-    rts = [get_runtime(r) if isinstance(r, str) else r for r in runtimes]
+    rts = [create(r) if isinstance(r, str) else r for r in runtimes]
     if not rts:
         raise UserError("no runtime to bench; name some with --runtimes")
-    ref_rt = rts[0] if reference is None else (get_runtime(reference) if isinstance(reference, str) else reference)
+    ref_rt = rts[0] if reference is None else (create(reference) if isinstance(reference, str) else reference)
     if ref_rt not in rts:
         rts.insert(0, ref_rt)
     report = BenchReport(cpu_name(), threads)

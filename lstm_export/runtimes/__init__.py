@@ -2,6 +2,6 @@
 
 Heavy libraries (onnxruntime, tvm, openvino) are imported inside their backend only.
 """
-from .base import REGISTRY, Availability, Runtime, get_runtime, list_runtimes
+from .base import REGISTRY, Availability, Runtime, RuntimeOptions, create, get_runtime, list_runtimes
 
-__all__ = ["REGISTRY", "Availability", "Runtime", "get_runtime", "list_runtimes"]
+__all__ = ["REGISTRY", "Availability", "Runtime", "RuntimeOptions", "create", "get_runtime", "list_runtimes"]

@@ -69,6 +69,8 @@ class Runtime(ABC):
     # what the runtime computes in: "fp32", "bf16" or "int8" (weights); compare derives its tolerance
     # from it (common.agreement.PRECISION_TOLERANCE). Known after prepare for runtimes that choose.
     precision = "fp32"
+    # the RuntimeOptions fields this class's constructor takes (runtimes.base.create passes them)
+    OPTIONS: tuple[str, ...] = ()
 
     @classmethod
     @abstractmethod
@@ -163,6 +165,28 @@ def runtime_class(name: str) -> type[Runtime]:
                         "(`lstm-export runtimes` lists what is available here)")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What a command or the bench may ask of a runtime. Each runtime class names in its OPTIONS the
+    fields its constructor takes; `create` passes those that are set (not None) and leaves the rest,
+    so one options value serves every runtime of a comparison."""
+    threads: int | None = None  # cores to run on (or to lay the compiled kernel out for)
+    target: str | None = None  # tvm-llvm: the TVM target to compile an .onnx for
+    cache: bool | None = None  # tvm-*: False compiles into a temporary folder, not the compile cache
+    checkpoint: str | None = None  # torch, torch-nn, numpy-f64: our model, from a checkpoint
+    model: object = None  # torch, torch-nn: our model, in memory
+    device: str | None = None  # torch, torch-nn: "cpu" or "cuda"
+    spin: bool | None = None  # ort-*: whether ONNX Runtime's threads spin between runs
+
+
+def create(name: str, options: RuntimeOptions | None = None) -> Runtime:
+    """The one factory of commands and the bench: a fresh, unprepared runtime by name, given the
+    options its class takes; raises UserError if unknown or unavailable here."""
+    cls = runtime_class(name)
+    opts = options or RuntimeOptions()
+    return get_runtime(name, **{f: getattr(opts, f) for f in cls.OPTIONS if getattr(opts, f) is not None})
 
 
 def get_runtime(name: str, **kwargs) -> Runtime:

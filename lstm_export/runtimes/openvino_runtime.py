@@ -10,6 +10,7 @@ from .base import Availability, Runtime, RuntimeFailure, first_line
 
 class OpenVinoRuntime(Runtime):
     name = "openvino"
+    OPTIONS = ("threads",)
 
     def __init__(self, threads: int | None = None):
         self.threads = threads

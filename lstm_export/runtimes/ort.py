@@ -45,8 +45,8 @@ def check_on_cuda(placements: dict[str, tuple[str, str]], ops: tuple[str, ...] =
 
 class OrtCpuRuntime(Runtime):
     """ONNX Runtime on the CPU execution provider."""
-
     name = "ort-cpu"
+    OPTIONS = ("threads", "spin")
     providers = ["CPUExecutionProvider"]
 
     def __init__(self, threads: int | None = None, optimize: bool = True, spin: bool = True):

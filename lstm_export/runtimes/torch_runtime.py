@@ -17,8 +17,8 @@ from .base import Availability, Runtime
 
 class TorchRuntime(Runtime):
     """Our from-scratch model in eager PyTorch on the CPU (or `device`)."""
-
     name = "torch"
+    OPTIONS = ("checkpoint", "model", "device", "threads")
     needs_model = False
 
     def __init__(self, checkpoint=None, model=None, device: str = "cpu", threads: int | None = None):

@@ -15,8 +15,8 @@ from .base import Availability, Runtime
 class TvmLlvmRuntime(Runtime):
     """TVM on this CPU. `prepare` takes a folder made by `lstm-export compile` (loaded as it is) or
     an .onnx (compiled once per model and target: tvm_lstm/cache.py)."""
-
     name = "tvm-llvm"
+    OPTIONS = ("threads", "target", "cache")
     target = "llvm"
 
     def __init__(self, threads: int | None = None, arch: str = "sm_90", target: str | None = None, plan=None,
@@ -210,6 +210,7 @@ def _cpu_flags() -> set[str]:  # a seam for tests that fake another CPU
 class TvmCudaRuntime(TvmLlvmRuntime):
     name = "tvm-cuda"
     target = "cuda"
+    OPTIONS = ("threads", "cache")  # its target is cuda: a CPU target option is not for it
 
     @classmethod
     def availability(cls) -> Availability:

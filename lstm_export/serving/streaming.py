@@ -21,7 +21,7 @@ import numpy as np
 
 from lstm_export.common.errors import UserError
 from lstm_export.data import Vocab
-from lstm_export.runtimes.base import Runtime, get_runtime
+from lstm_export.runtimes.base import Runtime, RuntimeOptions, create
 from lstm_export.runtimes.model_io import TensorSpec
 from lstm_export.runtimes.source import open_model
 
@@ -100,8 +100,7 @@ class StreamingSession:
         self.max_streams, self.idle_timeout, self.max_chunk = max_streams, idle_timeout_s, max_chunk
         # ONNX Runtime's threads sleep between runs unless asked (lstm_export/runtimes/ort.py)
         if isinstance(runtime, str):
-            kw = {"spin": ort_spinning} if runtime.startswith("ort-") else {}
-            runtime = get_runtime(runtime, **kw)
+            runtime = create(runtime, RuntimeOptions(spin=ort_spinning))
         self.runtime = runtime
         self.runtime.prepare(source)
         self.stats = StreamingStats()
