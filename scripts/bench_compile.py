@@ -2,7 +2,7 @@
 import sys
 
 from lstm_export.common.machine import cpu_name
-from lstm_export.runtimes.tvm_lstm.scaling import compile_scaling, write_table
+from lstm_export.harness.compile_scaling import compile_scaling, write_table
 
 if __name__ == "__main__":
     rows = compile_scaling(cap_s=float(sys.argv[1]) if len(sys.argv) > 1 else 600.0)

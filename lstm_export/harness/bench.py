@@ -229,8 +229,9 @@ def machine_description(threads: int, target: str | None = None) -> dict:
     """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
     FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
     from lstm_export.runtimes.tvm_lstm.cpu_plan import cpu_info
-    from lstm_export.runtimes.tvm_lstm.fma_peak import fma_peak
     from lstm_export.runtimes.tvm_lstm.targets import host_target, parse_target
+
+    from .fma_peak import fma_peak
     host = host_target(threads)
     built = parse_target(target or "llvm", threads)
     info, kinfo = cpu_info(host), cpu_info(built)
