@@ -16,11 +16,11 @@ from .cpu_layer import emit_cpu_layer
 from .marks import mark
 from .onnx_node import (
     activation_triples,
-    as_float32,
     attribute_string,
     cast_back,
     constant_value,
     direction_slice,
+    parse_rnn_node,
     static_shape,
     zero_where_empty,
 )
@@ -62,33 +62,11 @@ class LSTM(onnx_frontend.OnnxOpConverter):
 
 
 def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, plan=None, bf16=None):
-    node = attr.get("tvm_custom", {}).get("name", "LSTM")
-    unknown = set(attr) - KNOWN_ATTRS
-    if unknown:
-        raise UserError(f"LSTM node {node!r}: unsupported attribute(s) {sorted(unknown)}")
-    inputs, back = as_float32(bb, list(inputs) + [None] * (8 - len(inputs)))
-    X, W, R, B, seq_lens, h0, c0, P = inputs[:8]
-    if X is None or W is None or R is None:
-        raise UserError(f"LSTM node {node!r}: inputs X, W and R are required")
-    direction = attribute_string(attr.get("direction", "forward"))
-    if direction not in ("forward", "reverse", "bidirectional"):
-        raise UserError(f"LSTM node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
-    D = 2 if direction == "bidirectional" else 1
-    layout = int(attr.get("layout", 0))
-    if layout not in (0, 1):
-        raise UserError(f"LSTM node {node!r}: layout {layout} must be 0 or 1")
-
+    parsed = parse_rnn_node(bb, "LSTM", inputs, attr, 8, KNOWN_ATTRS)
+    node, back, D, layout, H, X, x_shape = (parsed.name, parsed.back, parsed.D, parsed.layout, parsed.H, parsed.X,
+                                            parsed.x_shape)
+    _, W, R, B, seq_lens, h0, c0, P = parsed.inputs[:8]
     w_shape, r_shape = static_shape(W), static_shape(R)
-    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
-    if hidden is None:
-        raise UserError(f"LSTM node {node!r}: hidden_size is missing and R's shape is unknown")
-    H = int(hidden)
-    x_shape = static_shape(X)
-    if layout == 1:
-        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
-        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
-    if len(x_shape) != 3:
-        raise UserError(f"LSTM node {node!r}: X must be 3-D, got rank {len(x_shape)}")
     I = x_shape[2]
     if (
         len(w_shape) != 3

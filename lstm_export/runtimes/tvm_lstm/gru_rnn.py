@@ -19,11 +19,10 @@ from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from .marks import mark
 from .onnx_node import (
     activation_triples,
-    as_float32,
-    attribute_string,
     cast_back,
     constant_value,
     direction_slice,
+    parse_rnn_node,
     static_shape,
     zero_where_empty,
 )
@@ -72,31 +71,12 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     if bf16:
         raise UserError(f"{op} node {node!r}: --precision bf16 has a kernel for LSTM layers only; compile this "
                         "model at fp32 (the default)")
-    unknown = set(attr) - (KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
-    if unknown:
-        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")
-    inputs, back = as_float32(bb, list(inputs) + [None] * (6 - len(inputs)))
-    X, W, R, B, seq_lens, h0 = inputs[:6]
-    if X is None or W is None or R is None:
-        raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
-    direction = attribute_string(attr.get("direction", "forward"))
-    if direction not in ("forward", "reverse", "bidirectional"):
-        raise UserError(f"{op} node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
-    D, G = (2 if direction == "bidirectional" else 1), GATES[op]
-    layout = int(attr.get("layout", 0))
-    if layout not in (0, 1):
-        raise UserError(f"{op} node {node!r}: layout {layout} must be 0 or 1")
-    r_shape = static_shape(R)
-    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
-    if hidden is None:
-        raise UserError(f"{op} node {node!r}: hidden_size is missing and R's shape is unknown")
-    H = int(hidden)
-    x_shape = static_shape(X)
-    if layout == 1:
-        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
-        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
-    if len(x_shape) != 3:
-        raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    parsed = parse_rnn_node(bb, op, inputs, attr, 6,
+                            KNOWN_ATTRS if op == "GRU" else KNOWN_ATTRS - {"linear_before_reset"})
+    back, D, G, layout, H, X, x_shape = (parsed.back, parsed.D, GATES[op], parsed.layout, parsed.H, parsed.X,
+                                         parsed.x_shape)
+    _, W, R, B, seq_lens, h0 = parsed.inputs[:6]
+    direction, r_shape = parsed.direction, static_shape(R)
     _check_shape(static_shape(W), [D, G * H, x_shape[2]], "W", op, node)
     _check_shape(r_shape, [D, G * H, H], "R", op, node)
     if B is not None:

@@ -6,6 +6,8 @@ It sits below every converter and imports none of them, so the converters import
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import relax
 
@@ -88,3 +90,51 @@ def zero_where_empty(bb, state, lens):
     sequence_lens 0 (the kernels keep the initial state there, which is right for every length but 0)."""
     ran = bb.emit(relax.op.expand_dims(relax.op.greater(lens, relax.const(0, "int32")), [1]))  # (B, 1)
     return bb.emit(relax.op.where(ran, state, relax.op.zeros_like(state)))
+
+
+@dataclass
+class RnnNode:
+    """What the LSTM, GRU and RNN converters read alike from their node: its name, its inputs (float32,
+    padded with None to the op's count; `back` casts outputs to the inputs' float type), direction and
+    num_directions D, layout, hidden size H, and X as (T, B, I) with its static shape."""
+    name: str
+    inputs: list
+    back: object
+    direction: str
+    D: int
+    layout: int
+    H: int
+    X: object
+    x_shape: list
+
+
+def parse_rnn_node(bb, op: str, inputs, attr: dict, n_inputs: int, known: set[str]) -> RnnNode:
+    """The checks every ONNX recurrent node gets, each a one-line UserError naming the node: known
+    attributes, X/W/R present, direction, layout, hidden_size (else R's shape), X of rank 3. With
+    layout 1, X is transposed to (T, B, I) here."""
+    node = attr.get("tvm_custom", {}).get("name", op)
+    unknown = set(attr) - known
+    if unknown:
+        raise UserError(f"{op} node {node!r}: unsupported attribute(s) {sorted(unknown)}")
+    inputs, back = as_float32(bb, list(inputs) + [None] * (n_inputs - len(inputs)))
+    X, W, R = inputs[:3]
+    if X is None or W is None or R is None:
+        raise UserError(f"{op} node {node!r}: inputs X, W and R are required")
+    direction = attribute_string(attr.get("direction", "forward"))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise UserError(f"{op} node {node!r}: direction {direction!r} is not forward, reverse or bidirectional")
+    layout = int(attr.get("layout", 0))
+    if layout not in (0, 1):
+        raise UserError(f"{op} node {node!r}: layout {layout} must be 0 or 1")
+    r_shape = static_shape(R)
+    hidden = attr.get("hidden_size") or (r_shape[2] if len(r_shape) == 3 else None)
+    if hidden is None:
+        raise UserError(f"{op} node {node!r}: hidden_size is missing and R's shape is unknown")
+    x_shape = static_shape(X)
+    if layout == 1:
+        X = bb.emit(relax.op.permute_dims(X, [1, 0, 2]))  # (T, B, I)
+        x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
+    if len(x_shape) != 3:
+        raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    return RnnNode(node, inputs, back, direction, 2 if direction == "bidirectional" else 1, layout, int(hidden),
+                   X, x_shape)
