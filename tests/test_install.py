@@ -6,6 +6,7 @@ dependencies come from this test's interpreter on PYTHONPATH: PYTHONPATH runs no
 editable install of this checkout cannot answer for the wheel.
 """
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,8 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools puts whatever an earlier build left in build/lib into the wheel
+    src = tmp / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", "benchmarks", "runs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "--disable-pip-version-check", "-w", str(tmp / "dist"), str(REPO)],
+                    "--disable-pip-version-check", "-w", str(tmp / "dist"), str(src)],
                    check=True, capture_output=True, text=True, timeout=300)
     wheel = next((tmp / "dist").glob("lstm_export-*.whl"))
     env_dir = tmp / "venv"
