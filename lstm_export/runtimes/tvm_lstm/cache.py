@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from lstm_export.common import cbuild
+
 from ..source import CompiledModel, ModelSource
 from .source_digest import compiler_digest  # noqa: F401 (tests patch it here: cache_key reads it here)
 
@@ -29,8 +31,7 @@ DEFAULT_CAP_MB = 2048
 
 
 def cache_root() -> Path:
-    from lstm_export.common.cbuild import cache_root as root
-    return root("tvm")
+    return cbuild.cache_root("tvm")
 
 
 def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan, input_shapes=None,

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lstm_export.common import cbuild
+
 DEFAULT_BUDGET_S = 10.0
 BUDGET_ENV = "LSTM_EXPORT_PLAN_BUDGET_S"  # the default budget where --plan-budget-s is not given
 MARGIN = 0.05  # a candidate replaces the derived plan only when at least 5% faster (repeat compiles of
@@ -121,8 +123,7 @@ def _cpu_name() -> str:
 
 
 def plans_root() -> Path:
-    from lstm_export.common.cbuild import cache_root
-    return cache_root("plans")
+    return cbuild.cache_root("plans")
 
 
 def cached_choice(key: str, root: Path | None = None) -> dict | None:
