@@ -9,7 +9,10 @@ from .types import PORT, count, real
 LIMITS = {"max_batch": count(1, 4096), "max_wait_ms": real(0, 10_000), "max_streams": count(1, 1_000_000),
           "idle_timeout_s": real(0, 10**7, low_open=True), "max_chunk": count(1, 10**7),
           "max_body_bytes": count(1, 10**10), "body_timeout_s": real(0, 3600, low_open=True),
-          "max_generate": count(1, 10**6)}
+          "max_generate": count(1, 10**6), "ort_threads": count(1, 1024)}
+
+HELP = {"ort_threads": "ONNX Runtime's intra-op threads per run; more pay for batches of many rows or long "
+                       "chunks, one leaves a core to the HTTP work "}
 
 
 def add_command(sub) -> None:
@@ -36,7 +39,7 @@ def add_command(sub) -> None:
                                 "cores taken from the server's other work)" if f.name == "ort_spinning" else None)
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=LIMITS.get(f.name, type(f.default)), default=f.default,
-                       help=f"(default: {f.default})")
+                       help=HELP.get(f.name, "") + f"(default: {f.default})")
     p.set_defaults(func=cmd_serve)
 
 
@@ -62,7 +65,9 @@ def cmd_serve(args) -> int:
     app = create_app(source, cfg, name=args.name, state_key=key)
     print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
           f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # uvloop and httptools (dependencies, which uvicorn picks when installed), and no access log or
+    # proxy-header rewriting: per request these are most of a Python server's cost (docs/serving.md)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, proxy_headers=False)
     return 0
 
 

@@ -93,6 +93,8 @@ class OrtCpuRuntime(Runtime):
         except Exception as e:
             raise RuntimeFailure(f"{self.name} cannot load {source.path}: {ort_message(e)}") from None
         self._proto = proto
+        # read once: get_outputs() builds its NodeArg objects anew on every call (60 us a run)
+        self._output_names = [o.name for o in self.session.get_outputs()]
 
     def profile_placements(self, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, str]]:
         """Runs once with profiling on and returns node -> (op, provider) as actually executed."""
@@ -109,7 +111,7 @@ class OrtCpuRuntime(Runtime):
             outs = self.session.run(None, feeds)
         except Exception as e:
             raise RuntimeFailure(f"{self.name} failed to run: {ort_message(e)}") from None
-        return {o.name: v for o, v in zip(self.session.get_outputs(), outs)}
+        return dict(zip(self._output_names, outs))
 
     def _release(self) -> None:
         self.session = None

@@ -21,7 +21,9 @@ def bare_app(model_path: str, name: str = "lm.streaming"):
 
     from lstm_export.runtimes.ort import OrtCpuRuntime
     from lstm_export.runtimes.source import open_model
-    rt = OrtCpuRuntime(spin=False)  # the runtime and options `serve` gives its session
+    from .server import ServerConfig
+    cfg = ServerConfig()  # the runtime and options `serve` gives its session by default
+    rt = OrtCpuRuntime(spin=cfg.ort_spinning, threads=cfg.ort_threads)
     rt.prepare(open_model(model_path))
     session = rt.session  # called directly: the bare endpoint skips even the runner's feed checks
     h0 = next(i for i in session.get_inputs() if i.name == "h_0").shape  # (L, batch, H)

@@ -4,12 +4,21 @@ Below `server` and `oip`, which both import it: one JSON check for every route, 
 error shape in one place ({"error": {"code", "message"}} for /v1, {"error": message} for v2).
 """
 import json
+import re
+
+import numpy as np
+import orjson
 
 MAX_DEPTH = 32  # nesting a request body may have: a chunk is 2 deep; deeper is an attack, not a request
 
 
 class BodyError(ValueError):
     """A request body that is not a JSON object; the message says what is wrong (HTTP 400)."""
+
+
+# a run of 19 digits may be an integer beyond 64 bits, which orjson reads as a float where Python's
+# parser keeps an int (2**64 in INT64 data is "out of range", not "not an integer")
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 def v1_error(status: int, code: str, message: str):
@@ -22,6 +31,35 @@ def v2_error(status: int, message: str):
     return JSONResponse({"error": message}, status_code=status)
 
 
+def error_body(message: str) -> bytes:
+    """A v2 error's JSON bytes."""
+    return orjson.dumps({"error": message})
+
+
+def dumps(obj) -> bytes:
+    """A response as JSON bytes; numpy arrays in it are written as lists without a Python list
+    between (orjson: float32 in its shortest form, which reads back to the same float32). A NaN or
+    Inf, which JSON cannot hold and orjson would write as null, goes out as Python's json writes it
+    (NaN, Infinity), as it always has: never a silent null in place of a number."""
+    try:
+        out = orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+    except orjson.JSONEncodeError:  # an int beyond 64 bits echoed back (a sequence_id)
+        out = None
+    if out is not None and not (b"null" in out and _non_finite(obj)):
+        return out
+    return json.dumps(obj, default=lambda a: a.tolist()).encode()
+
+
+def _non_finite(obj) -> bool:
+    if isinstance(obj, dict):
+        return any(_non_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_non_finite(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.dtype.kind == "f" and not np.isfinite(obj).all()
+    return isinstance(obj, float) and not np.isfinite(obj)
+
+
 def json_object(raw: bytes) -> dict:
     """The request's JSON object. Raises BodyError for: not JSON, NaN or Infinity (not JSON either,
     though Python's parser takes them), nesting deeper than MAX_DEPTH (the parser recurses), an
@@ -30,6 +68,17 @@ def json_object(raw: bytes) -> dict:
     # the scan is Python per byte: only bodies with enough brackets to be too deep pay for it
     if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
         raise BodyError(f"body nests deeper than {MAX_DEPTH} levels")
+    if not _LONG_NUMBER.search(raw):
+        # orjson and Python's parser read every such body alike (no integer past 64 bits); what
+        # orjson refuses (NaN, a BOM, a lone surrogate, UTF-16) Python's parser reads or words
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            if not isinstance(body, dict):
+                raise BodyError("body must be a JSON object")
+            return body
     try:
         body = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:

@@ -16,17 +16,19 @@ keeps per-stream state, and any replica with the same key and model continues th
 """
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations
 # (Request) at definition time
-import json
+import os
+import socket
 import threading
 
 import numpy as np
 
-from .bodies import json_object, v2_error
+from .bodies import BodyError, dumps, error_body, json_object, v2_error
 from .state_token import TokenError, sign, verify
 from .streaming import StreamError
 from .v2_tensors import NAMES, V2Error, decode_tensor, is_int, params_of
 
 HEADER = "inference-header-content-length"
+_HEADER = HEADER.encode()
 # Triton's request parameters (priority and timeout are scheduling hints that leave the answer alone)
 # and the state token of a stateless replica; an output takes binary_data only.
 REQUEST_PARAMS = ("sequence_id", "sequence_start", "sequence_end", "state_token", "binary_data_output",
@@ -73,8 +75,10 @@ class V2Model:
         self._sequences: dict[int | str, str] = {}  # sequence id -> stream id (without a key)
         self._lock = threading.Lock()
 
-    def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
-        """The response JSON and the binary outputs that follow it (empty for all-JSON)."""
+    async def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
+        """The response JSON (output data as numpy arrays: encode with bodies.dumps) and the binary
+        outputs that follow it (empty for all-JSON). Runs on the server's event loop: the chunk joins
+        that loop iteration's batch (StreamingSession.feed_async)."""
         params = params_of(body, "the request", REQUEST_PARAMS)
         if "id" in body and not isinstance(body["id"], str):
             raise V2Error(400, f"'id' must be a string, got {type(body['id']).__name__}")
@@ -88,32 +92,33 @@ class V2Model:
         if data.ndim != len(self.session.data_spec.shape) or data.shape[self.batch_axis] != 1:
             raise V2Error(400, f"input {self.data_name!r} has shape {list(data.shape)}: send one stream, batch 1 "
                                f"(metadata shape {self.metadata['inputs'][0]['shape']})")
-        chunk = np.take(data, 0, axis=self.batch_axis)
+        chunk = data[0] if self.batch_axis == 0 else data[:, 0]
         seq = params.get("sequence_id")
         if seq is not None and not (is_int(seq) and seq != 0 or isinstance(seq, str) and seq):
             raise V2Error(400, f"sequence_id must be a non-zero integer or a non-empty string, got {seq!r}")
         start, end = _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
+        wanted = self._wanted(body, params)  # checked before the run: a bad body changes no stream's state
         out_params: dict = {}
         if seq is None:  # a request of its own: a fresh stream, closed after it
-            outs = self._run_once(chunk, None)
+            outs = await self._run_once(chunk, None)
         elif self.key is not None:
-            outs, state = self._run_with_token(chunk, seq, start, params.get("state_token"))
+            outs, state = await self._run_with_token(chunk, seq, start, params.get("state_token"))
             if not end:
                 out_params["state_token"] = sign(self.key, self.session.source.digest, seq, state)
         else:
-            outs = self._run_sequence(chunk, seq, start, end)  # 7 and "7" are two sequences, as in Triton
+            outs = await self._run_sequence(chunk, seq, start, end)  # 7 and "7" are two sequences, as in Triton
         if seq is not None:
             out_params.update(sequence_id=seq, sequence_start=start, sequence_end=end)
-        return self._response(body, outs, out_params)
+        return self._response(body, outs, out_params, wanted)
 
-    def _run_once(self, chunk, state):
+    async def _run_once(self, chunk, state):
         sid = self.session.open(state)
         try:
-            return self.session.feed(sid, chunk)
+            return await self.session.feed_async(sid, chunk)
         finally:
             self.session.close(sid)
 
-    def _run_with_token(self, chunk, seq, start: bool, token):
+    async def _run_with_token(self, chunk, seq, start: bool, token):
         if start:
             state = None
         elif token is None:
@@ -127,12 +132,12 @@ class V2Model:
                 raise V2Error(e.status, str(e)) from None
         sid = self.session.open(state)
         try:
-            outs = self.session.feed(sid, chunk)
+            outs = await self.session.feed_async(sid, chunk)
             return outs, self.session.state(sid)
         finally:
             self.session.close(sid)
 
-    def _run_sequence(self, chunk, seq: int | str, start: bool, end: bool):
+    async def _run_sequence(self, chunk, seq: int | str, start: bool, end: bool):
         with self._lock:
             sid = self._sequences.get(seq)
             if start:
@@ -144,7 +149,7 @@ class V2Model:
             if end:
                 del self._sequences[seq]
         try:
-            return self.session.feed(sid, chunk)
+            return await self.session.feed_async(sid, chunk)
         except StreamError as e:
             if e.status == 404:
                 with self._lock:
@@ -162,26 +167,33 @@ class V2Model:
         except StreamError:  # already expired
             pass
 
-    def _response(self, body: dict, outs: dict, params: dict) -> tuple[dict, list[bytes]]:
-        wanted = body.get("outputs")
-        binary_default = _bool_param(params_of(body, "the request", REQUEST_PARAMS), "binary_data_output")
+    def _wanted(self, body: dict, params: dict) -> list[tuple[str, bool]]:
+        """The requested outputs as (name, binary), checked against the model's."""
+        binary_default = _bool_param(params, "binary_data_output")
         names = [o.name for o in self.outputs]
-        if "outputs" not in body:
-            wanted = [{"name": n} for n in names]
+        wanted = body["outputs"] if "outputs" in body else [{"name": n} for n in names]
         if not isinstance(wanted, list):
             raise V2Error(400, "'outputs' must be a list of {'name': ...}")
-        tensors, blobs = [], []
+        out = []
         for w in wanted:
             name = w.get("name") if isinstance(w, dict) else None
             if name not in names:
                 raise V2Error(400, f"output {name!r} is not this model's; it gives {', '.join(names)}")
-            a = np.ascontiguousarray(np.expand_dims(outs[name], self.batch_axis))
+            binary = _bool_param(params_of(w, f"output {name!r}", ("binary_data",)), "binary_data")
+            out.append((name, binary or binary_default))
+        return out
+
+    def _response(self, body: dict, outs: dict, params: dict, wanted) -> tuple[dict, list[bytes]]:
+        tensors, blobs = [], []
+        for name, binary in wanted:
+            a = outs[name][None] if self.batch_axis == 0 else outs[name][:, None]
+            a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
             t = {"name": name, "datatype": NAMES[a.dtype], "shape": list(a.shape)}
-            if _bool_param(params_of(w, f"output {name!r}", ("binary_data",)), "binary_data") or binary_default:
+            if binary:
                 t["parameters"] = {"binary_data_size": a.nbytes}
                 blobs.append(a.tobytes())
             else:
-                t["data"] = a.ravel().tolist()
+                t["data"] = a.reshape(-1)  # numpy: bodies.dumps writes it without a Python list
             tensors.append(t)
         response = {"model_name": self.name, "model_version": "1", "outputs": tensors}
         if "id" in body:
@@ -191,17 +203,55 @@ class V2Model:
         return response, blobs
 
 
-def add_v2_routes(app, session, name: str, key: bytes | None) -> None:
-    """The Open Inference Protocol's routes for `session`'s model, served as `name`."""
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
+class V2Infer:
+    """POST /v2/models/{name}/infer (and under /versions/{v}/) as a bare ASGI app, which server.Front
+    calls with no router, no request objects and no thread hop: the hot path. Errors are the
+    protocol's JSON 4xx."""
 
+    def __init__(self, model: V2Model):
+        self.model = model
+        self.served_by = [(b"x-served-by", f"{socket.gethostname()}:{os.getpid()}".encode())]  # which replica
+
+    @staticmethod
+    def model_of(path: str) -> str | None:
+        """The model name in an infer route's path, or None for any other path."""
+        if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+            return None
+        parts = path[len("/v2/models/"):-len("/infer")].split("/")
+        if len(parts) == 1 or len(parts) == 3 and parts[1] == "versions" and parts[2]:
+            return parts[0] or None
+        return None
+
+    async def __call__(self, scope, receive, send):
+        """ASGI, behind server.BodyLimits: the body arrives whole in one message."""
+        code, kind, extra, content = await self._answer(scope, (await receive())["body"])
+        await send({"type": "http.response.start", "status": code,
+                    "headers": [(b"content-type", kind), (b"content-length", str(len(content)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": content})
+
+    async def _answer(self, scope, raw: bytes):
+        try:
+            model_name = self.model_of(scope["path"])
+            if model_name != self.model.name:
+                raise V2Error(404, f"unknown model {model_name!r}; this server serves {self.model.name!r}")
+            length = next((v.decode("latin-1") for k, v in scope["headers"] if k == _HEADER), None)
+            body, blob = split_body(raw, length)
+            response, blobs = await self.model.infer(body, blob)
+        except (V2Error, StreamError) as e:  # the session's checks of the chunk too: the protocol's shape
+            return e.status, b"application/json", [], error_body(str(e))
+        except BodyError as e:
+            return 400, b"application/json", [], error_body(str(e))
+        head = dumps(response)
+        if not blobs:
+            return 200, b"application/json", self.served_by, head
+        return 200, b"application/octet-stream", [(b"inference-header-content-length", str(len(head)).encode()),
+                                                  *self.served_by], head + b"".join(blobs)
+
+
+def add_v2_routes(app, model: V2Model, infer: V2Infer) -> None:
+    """The Open Inference Protocol's routes other than infer's POST (server.Front answers that)."""
     from lstm_export import __version__
-    model = V2Model(session, name, key)
-    import os
-    import socket
-    served_by = {"X-Served-By": f"{socket.gethostname()}:{os.getpid()}"}  # which replica answered
+    name = model.name
 
     def known(model_name: str):
         if model_name != name:
@@ -236,17 +286,7 @@ def add_v2_routes(app, session, name: str, key: bytes | None) -> None:
         known(model_name)
         return {"name": name, "ready": True}
 
-    @app.post("/v2/models/{model_name}/infer")
-    @app.post("/v2/models/{model_name}/versions/{version}/infer")
-    async def infer(model_name: str, request: Request, version: str = "1"):
-        known(model_name)
-        body, blob = split_body(await request.body(), request.headers.get(HEADER))
-        try:
-            response, blobs = await run_in_threadpool(model.infer, body, blob)
-        except StreamError as e:  # the session's checks of the chunk: the protocol's error shape
-            return v2_error(e.status, str(e))
-        if not blobs:
-            return JSONResponse(response, headers=served_by)
-        head = json.dumps(response).encode()
-        return Response(head + b"".join(blobs), media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(head)), **served_by})
+    # the FastAPI app's own infer route (405 for other methods, and the app whole without server.Front)
+    from starlette.routing import Route
+    for path in ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{version}/infer"):
+        app.router.routes.append(Route(path, infer, methods=["POST"]))

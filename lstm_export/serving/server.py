@@ -33,6 +33,10 @@ class ServerConfig:
     body_timeout_s: float = 10.0
     max_generate: int = 2000
     ort_spinning: bool = False
+    # ONNX Runtime's intra-op threads. One: a pool wakes its threads for every run (275 us of CPU
+    # against 169 for one thread at one row, Zen 4), and the event loop needs a core of its own;
+    # more pay for batches of more than ~8 rows or long chunks (docs/serving.md)
+    ort_threads: int = 1
 
 
 def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None):
@@ -48,7 +52,8 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     cfg = cfg or ServerConfig()
     session = StreamingSession(model, cfg.runtime, cfg.max_batch, cfg.max_wait_ms, cfg.max_streams,
-                               cfg.idle_timeout_s, cfg.max_chunk, ort_spinning=cfg.ort_spinning)
+                               cfg.idle_timeout_s, cfg.max_chunk, ort_spinning=cfg.ort_spinning,
+                               ort_threads=cfg.ort_threads)
     registry = CollectorRegistry()  # one per app: no module-level state
     requests = Counter("lstm_requests_total", "HTTP requests", ["route", "status"], registry=registry)
     latency = Histogram("lstm_request_seconds", "request latency", ["route"], registry=registry,
@@ -66,14 +71,18 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
 
     app = FastAPI(title="lstm-export serve", version="1", lifespan=lifespan)
     app.state.session = session
-    from .oip import add_v2_routes
-    add_v2_routes(app, session, name or _model_name(session.source), state_key)
+    from .oip import V2Infer, V2Model, add_v2_routes
+    v2 = V2Model(session, name or _model_name(session.source), state_key)
+    infer = V2Infer(v2)
+    add_v2_routes(app, v2, infer)
+    children: dict = {}  # (route, status) -> the two metric children: labels() looks up under a lock
 
     def record(route: str, status: int, seconds: float) -> None:
-        requests.labels(route, str(status)).inc()
-        latency.labels(route).observe(seconds)
-
-    app.add_middleware(BodyLimits, max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s, record=record)
+        pair = children.get((route, status))
+        if pair is None:  # routes and statuses are bounded sets: so is this dict
+            pair = children[route, status] = (requests.labels(route, str(status)), latency.labels(route))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     @app.exception_handler(StreamError)
     async def stream_error(request, exc: StreamError):
@@ -168,7 +177,11 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
             return req
         return {"text": await run_in_threadpool(_generate, session, req.prime, req.chars, req.temperature, req.seed)}
 
-    return app
+    limits = dict(max_bytes=cfg.max_body_bytes, timeout_s=cfg.body_timeout_s, record=record)
+    app.add_middleware(BodyLimits, **limits)
+    front = Front(app, infer, limits)
+    front.state = app.state  # app.state.session, as on the FastAPI app it fronts
+    return front
 
 
 ROUTES = {"/healthz", "/metrics", "/v1/model", "/v1/streams", "/v1/generate", "/v2", "/v2/health/live",
@@ -199,6 +212,21 @@ class _Disconnected(Exception):
     pass
 
 
+class Front:
+    """The ASGI app `serve` runs: a POST to the v2 infer route goes straight to oip.V2Infer through
+    the body limits (the hot path: no router, no middleware stack, no thread hop); every other
+    request goes to the FastAPI app, whose routes sit behind the same limits."""
+
+    def __init__(self, app, infer, limits: dict):
+        self.app, self.model_of = app, infer.model_of
+        self.infer = BodyLimits(infer, **limits)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and self.model_of(scope["path"]) is not None:
+            return await self.infer(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class BodyLimits:
     """ASGI middleware: reads each request body under a size limit and a deadline, then replays it.
 
@@ -213,21 +241,21 @@ class BodyLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        path = scope.get("path", "")
+        path = scope["path"]
         route = route_label(path)
         fail = _v2_fail if path.startswith("/v2") else v1_error  # each protocol's error body
-        status = {"code": 500, "started": False}
+        status = [500, False]  # the status sent, and whether a response has started
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
-                status["code"], status["started"] = message["status"], True
+                status[0], status[1] = message["status"], True
             await send(message)
 
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
         try:
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
                 raise _BodyTooLarge
-            body = await asyncio.wait_for(self._read(receive), self.timeout_s)
+            body = await _within(self._read(receive), self.timeout_s)
         except _BodyTooLarge:
             too_large = fail(413, "body_too_large", f"request body over {self.max_bytes} bytes")
             await too_large(scope, receive, send_wrapper)
@@ -246,11 +274,11 @@ class BodyLimits:
                 await self.app(scope, replay_receive, send_wrapper)
             except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
                 logging.getLogger("lstm_export.serve").exception("unexpected error on %s", path)
-                if status["started"]:
+                if status[1]:
                     raise
                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                 await fail(500, "internal_error", why)(scope, receive, send_wrapper)
-        self.record(route, status["code"], time.perf_counter() - t0)
+        self.record(route, status[0], time.perf_counter() - t0)
 
     async def _read(self, receive) -> bytes:
         parts, size = [], 0
@@ -264,7 +292,16 @@ class BodyLimits:
                 raise _BodyTooLarge
             parts.append(part)
             if not message.get("more_body", False):
-                return b"".join(parts)
+                return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def _within(coro, seconds: float):
+    """`await coro` under a deadline (asyncio.TimeoutError past it). asyncio.timeout (3.11) arms a
+    timer; wait_for, on older Pythons, wraps the read in a task of its own."""
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(seconds):
+            return await coro
+    return await asyncio.wait_for(coro, seconds)
 
 
 def _v2_fail(status: int, code: str, message: str):

@@ -10,6 +10,7 @@ so a batched result equals feeding each stream alone (to float rounding of the b
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -48,7 +49,31 @@ class _Stream:
 class _Request:
     stream_id: str
     chunk: np.ndarray
-    future: Future = field(default_factory=Future)
+    future: Future = field(default_factory=Future)  # or an asyncio.Future / _LoopFuture (feed_async)
+
+
+class _LoopFuture:
+    """An event loop's future that a batch run on another thread completes (set_result/set_exception
+    from any thread; the loop resumes its waiter)."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, future: asyncio.Future, loop):
+        self.future, self.loop = future, loop
+
+    def done(self) -> bool:
+        return False  # known only on the loop's thread: _settle checks there
+
+    def set_result(self, value) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+def _settle(future: asyncio.Future, value, error) -> None:
+    if not future.done():  # the waiter may have gone (its client hung up and the task was cancelled)
+        future.set_exception(error) if error is not None else future.set_result(value)
 
 
 @dataclass
@@ -75,11 +100,12 @@ class StreamingSession:
         idle_timeout_s: streams unused this long are closed.
         max_chunk: longest chunk (time steps) accepted.
         ort_spinning: for an ONNX Runtime named by `runtime`, let its threads spin after runs.
+        ort_threads: for an ONNX Runtime named by `runtime`, its intra-op threads (None: ORT's default).
     """
 
     def __init__(self, model, runtime: str | Runtime = "ort-cpu", max_batch: int = 16, max_wait_ms: float = 0.0,
                  max_streams: int = 1024, idle_timeout_s: float = 600.0, max_chunk: int = 4096,
-                 ort_spinning: bool = False):
+                 ort_spinning: bool = False, ort_threads: int | None = None):
         self.source = source = open_model(model)  # read once, here
         ins, outs = source.inputs, source.outputs
         names = [s.name for s in ins]
@@ -95,12 +121,18 @@ class StreamingSession:
         self.batch_axis = 0 if (self.data_spec.name == "tokens" or cfg.get("batch_first")) else 1
         chars = self.metadata.get("lstm_export.vocab")
         self.vocab = Vocab(chars) if chars else None
+        # the ids a token chunk may hold: the vocabulary's, within the table the graph gathers from.
+        # check_chunk is the only check a chunk gets: batches run with run_checked (the state is ours)
+        tables = [n for n in (len(self.vocab) if self.vocab else None,
+                              source.index_bounds.get(self.data_spec.name)) if n is not None]
+        self._ids = min(tables) if tables else None
         self.layers, self.hidden = int(self.state_spec.shape[0]), int(self.state_spec.shape[2])
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.max_streams, self.idle_timeout, self.max_chunk = max_streams, idle_timeout_s, max_chunk
         # ONNX Runtime's threads sleep between runs unless asked (lstm_export/runtimes/ort.py)
         if isinstance(runtime, str):
-            runtime = create(runtime, RuntimeOptions(spin=ort_spinning))
+            ort = runtime.startswith("ort")  # threads means another thing to TVM (the layout it compiles)
+            runtime = create(runtime, RuntimeOptions(spin=ort_spinning, threads=ort_threads if ort else None))
         self.runtime = runtime
         self.runtime.prepare(source)
         self.stats = StreamingStats()
@@ -110,6 +142,7 @@ class StreamingSession:
         # held for each runtime call: a feed that finds it free and nobody queued runs in its own
         # thread at once (no hop through the batcher and back); the batcher takes what queues meanwhile
         self._run_lock = threading.Lock()
+        self._loop_pending: list[_Request] = []  # feed_async's requests of this loop iteration
         self._worker = threading.Thread(target=self._loop, name="lstm-export-batcher", daemon=True)
         self._worker.start()
 
@@ -172,17 +205,17 @@ class StreamingSession:
         if np.issubdtype(spec.dtype, np.integer):
             if not np.issubdtype(chunk.dtype, np.integer):
                 raise StreamError(f"chunk must hold integer token ids, got {chunk.dtype}")
-            if self.vocab is not None and (chunk.min() < 0 or chunk.max() >= len(self.vocab)):
+            if self._ids is not None and (chunk.min() < 0 or chunk.max() >= self._ids):
                 raise StreamError(
-                    f"token ids must be in [0, {len(self.vocab)}), got {int(chunk.min())}..{int(chunk.max())}"
+                    f"token ids must be in [0, {self._ids}), got {int(chunk.min())}..{int(chunk.max())}"
                 )
-            return chunk.astype(spec.dtype)
+            return chunk.astype(spec.dtype, copy=False)
         feat = spec.shape[-1]
         if isinstance(feat, int) and chunk.shape[-1] != feat:
             raise StreamError(f"chunk has {chunk.shape[-1]} features, expected {feat}")
         if not np.isfinite(chunk).all():
             raise StreamError("chunk holds NaN or Inf")
-        return chunk.astype(spec.dtype)
+        return chunk.astype(spec.dtype, copy=False)
 
     def feed(self, stream_id: str, chunk, timeout: float | None = 60.0) -> dict[str, np.ndarray]:
         """Runs one chunk for one stream; returns its outputs (batch axis removed) and keeps the state."""
@@ -201,6 +234,38 @@ class StreamingSession:
                 self._run_lock.release()
         self._queue.put(req)
         return req.future.result(timeout=timeout)
+
+    def feed_async(self, stream_id: str, chunk) -> asyncio.Future:
+        """feed() for a caller on an event loop's thread: the outputs arrive on the returned future.
+
+        The chunks submitted during one loop iteration run as one batch when the iteration's ready
+        callbacks are done (an HTTP server parses every request that arrived before any runs). The
+        batch runs right there on the loop's thread when the runtime is free, so a request costs no
+        thread hop; while another thread holds the runtime it goes to the batcher thread instead.
+        The loop does nothing else during a run: it is for runtimes whose runs are short (a streaming
+        step takes a fraction of a millisecond); feed() in a worker thread keeps the loop free."""
+        chunk = self.check_chunk(chunk)
+        with self._lock:
+            if stream_id not in self._streams:
+                raise StreamError(f"unknown stream {stream_id!r}", status=404)
+        loop = asyncio.get_running_loop()
+        req = _Request(stream_id, chunk, loop.create_future())
+        if not self._loop_pending:
+            loop.call_soon(self._run_loop_batch, loop)
+        self._loop_pending.append(req)
+        return req.future
+
+    def _run_loop_batch(self, loop) -> None:
+        pending, self._loop_pending = self._loop_pending, []
+        if self._queue.empty() and self._run_lock.acquire(blocking=False):
+            try:
+                self._run_batches(pending)
+            finally:
+                self._run_lock.release()
+            return
+        for r in pending:  # the runtime is busy on another thread: join its queue, resume here later
+            r.future = _LoopFuture(r.future, loop)
+            self._queue.put(r)
 
     def feed_text(self, stream_id: str, text: str) -> dict[str, np.ndarray]:
         if self.vocab is None:
@@ -252,23 +317,31 @@ class StreamingSession:
             for r in group:
                 st = self._streams.get(r.stream_id)
                 if st is None:
-                    r.future.set_exception(StreamError(f"unknown stream {r.stream_id!r} (closed or expired)", 404))
+                    if not r.future.done():
+                        r.future.set_exception(StreamError(f"unknown stream {r.stream_id!r} (closed or expired)",
+                                                           404))
                 else:
                     st.busy = True
                     live.append((r, st))
         if not live:
             return
         try:
-            data = np.stack([r.chunk for r, _ in live], axis=self.batch_axis)  # chunks along the batch axis
-            h = np.stack([st.h for _, st in live], axis=1)  # (L, B, H)
-            c = np.stack([st.c for _, st in live], axis=1)
-            out = self.runtime.run({self.data_spec.name: data, "h_0": h, "c_0": c})
+            if len(live) == 1:  # views with a batch axis of 1: np.stack costs more than the rest of a request
+                (r, st), = live
+                data = r.chunk[None] if self.batch_axis == 0 else r.chunk[:, None]
+                h, c = st.h[:, None], st.c[:, None]  # (L, 1, H)
+            else:
+                data = np.stack([r.chunk for r, _ in live], axis=self.batch_axis)  # chunks along the batch axis
+                h = np.stack([st.h for _, st in live], axis=1)  # (L, B, H)
+                c = np.stack([st.c for _, st in live], axis=1)
+            out = self.runtime.run_checked({self.data_spec.name: data, "h_0": h, "c_0": c})
         except Exception as e:  # the runtime failed: every caller in the batch hears why
             with self._lock:
                 for _, st in live:
                     st.busy = False
             for r, _ in live:
-                r.future.set_exception(e)
+                if not r.future.done():  # a waiter on an event loop may have been cancelled
+                    r.future.set_exception(e)
             return
         names = self.output_names
         y, h_n, c_n = out[names[0]], out[names[1]], out[names[2]]
@@ -283,8 +356,9 @@ class StreamingSession:
                 st.chunks += 1
                 st.steps += int(r.chunk.shape[0])
         for k, (r, _) in enumerate(live):
-            r.future.set_result({names[0]: np.take(y, k, axis=self.batch_axis),
-                                 names[1]: h_n[:, k], names[2]: c_n[:, k]})
+            if not r.future.done():
+                r.future.set_result({names[0]: y[k] if self.batch_axis == 0 else y[:, k],
+                                     names[1]: h_n[:, k], names[2]: c_n[:, k]})
 
     def shutdown(self) -> None:
         self._queue.put(None)
