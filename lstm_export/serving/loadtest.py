@@ -1,25 +1,36 @@
-"""A bounded load test of `lstm-export serve` on loopback: N clients feed interleaved streams and every
-stream's outputs are checked against the same stream run alone, in one call, on ONNX Runtime."""
+"""A bounded load test of `lstm-export serve` on loopback, beside its peers on the same model, bodies and
+client: N clients each feed one stream, every stream's outputs are checked against the same stream run
+alone on ONNX Runtime, and each server's CPU per request is read from /proc over its own block.
+
+The client is http.client on a keep-alive connection per thread, with every request body built before
+the clock starts and the answers decoded after it stops: on 2 cores the client shares the machine with
+the server, and a heavy client (httpx spends ~0.3 ms of CPU a request) would measure itself.
+"""
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from lstm_export.common.agreement import output_error
 
+HEADER = "Inference-Header-Content-Length"
+
 
 @dataclass
 class LoadResult:
-    protocol: str
-    replicas: int
+    server: str  # serve, bare, triton, serve /v1, serve x2 (Ray replicas)
+    tensors: str  # json or binary
     clients: int
     requests: int
     errors: int
@@ -28,83 +39,143 @@ class LoadResult:
     requests_per_s: float
     p50_ms: float
     p99_ms: float
+    server_cpu_ms: float  # the server's CPU (all its processes) per request, over its block
+    rows_per_run: float | None = None  # requests per model run (serve's /metrics, Triton's statistics)
 
 
-def reference_logits(sess, ids: np.ndarray) -> np.ndarray:
-    """One stream alone, in one call, from a zero state, on an ONNX Runtime session."""
-    shape = sess.get_inputs()[1].shape  # h_0: (layers, batch, hidden)
-    z = np.zeros((shape[0], 1, shape[2]), np.float32)
-    return sess.run(None, {"tokens": ids[None, :].astype(np.int64), "h_0": z, "c_0": z})[0][0]
+@dataclass
+class Workload:
+    """Every client's stream: `chunks` chunks of `chunk_len` token ids in [0, vocab_size)."""
+
+    clients: int
+    chunks: int
+    chunk_len: int = 4
+    vocab_size: int = 64
+    seed: int = 0
+
+    def streams(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        return [rng.integers(0, self.vocab_size, (self.chunks, self.chunk_len)) for _ in range(self.clients)]
 
 
-def run_clients(base_url: str, model_path: str | Path, clients: int, chunks: int = 20, chunk_len: int = 8,
-                vocab_size: int = 64, seed: int = 0, timeout_s: float = 30.0, protocol: str = "v1",
-                model_name: str = "lm.streaming", replicas: int = 1, label: str | None = None) -> LoadResult:
-    """Each client opens a stream and sends `chunks` chunks of `chunk_len` random token ids: on /v1,
-    or on the Open Inference Protocol's /v2 infer as one sequence (carrying its state token when
-    the server signs one)."""
-    import httpx
-    rng = np.random.default_rng(seed)
-    seqs = [rng.integers(0, vocab_size, chunks * chunk_len) for _ in range(clients)]
-    latencies: list[float] = []
-    errors = [0]
-    outputs: dict[int, list] = {}
-    lock = threading.Lock()
-    start = threading.Barrier(clients)
+def v2_body(tokens: np.ndarray, params: dict, binary: bool) -> tuple[bytes, dict]:
+    """One v2 infer request for one stream's chunk (INT64 [1, n]): JSON data, or the binary tensor
+    extension (JSON header, then the raw bytes; the output asked for as binary too)."""
+    t = {"name": "tokens", "shape": [1, len(tokens)], "datatype": "INT64"}
+    if not binary:
+        t["data"] = [int(v) for v in tokens]
+        return json.dumps({"inputs": [t], "parameters": params}).encode(), {"Content-Type": "application/json"}
+    raw = np.ascontiguousarray(tokens, "<i8").tobytes()
+    t["parameters"] = {"binary_data_size": len(raw)}
+    head = json.dumps({"inputs": [t], "outputs": [{"name": "logits", "parameters": {"binary_data": True}}],
+                       "parameters": params}).encode()
+    return head + raw, {"Content-Type": "application/octet-stream", HEADER: str(len(head))}
+
+
+def v2_logits(headers: dict, data: bytes) -> tuple[np.ndarray, dict]:
+    """The first output of a v2 response as float32 [T, V] (its batch axis dropped), and its parameters."""
+    n = headers.get(HEADER.lower())
+    head = json.loads(data[:int(n)] if n is not None else data)
+    out = head["outputs"][0]
+    if "data" in out:
+        y = np.array(out["data"], np.float32)
+    else:
+        y = np.frombuffer(data, "<f4", int(np.prod(out["shape"])), int(n))
+    return y.reshape(out["shape"])[0], head.get("parameters", {})
+
+
+def run_clients(port: int, model_path: str | Path, work: Workload, tensors: str = "json", protocol: str = "v2",
+                model_name: str = "lm.streaming", label: str = "serve", timeout_s: float = 30.0) -> LoadResult:
+    """work.clients threads, one stream each, on /v2 infer as one sequence (with its state token when the
+    server signs one) or on /v1's stream routes. The result's server_cpu_ms is left 0: the caller
+    measures the server's CPU around this call."""
+    streams = work.streams()
+    latencies: list[list[float]] = [[] for _ in streams]
+    answers: list[list] = [[] for _ in streams]
+    errors = [0] * len(streams)
+    barrier = threading.Barrier(len(streams) + 1)
+    binary = tensors == "binary"
+    prebuilt = [[v2_body(s[j], {"sequence_id": 1000 + k, "sequence_start": j == 0,
+                                "sequence_end": j == len(s) - 1}, binary) for j in range(len(s))]
+                for k, s in enumerate(streams)] if protocol == "v2" else None
 
     def client(k: int) -> None:
-        with httpx.Client(base_url=base_url, timeout=timeout_s) as c:
-            sid = c.post("/v1/streams").json()["stream_id"] if protocol == "v1" else None
-            start.wait()
-            got, token = [], None
-            for j in range(chunks):
-                chunk = seqs[k][j * chunk_len:(j + 1) * chunk_len].tolist()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+        try:
+            sid = None
+            if protocol == "v1":
+                conn.request("POST", "/v1/streams")
+                sid = json.loads(conn.getresponse().read())["stream_id"]
+            token = None
+            barrier.wait(60)
+            for j, chunk in enumerate(streams[k]):
+                if protocol == "v1":
+                    method_path, (body, headers) = f"/v1/streams/{sid}", (
+                        json.dumps({"chunk": chunk.tolist()}).encode(), {"Content-Type": "application/json"})
+                else:
+                    method_path, (body, headers) = f"/v2/models/{model_name}/infer", prebuilt[k][j]
+                    if token is not None:  # a signing server: the state travels with the request
+                        params = {"sequence_id": 1000 + k, "sequence_start": False,
+                                  "sequence_end": j == len(streams[k]) - 1, "state_token": token}
+                        body, headers = v2_body(chunk, params, binary)
                 t0 = time.perf_counter()
-                if protocol == "v1":
-                    r = c.post(f"/v1/streams/{sid}", json={"chunk": chunk})
-                else:
-                    params = {"sequence_id": f"load-{k}", "sequence_start": j == 0, "sequence_end": j == chunks - 1}
-                    if token:
-                        params["state_token"] = token
-                    r = c.post(f"/v2/models/{model_name}/infer", json={"inputs": [
-                        {"name": "tokens", "shape": [1, len(chunk)], "datatype": "INT64", "data": chunk}],
-                        "parameters": params})
-                dt = time.perf_counter() - t0
-                with lock:
-                    latencies.append(dt)
-                    if r.status_code != 200:
-                        errors[0] += 1
-                        continue
-                if protocol == "v1":
-                    got.append(np.array(r.json()["outputs"]["logits"], np.float32))
-                else:
-                    out = r.json()
-                    token = out.get("parameters", {}).get("state_token")
-                    got.append(np.array(out["outputs"][0]["data"], np.float32).reshape(out["outputs"][0]["shape"])[0])
+                conn.request("POST", method_path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                latencies[k].append(time.perf_counter() - t0)
+                if r.status != 200:
+                    errors[k] += 1
+                    continue
+                answers[k].append((dict((h.lower(), v) for h, v in r.getheaders()), data))
+                if protocol == "v2" and j == 0 and b"state_token" in data[:4096] or token is not None:
+                    token = v2_logits(*answers[k][-1])[1].get("state_token")
             if sid:
-                c.delete(f"/v1/streams/{sid}")
-            outputs[k] = got
+                conn.request("DELETE", f"/v1/streams/{sid}")
+                conn.getresponse().read()
+        except (OSError, http.client.HTTPException, threading.BrokenBarrierError, ValueError, KeyError):
+            errors[k] += work.chunks - len(answers[k])
+            barrier.abort()
+        finally:
+            conn.close()
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(len(streams))]
     for t in threads:
         t.start()
+    try:
+        barrier.wait(60)
+    except threading.BrokenBarrierError:
+        pass
+    t0 = time.perf_counter()
     for t in threads:
-        t.join()
+        t.join(timeout_s * work.chunks)
     seconds = time.perf_counter() - t0
+    mismatches = _mismatches(model_path, streams, answers, protocol)
+    lat = np.array([x for ls in latencies for x in ls] or [np.nan]) * 1000
+    n = sum(len(ls) for ls in latencies)
+    return LoadResult(label, tensors, work.clients, n, sum(errors), mismatches, round(seconds, 3),
+                      round(n / seconds, 1), round(float(np.percentile(lat, 50)), 3),
+                      round(float(np.percentile(lat, 99)), 3), 0.0)
+
+
+def _mismatches(model_path, streams, answers, protocol) -> int:
+    """Streams whose outputs are not the stream run alone, in one call, from a zero state, on ORT."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    mismatches = 0
-    for k in range(clients):
-        got = outputs.get(k, [])
-        ref = reference_logits(sess, seqs[k])
-        if len(got) != chunks or not output_error("logits", np.concatenate(got), ref, atol=1e-4, rtol=1e-4).passed:
-            mismatches += 1
-    lat = np.array(latencies) * 1000
-    n = clients * chunks
-    return LoadResult(label or protocol, replicas, clients, n, errors[0], mismatches, round(seconds, 3),
-                      round(n / seconds, 1),
-                      round(float(np.percentile(lat, 50)), 2), round(float(np.percentile(lat, 99)), 2))
+    L, _, H = sess.get_inputs()[1].shape  # h_0: (layers, batch, hidden)
+    z = np.zeros((L, 1, H), np.float32)
+    bad = 0
+    for s, got in zip(streams, answers):
+        ref = sess.run(None, {"tokens": s.reshape(1, -1).astype(np.int64), "h_0": z, "c_0": z})[0][0]
+        if len(got) != len(s):
+            bad += 1
+            continue
+        if protocol == "v1":
+            ys = [np.array(json.loads(d)["outputs"]["logits"], np.float32) for _, d in got]
+        else:
+            ys = [v2_logits(h, d)[0] for h, d in got]
+        if not output_error("logits", np.concatenate(ys), ref, atol=1e-4, rtol=1e-4).passed:
+            bad += 1
+    return bad
 
 
 def free_port() -> int:
@@ -113,64 +184,123 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    """`lstm-export serve` in its own process on a loopback port, for as long as the with-block lasts."""
+CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
-    def __init__(self, model_path: str | Path, *flags: str, env: dict | None = None, bare: bool = False):
-        """bare: the baseline endpoint (lstm_export/serving/bare.py) over the same model instead of `serve`."""
-        self.env = env
-        self.port = free_port()
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of session `pgid` (a server and its helpers:
+    Triton's python backend stub, Ray's workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / CLK
+    return total
+
+
+def wait_ready(proc, url: str, what: str, limit_s: float = 120.0) -> None:
+    import urllib.request
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not start within {limit_s:.0f} s")
+
+
+class ServerProcess:
+    """`lstm-export serve` (or, bare=True, the baseline endpoint of serving/bare.py) in a process of
+    its own session on a loopback port, for as long as the with-block lasts."""
+
+    label = "serve"
+
+    def __init__(self, model_path: str | Path, *flags: str, env: dict | None = None, bare: bool = False,
+                 label: str | None = None):
+        self.env, self.port = env, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.label = label or ("bare" if bare else "serve")
         command = ["lstm_export.serving.bare"] if bare else ["lstm_export.cli", "serve"]
         self.cmd = [sys.executable, "-m", *command, str(model_path), "--port", str(self.port), *flags]
+        self.log = None
 
     def __enter__(self):
-        import os
+        import tempfile
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=dict(os.environ, **(self.env or {})), start_new_session=True)
+        try:
+            wait_ready(self.proc, self.url, self.label)
+        except RuntimeError as e:
+            self.log.seek(0)
+            raise RuntimeError(f"{e}: {self.log.read()[-2000:].decode(errors='replace')}") from None
+        return self
 
-        import httpx
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(self.env or {})))
-        deadline = time.time() + 120  # a Ray deployment starts in tens of seconds
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start within 120 s")
+    @property
+    def pgid(self) -> int:
+        return self.proc.pid
+
+    def rows_runs(self) -> tuple[float, float] | None:
+        """(rows, runs) so far, from /metrics."""
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            conn.request("GET", "/metrics")
+            vals = {line.split()[0]: float(line.split()[1]) for line in conn.getresponse().read().decode().splitlines()
+                    if line.startswith("lstm_batch")}
+            conn.close()
+            return vals["lstm_batched_rows_total"], vals["lstm_batches_total"]
+        except (OSError, KeyError, ValueError, IndexError):
+            return None
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_group(self.proc)
+        self.log.close()
 
 
-def write_report(rows: list[LoadResult], prefix: str | Path, machine: str, command: str, model: str) -> str:
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    prefix.with_suffix(".json").write_text(json.dumps({"machine": machine, "command": command, "model": model,
-                                                       "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    lines = ["| route | replicas | clients | requests | errors | crossed/mismatched streams | requests/s | p50 ms | "
-             "p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.protocol} | {r.replicas} | {r.clients} | {r.requests} | {r.errors} | {r.mismatches} | "
-              f"{r.requests_per_s} | {r.p50_ms} | {r.p99_ms} |" for r in rows]
-    table = "\n".join(lines)
-    prefix.with_suffix(".md").write_text(f"Serving load test on loopback\n\nMachine: {machine}. Model: {model}. "
-                                         f"Command: `{command}`.\n\n{table}\n")
-    return table
+def stop_group(proc) -> None:
+    """Ends a server started in its own session, and whatever it started (Triton's stub, Ray)."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
-def in_process_ms(model_path: str | Path, chunks: int = 200, chunk_len: int = 8, vocab_size: int = 64,
+def measure(server, model_path, work: Workload, tensors: str, protocol: str = "v2",
+            model_name: str = "lm.streaming") -> LoadResult:
+    """One block: the clients against `server`, with its CPU and rows per run over the block."""
+    rows0, cpu0 = server.rows_runs(), group_cpu(server.pgid)
+    res = run_clients(server.port, model_path, work, tensors, protocol, model_name, server.label)
+    cpu1, rows1 = group_cpu(server.pgid), server.rows_runs()
+    res.server_cpu_ms = round(1000 * (cpu1 - cpu0) / max(res.requests, 1), 3)
+    if rows0 and rows1 and rows1[1] > rows0[1]:
+        res.rows_per_run = round((rows1[0] - rows0[0]) / (rows1[1] - rows0[1]), 2)
+    return res
+
+
+def in_process_ms(model_path: str | Path, chunks: int = 300, chunk_len: int = 4, vocab_size: int = 64,
                   seed: int = 0) -> float:
-    """p50 ms of one stream's chunk fed to a StreamingSession in this process: the server's cost per
-    request is its p50 with one client minus this."""
+    """p50 ms of one stream's chunk fed to a StreamingSession in this process, with serve's defaults:
+    what a request costs without HTTP."""
+    from .server import ServerConfig
     from .streaming import StreamingSession
+    cfg = ServerConfig()
     rng = np.random.default_rng(seed)
-    with StreamingSession(model_path, max_wait_ms=0.0) as session:
+    with StreamingSession(model_path, max_wait_ms=0.0, ort_spinning=cfg.ort_spinning,
+                          ort_threads=cfg.ort_threads) as session:
         sid = session.open()
         times = []
         for _ in range(chunks):

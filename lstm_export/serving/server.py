@@ -15,7 +15,7 @@ import numpy as np
 
 from lstm_export.charlm import sample_id
 
-from .bodies import BodyError, json_object, v1_error, v2_error
+from .bodies import BodyError, dumps, json_object, v1_error, v2_error
 from .streaming import StreamError, StreamingSession
 
 
@@ -160,7 +160,8 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
             out = await run_in_threadpool(session.feed, stream_id, chunk)
         else:
             return v1_error(400, "bad_request", "send {'chunk': [...]} (token ids or features) or {'text': '...'}")
-        return {"outputs": {k: v.tolist() for k, v in out.items()}}
+        # numpy straight to JSON bytes: FastAPI's encoder walks every float in Python (4 ms a request)
+        return Response(dumps({"outputs": out}), media_type="application/json")
 
     @app.delete("/v1/streams/{stream_id}", status_code=204)
     def close_stream(stream_id: str):

@@ -42,6 +42,8 @@ def params_of(obj: dict, where: str, known: tuple[str, ...]) -> dict:
     p = obj["parameters"]
     if not isinstance(p, dict):
         raise V2Error(400, f"{where}: 'parameters' must be an object, got {type(p).__name__}")
+    if p.keys() <= set(known):
+        return p
     unknown = sorted(k for k in p if k not in known)
     if unknown:
         raise V2Error(400, f"{where}: unknown parameter(s) {', '.join(map(repr, unknown))}"[:200]

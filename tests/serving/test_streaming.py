@@ -164,3 +164,87 @@ def test_serving_sessions_turn_onnx_runtimes_spinning_off(lm_streaming):
                     entries.get_session_config_entry("session.intra_op.allow_spinning")  # ORT's default: spin
             else:
                 assert entries.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_async_feeds_of_one_loop_turn_run_as_one_batch_on_the_loops_thread(lm_streaming):
+    """feed_async: the chunks submitted in one event-loop turn run together, on the loop's own thread
+    (no hop), and each stream gets what it would alone."""
+    import asyncio
+
+    from lstm_export.runtimes.ort import OrtCpuRuntime
+    lm, path = lm_streaming
+    ran_on = []
+
+    class Recording(OrtCpuRuntime):
+        def _run(self, feeds):
+            ran_on.append((threading.current_thread().name, feeds["tokens"].shape[0]))
+            return super()._run(feeds)
+
+    rng = np.random.default_rng(4)
+    chunks = [rng.integers(0, 12, 5) for _ in range(6)]
+    with StreamingSession(path, Recording(spin=False)) as s:
+        sids = [s.open() for _ in chunks]
+
+        async def main():
+            outs = await asyncio.gather(*[s.feed_async(sid, c) for sid, c in zip(sids, chunks)])
+            again = await s.feed_async(sids[0], chunks[1])  # the state carries on, as with feed()
+            return outs, again, threading.current_thread().name
+
+        outs, again, loop_thread = asyncio.run(main())
+    assert ran_on == [(loop_thread, 6), (loop_thread, 1)], ran_on
+    for k in range(6):
+        np.testing.assert_allclose(outs[k]["logits"], _torch_logits(lm, chunks[k]), atol=1e-5)
+    np.testing.assert_allclose(again["logits"], _torch_logits(lm, np.concatenate([chunks[0], chunks[1]]))[5:],
+                               atol=1e-5)
+
+
+def test_async_feeds_go_to_the_batcher_when_long_or_when_the_runtime_is_held(lm_streaming):
+    """A chunk past INLINE_STEPS, or a batch that finds another thread running the runtime, runs on the
+    batcher thread, and the loop stays free meanwhile (it answers another coroutine); a waiter that
+    gave up (cancelled) does not stop the others of its batch from getting their answers."""
+    import asyncio
+
+    from lstm_export.runtimes.ort import OrtCpuRuntime
+    from lstm_export.serving.streaming import INLINE_STEPS
+    lm, path = lm_streaming
+    ran_on, gate = [], threading.Event()
+
+    class Gated(OrtCpuRuntime):
+        def _run(self, feeds):
+            ran_on.append(threading.current_thread().name)
+            assert gate.wait(10)
+            return super()._run(feeds)
+
+    rng = np.random.default_rng(5)
+    long_chunk = rng.integers(0, 12, INLINE_STEPS + 1)
+    short = [rng.integers(0, 12, 3) for _ in range(3)]
+    with StreamingSession(path, Gated(spin=False), max_chunk=4 * INLINE_STEPS) as s:
+        a, b, c, d = (s.open() for _ in range(4))
+
+        async def main():
+            long_run = asyncio.ensure_future(s.feed_async(a, long_chunk))
+            ticks = 0
+            while not ran_on:  # the loop keeps turning while the long chunk runs elsewhere
+                ticks += 1
+                await asyncio.sleep(0.001)
+            held = threading.Thread(target=lambda: s.feed(d, short[2]))  # another thread wants the runtime too
+            gate.set()
+            out_long = await long_run
+            gate.clear()
+            held.start()
+            while len(ran_on) < 2:
+                await asyncio.sleep(0.001)
+            gone = s.feed_async(b, short[0])
+            kept = s.feed_async(c, short[1])
+            await asyncio.sleep(0.01)
+            gone.cancel()
+            gate.set()
+            out = await kept
+            held.join()
+            return ticks, out_long, out
+
+        ticks, out_long, out = asyncio.run(main())
+    assert ticks > 0 and ran_on[0] == "lstm-export-batcher", ran_on
+    assert ran_on[-1] == "lstm-export-batcher" and len(ran_on) == 3, ran_on
+    np.testing.assert_allclose(out_long["logits"], _torch_logits(lm, long_chunk), atol=1e-5)
+    np.testing.assert_allclose(out["logits"], _torch_logits(lm, short[1]), atol=1e-5)
