@@ -53,13 +53,10 @@ class LoadReport:
         out = []
         for (server, tensors, clients), rs in groups.items():
             rows = [r.rows_per_run for r in rs if r.rows_per_run is not None]
-
-            def mid(field: str, digits: int = 3) -> float:
-                return round(median(getattr(r, field) for r in rs), digits)
             out.append(LoadResult(server, tensors, clients, sum(r.requests for r in rs), sum(r.errors for r in rs),
                                   sum(r.mismatches for r in rs), round(sum(r.seconds for r in rs), 3),
-                                  mid("requests_per_s", 1), mid("p50_ms"), mid("p99_ms"), mid("server_cpu_ms"),
-                                  round(median(rows), 2) if rows else None))
+                                  _mid(rs, "requests_per_s", 1), _mid(rs, "p50_ms"), _mid(rs, "p99_ms"),
+                                  _mid(rs, "server_cpu_ms"), round(median(rows), 2) if rows else None))
         return sorted(out, key=lambda r: (r.clients, r.tensors, _ORDER.get(r.server, 9), r.server))
 
     def goals(self) -> list[Goal]:
@@ -119,6 +116,10 @@ class LoadReport:
             top.legend(fontsize=7, ncol=3)
             bottom.set_yscale("log")
             top.set_title(f"{self.model}\n{self.machine}", fontsize=9)
+
+
+def _mid(rows: list[LoadResult], field: str, digits: int = 3) -> float:
+    return round(median(getattr(r, field) for r in rows), digits)
 
 
 _ORDER = {"serve": 0, "bare": 1, "triton": 2}

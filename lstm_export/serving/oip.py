@@ -223,13 +223,13 @@ class V2Infer:
         return None
 
     async def __call__(self, scope, receive, send):
-        """ASGI, behind server.BodyLimits: the body arrives whole in one message."""
-        code, kind, extra, content = await self._answer(scope, (await receive())["body"])
-        await send({"type": "http.response.start", "status": code,
-                    "headers": [(b"content-type", kind), (b"content-length", str(len(content)).encode()), *extra]})
+        """ASGI (the FastAPI app's own route, behind its body limits): the body arrives whole."""
+        code, headers, content = await self.answer(scope, (await receive())["body"])
+        await send({"type": "http.response.start", "status": code, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
-    async def _answer(self, scope, raw: bytes):
+    async def answer(self, scope, raw: bytes) -> tuple[int, list, bytes]:
+        """The status, headers and body of the response to one infer request's whole body."""
         try:
             model_name = self.model_of(scope["path"])
             if model_name != self.model.name:
@@ -238,14 +238,23 @@ class V2Infer:
             body, blob = split_body(raw, length)
             response, blobs = await self.model.infer(body, blob)
         except (V2Error, StreamError) as e:  # the session's checks of the chunk too: the protocol's shape
-            return e.status, b"application/json", [], error_body(str(e))
+            return _error(e.status, str(e))
         except BodyError as e:
-            return 400, b"application/json", [], error_body(str(e))
+            return _error(400, str(e))
         head = dumps(response)
         if not blobs:
-            return 200, b"application/json", self.served_by, head
-        return 200, b"application/octet-stream", [(b"inference-header-content-length", str(len(head)).encode()),
-                                                  *self.served_by], head + b"".join(blobs)
+            return 200, [_JSON, (b"content-length", str(len(head)).encode()), *self.served_by], head
+        content = head + b"".join(blobs)
+        return 200, [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(content)).encode()),
+                     (b"inference-header-content-length", str(len(head)).encode()), *self.served_by], content
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+def _error(status: int, message: str) -> tuple[int, list, bytes]:
+    body = error_body(message)
+    return status, [_JSON, (b"content-length", str(len(body)).encode())], body
 
 
 def add_v2_routes(app, model: V2Model, infer: V2Infer) -> None:

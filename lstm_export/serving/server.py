@@ -5,10 +5,7 @@ reach the micro-batcher together, and uvicorn is the maintained ASGI server they
 Every error is JSON {"error": {"code", "message"}} with a 4xx status; nothing a client sends can
 take the server down for the others.
 """
-import asyncio
 import contextlib
-import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +13,7 @@ import numpy as np
 from lstm_export.charlm import sample_id
 
 from .bodies import BodyError, dumps, json_object, v1_error, v2_error
+from .front import BodyLimits, Front
 from .streaming import StreamError, StreamingSession
 
 
@@ -185,128 +183,10 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
     return front
 
 
-ROUTES = {"/healthz", "/metrics", "/v1/model", "/v1/streams", "/v1/generate", "/v2", "/v2/health/live",
-          "/v2/health/ready"}
-
-
 def _model_name(source) -> str:
     """The name a model is served under by default: its file's stem (`lm.streaming.onnx` -> `lm.streaming`)."""
     path = source.onnx_path or source.path
     return path.name[:-len(".onnx")] if path.name.endswith(".onnx") else path.name
-
-
-def route_label(path: str) -> str:
-    """A metrics label per route template, any unknown path as one label: the label set stays bounded."""
-    if path.startswith("/v1/streams/"):
-        return "/v1/streams/{id}"
-    if path.startswith("/v2/models/"):
-        tail = path.rsplit("/", 1)[-1]
-        return f"/v2/models/{{name}}/{tail}" if tail in ("infer", "ready") else "/v2/models/{name}"
-    return path if path in ROUTES else "other"
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _Disconnected(Exception):
-    pass
-
-
-class Front:
-    """The ASGI app `serve` runs: a POST to the v2 infer route goes straight to oip.V2Infer through
-    the body limits (the hot path: no router, no middleware stack, no thread hop); every other
-    request goes to the FastAPI app, whose routes sit behind the same limits."""
-
-    def __init__(self, app, infer, limits: dict):
-        self.app, self.model_of = app, infer.model_of
-        self.infer = BodyLimits(infer, **limits)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and self.model_of(scope["path"]) is not None:
-            return await self.infer(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-class BodyLimits:
-    """ASGI middleware: reads each request body under a size limit and a deadline, then replays it.
-
-    An oversized body gets 413, a body that does not arrive in time 408, and a client that hangs
-    up mid-body is dropped quietly; the metrics callback sees every answered request.
-    """
-
-    def __init__(self, app, max_bytes: int, timeout_s: float, record):
-        self.app, self.max_bytes, self.timeout_s, self.record = app, max_bytes, timeout_s, record
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        path = scope["path"]
-        route = route_label(path)
-        fail = _v2_fail if path.startswith("/v2") else v1_error  # each protocol's error body
-        status = [500, False]  # the status sent, and whether a response has started
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status[0], status[1] = message["status"], True
-            await send(message)
-
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        try:
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-                raise _BodyTooLarge
-            body = await _within(self._read(receive), self.timeout_s)
-        except _BodyTooLarge:
-            too_large = fail(413, "body_too_large", f"request body over {self.max_bytes} bytes")
-            await too_large(scope, receive, send_wrapper)
-        except asyncio.TimeoutError:
-            await fail(408, "body_timeout", f"request body not received within {self.timeout_s} s")(
-                scope, receive, send_wrapper)
-        except _Disconnected:
-            return  # the client is gone; nobody to answer
-        else:
-            replay = [{"type": "http.request", "body": body, "more_body": False}]
-
-            async def replay_receive():
-                return replay.pop() if replay else await receive()
-
-            try:
-                await self.app(scope, replay_receive, send_wrapper)
-            except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
-                logging.getLogger("lstm_export.serve").exception("unexpected error on %s", path)
-                if status[1]:
-                    raise
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                await fail(500, "internal_error", why)(scope, receive, send_wrapper)
-        self.record(route, status[0], time.perf_counter() - t0)
-
-    async def _read(self, receive) -> bytes:
-        parts, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _Disconnected
-            part = message.get("body", b"")
-            size += len(part)
-            if size > self.max_bytes:
-                raise _BodyTooLarge
-            parts.append(part)
-            if not message.get("more_body", False):
-                return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-async def _within(coro, seconds: float):
-    """`await coro` under a deadline (asyncio.TimeoutError past it). asyncio.timeout (3.11) arms a
-    timer; wait_for, on older Pythons, wraps the read in a task of its own."""
-    if hasattr(asyncio, "timeout"):
-        async with asyncio.timeout(seconds):
-            return await coro
-    return await asyncio.wait_for(coro, seconds)
-
-
-def _v2_fail(status: int, code: str, message: str):
-    return v2_error(status, message)  # v2 errors carry no code
 
 
 def _generate(session: StreamingSession, prime: str, chars: int, temperature: float, seed) -> str:

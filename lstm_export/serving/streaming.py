@@ -147,6 +147,7 @@ class StreamingSession:
         # thread at once (no hop through the batcher and back); the batcher takes what queues meanwhile
         self._run_lock = threading.Lock()
         self._loop_pending: list[_Request] = []  # feed_async's requests of this loop iteration
+        self._loop_timer = None  # with max_wait: the pending batch's run
         self._worker = threading.Thread(target=self._loop, name="lstm-export-batcher", daemon=True)
         self._worker.start()
 
@@ -244,7 +245,8 @@ class StreamingSession:
         """feed() for a caller on an event loop's thread: the outputs arrive on the returned future.
 
         The chunks submitted during one loop iteration run as one batch when the iteration's ready
-        callbacks are done (an HTTP server parses every request that arrived before any runs). The
+        callbacks are done (an HTTP server parses every request that arrived before any runs), or,
+        with max_wait_ms, up to that long after the first of them or when max_batch have come. The
         batch runs right there on the loop's thread when the runtime is free and its chunks are short
         (at most INLINE_STEPS steps: a fraction of a millisecond for a streaming LM), so a request
         costs no thread hop; the loop does nothing else meanwhile. Longer chunks, and batches that
@@ -255,13 +257,24 @@ class StreamingSession:
                 raise StreamError(f"unknown stream {stream_id!r}", status=404)
         loop = asyncio.get_running_loop()
         req = _Request(stream_id, chunk, loop.create_future())
-        if not self._loop_pending:
-            loop.call_soon(self._run_loop_batch, loop)
         self._loop_pending.append(req)
+        if len(self._loop_pending) == 1:  # the first of a batch: its run is scheduled now
+            if self.max_wait == 0:
+                loop.call_soon(self._run_loop_batch, loop)
+            else:  # the user asked for fuller batches: up to max_wait for company, or a full batch
+                self._loop_timer = loop.call_later(self.max_wait, self._run_loop_batch, loop)
+        elif len(self._loop_pending) == self.max_batch and self._loop_timer is not None:
+            self._loop_timer.cancel()
+            loop.call_soon(self._run_loop_batch, loop)
         return req.future
 
     def _run_loop_batch(self, loop) -> None:
+        if self._loop_timer is not None:
+            self._loop_timer.cancel()
+            self._loop_timer = None
         pending, self._loop_pending = self._loop_pending, []
+        if not pending:
+            return
         short = all(r.chunk.shape[0] <= INLINE_STEPS for r in pending)
         if short and self._queue.empty() and self._run_lock.acquire(blocking=False):
             try:
@@ -352,12 +365,15 @@ class StreamingSession:
         names = self.output_names
         y, h_n, c_n = out[names[0]], out[names[1]], out[names[2]]
         now = time.monotonic()
+        one = len(live) == 1  # then h_n[:, 0] is all of h_n, which nothing else holds: no copy, and
+        if one:  # the caller's h_n and c_n views of the state are read-only: they cannot edit it
+            h_n.flags.writeable = c_n.flags.writeable = False
         with self._lock:
             self.stats.batches += 1
             self.stats.rows += len(live)
             self.stats.batch_sizes[len(live)] = self.stats.batch_sizes.get(len(live), 0) + 1
             for k, (r, st) in enumerate(live):
-                st.h, st.c = h_n[:, k].copy(), c_n[:, k].copy()
+                st.h, st.c = (h_n[:, 0], c_n[:, 0]) if one else (h_n[:, k].copy(), c_n[:, k].copy())
                 st.last_used, st.busy = now, False
                 st.chunks += 1
                 st.steps += int(r.chunk.shape[0])

@@ -77,7 +77,8 @@ def decode_tensor(t, blob: bytes, offset: int, want: dict) -> tuple[np.ndarray, 
                                "or runs past the body")
         if "data" in t:
             raise V2Error(400, f"input {name!r}: send 'data' or binary_data_size, not both")
-        return np.frombuffer(blob, dtype, size, offset).reshape(shape).copy(), offset + nbytes
+        # a read-only view of the body's bytes: nothing downstream writes to a request's tensor
+        return np.frombuffer(blob, dtype, size, offset).reshape(shape), offset + nbytes
     if "data" not in t:
         raise V2Error(400, f"input {name!r} has no 'data' (and no binary_data_size)")
     values = _flatten(t["data"], name)

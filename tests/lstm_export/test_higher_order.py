@@ -155,7 +155,8 @@ def test_torch_func_transforms_equal_torch_nn_lstm():
 
     loop = lambda f: torch.stack([f(x) for x in xs])  # noqa: E731
     cases = {
-        "vmap": (lambda: torch.func.vmap(lambda x: out(ours, params, x))(xs), lambda: loop(lambda x: out(ref, params, x))),
+        "vmap": (lambda: torch.func.vmap(lambda x: out(ours, params, x))(xs),
+                 lambda: loop(lambda x: out(ref, params, x))),
         "grad": (lambda: torch.func.grad(lambda p: loss(ours, p, xs[0]))(params),
                  lambda: torch.func.grad(lambda p: loss(ref, p, xs[0]))(params)),
         "jacrev": (lambda: torch.func.jacrev(lambda x: out(ours, params, x))(xs[0]),

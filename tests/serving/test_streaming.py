@@ -115,8 +115,8 @@ def test_streaming_on_tvm_llvm_equals_ort(lm_streaming):
 
 def test_batching_is_continuous_and_a_lone_request_never_waits(lm_streaming):
     """max_wait_ms=0 (the default): a request alone runs at once (in its caller's thread), and the
-    requests that arrive while a run is in progress form the next batch together. The runtime is ONNX Runtime with a gate that
-    holds the first run until four more requests are queued."""
+    requests that arrive while a run is in progress form the next batch together. The runtime is ONNX
+    Runtime with a gate that holds the first run until four more requests are queued."""
     from lstm_export.runtimes.ort import OrtCpuRuntime
     lm, path = lm_streaming
     release, entered = threading.Event(), threading.Event()
@@ -160,7 +160,7 @@ def test_serving_sessions_turn_onnx_runtimes_spinning_off(lm_streaming):
         with StreamingSession(path, "ort-cpu", ort_spinning=spinning) as s:
             entries = s.runtime.session.get_session_options()
             if spinning:
-                with pytest.raises(Exception):
+                with pytest.raises(RuntimeError):  # ORT: no such entry
                     entries.get_session_config_entry("session.intra_op.allow_spinning")  # ORT's default: spin
             else:
                 assert entries.get_session_config_entry("session.intra_op.allow_spinning") == "0"
@@ -248,3 +248,32 @@ def test_async_feeds_go_to_the_batcher_when_long_or_when_the_runtime_is_held(lm_
     assert ran_on[-1] == "lstm-export-batcher" and len(ran_on) == 3, ran_on
     np.testing.assert_allclose(out_long["logits"], _torch_logits(lm, long_chunk), atol=1e-5)
     np.testing.assert_allclose(out["logits"], _torch_logits(lm, short[1]), atol=1e-5)
+
+
+def test_async_feeds_wait_for_company_only_when_asked(lm_streaming):
+    """max_wait_ms > 0: a chunk that arrives within the wait joins the first one's batch; max_batch
+    chunks run at once without waiting out the rest. At 0 (the default) each loop turn runs what it has."""
+    import asyncio
+    import time
+    lm, path = lm_streaming
+    rng = np.random.default_rng(6)
+    chunks = [rng.integers(0, 12, 3) for _ in range(3)]
+
+    async def staggered(s, sids, gap):
+        first = s.feed_async(sids[0], chunks[0])
+        await asyncio.sleep(gap)
+        return await asyncio.gather(first, s.feed_async(sids[1], chunks[1]))
+
+    with StreamingSession(path, max_wait_ms=200, max_batch=2) as s:
+        sids = [s.open() for _ in chunks]
+        t0 = time.perf_counter()
+        outs = asyncio.run(staggered(s, sids, 0.02))
+        waited = time.perf_counter() - t0
+        assert s.stats.batch_sizes == {2: 1}, s.stats.batch_sizes  # the second joined the first
+        assert waited < 0.15, waited  # a full batch (max_batch 2) does not wait out the 200 ms
+    for k in range(2):
+        np.testing.assert_allclose(outs[k]["logits"], _torch_logits(lm, chunks[k]), atol=1e-5)
+    with StreamingSession(path) as s:
+        sids = [s.open() for _ in chunks]
+        asyncio.run(staggered(s, sids, 0.02))
+        assert s.stats.batch_sizes == {1: 2}, s.stats.batch_sizes
