@@ -80,6 +80,24 @@ class LoadReport:
                   f"{'' if r.rows_per_run is None else r.rows_per_run} |" for r in self.rows()]
         return "\n".join(lines)
 
+    def summary(self) -> str:
+        """serve beside its peers, one row per client count and tensor encoding: requests/s (p50 ms),
+        and serve's ratios to each peer (p50, requests/s)."""
+        rows = {(r.server, r.tensors, r.clients): r for r in self.rows()}
+        peers = [p for p in ("bare", "triton") if any(k[0] == p for k in rows)]
+        names = {"bare": "bare endpoint", "triton": "Triton"}
+        lines = ["| clients | tensors | `serve` | " + " | ".join(names[p] for p in peers) + " | "
+                 + " | ".join(f"`serve` / {names[p]}: p50, requests/s" for p in peers) + " |",
+                 "|" + "---|" * (3 + 2 * len(peers))]
+        for (server, tensors, clients), ours in rows.items():
+            if server != "serve" or not all((p, tensors, clients) in rows for p in peers):
+                continue
+            theirs = [rows[p, tensors, clients] for p in peers]
+            lines.append(f"| {clients} | {tensors} | {_cell(ours)} | " + " | ".join(_cell(t) for t in theirs) + " | "
+                         + " | ".join(f"{ours.p50_ms / t.p50_ms:.2f}x, {ours.requests_per_s / t.requests_per_s:.2f}x"
+                                      for t in theirs) + " |")
+        return "\n".join(lines)
+
     def write(self, prefix: str | Path) -> None:
         prefix = Path(prefix)
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +109,7 @@ class LoadReport:
         prefix.with_suffix(".md").write_text(
             f"Serving load test on loopback\n\nMachine: {self.machine}. Model: {self.model}. Command: "
             f"`{self.command}`. Medians over {len(self.rounds)} rounds; each server in its own block.\n\n"
-            f"{self.table()}\n\nGoals (issue #48):\n\n{goals}\n")
+            f"{self.summary()}\n\nEvery row:\n\n{self.table()}\n\nGoals (issue #48):\n\n{goals}\n")
         self.plot(prefix.with_suffix(".png"))
 
     def plot(self, path: Path) -> None:
@@ -113,9 +131,14 @@ class LoadReport:
                 ax.set_xticks([k + 0.4 - width / 2 for k in range(len(counts))], [f"{c} client(s)" for c in counts])
                 ax.set_ylabel(label, fontsize=9)
                 ax.tick_params(labelsize=8)
-            top.legend(fontsize=7, ncol=3)
+            top.set_ylim(0, 1.35 * max((r.requests_per_s for r in rows), default=1))  # room for the legend
+            top.legend(fontsize=7, ncol=4, loc="upper left")
             bottom.set_yscale("log")
             top.set_title(f"{self.model}\n{self.machine}", fontsize=9)
+
+
+def _cell(r: LoadResult) -> str:
+    return f"{r.requests_per_s:.0f} ({r.p50_ms:.2f})"
 
 
 def _mid(rows: list[LoadResult], field: str, digits: int = 3) -> float:
