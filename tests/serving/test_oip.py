@@ -36,12 +36,16 @@ def lm(tmp_path_factory):
 
 @contextlib.contextmanager
 def serving(app):
-    """The app on a free loopback port, in a thread; yields its host:port."""
+    """The app on a free loopback port, in a thread, as `serve` runs it (uvicorn's server with
+    serving.http11's protocol); yields its host:port."""
     import uvicorn
+
+    from lstm_export.serving.http11 import protocol_for
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           http=protocol_for(app)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(200):
