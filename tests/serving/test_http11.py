@@ -243,3 +243,42 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint(cli_here, lm, tmp_path):
             assert code == (-sig if sig == signal.SIGTERM else 0) and "Traceback" not in err, (code, err)
         finally:
             proc.kill()
+
+
+def test_generated_bodies_through_the_socket_never_500_and_pass_only_when_they_match(lm):
+    """The strict-body property of test_v2_strict, through this protocol on a real socket."""
+    import http.client
+
+    import uvicorn
+    from hypothesis import HealthCheck, given, settings
+
+    from tests.serving.test_v2_strict import BODIES, MAX_CHUNK, valid
+    app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=MAX_CHUNK), name="lm")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=protocol_for(app)))
+    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    t.start()
+    while not server.started:
+        time.sleep(0.02)
+    conn = http.client.HTTPConnection(*sock.getsockname(), timeout=10)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=BODIES)
+    def post(body):
+        conn.request("POST", INFER, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status < 500, (body, data)
+        want = valid(body)
+        if want is not None:
+            assert (r.status == 200) == want, (body, r.status, data)
+        if r.status != 200:
+            assert isinstance(json.loads(data).get("error"), str), data
+
+    try:
+        post()
+    finally:
+        conn.close()
+        server.should_exit = True
+        t.join(timeout=10)
