@@ -25,7 +25,7 @@ class Front:
     limits; every other request goes to `app` (FastAPI), whose routes sit behind the same limits."""
 
     def __init__(self, app, infer, limits: dict):
-        self.app, self.model_of, self.answer, self.limits = app, infer.model_of, infer.answer, limits
+        self.app, self.model_of, self.answer_soon, self.limits = app, infer.model_of, infer.answer_soon, limits
         self.infer = BodyLimits(infer, answer=infer.answer, **limits)
 
     async def __call__(self, scope, receive, send):

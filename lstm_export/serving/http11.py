@@ -45,13 +45,14 @@ class _Request:
 
 def protocol_for(front) -> type:
     """The protocol class for uvicorn.Config(http=...) serving `front` (server.create_app's app): its
-    infer route answered by front.answer, the rest by front itself, under front.limits."""
+    infer route answered by front.answer_soon, the rest by front itself, under front.limits."""
     return type("ServeProtocol", (ServeProtocol,), {"model_of": staticmethod(front.model_of),
-                                                    "answer": staticmethod(front.answer), "limits": front.limits})
+                                                    "answer_soon": staticmethod(front.answer_soon),
+                                                    "limits": front.limits})
 
 
 class ServeProtocol(asyncio.Protocol):
-    model_of = answer = limits = None  # set by protocol_for
+    model_of = answer_soon = limits = None  # set by protocol_for
 
     def __init__(self, config, server_state, app_state=None, _loop=None):
         if not config.loaded:
@@ -173,19 +174,20 @@ class ServeProtocol(asyncio.Protocol):
             path = urllib.parse.unquote(path)
         body = r.parts[0] if len(r.parts) == 1 else b"".join(r.parts)
         if r.method == "POST" and self.model_of(path) is not None:
-            task = self.loop.create_task(self._hot(r, path, body))
-        else:
-            task = self.loop.create_task(self._asgi(r, path, parsed, body))
+            # checked and queued for this loop turn's batch now; answered from the batch's run, with
+            # no task or future between (oip.V2Infer.answer_soon)
+            try:
+                self.answer_soon(path, r.headers, body, lambda *answer: self._hot_reply(r, path, *answer))
+            except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
+                LOG.exception("unexpected error on %s", path)
+                self._hot_reply(r, path, *_json(500, error_body(f"{type(e).__name__}: {str(e)[:200]}")))
+            return
+        task = self.loop.create_task(self._asgi(r, path, parsed, body))
         self.state.tasks.add(task)
         task.add_done_callback(self.state.tasks.discard)
 
     # --- answering -------------------------------------------------------------------------------
-    async def _hot(self, r: _Request, path: str, body: bytes) -> None:
-        try:
-            code, headers, content = await self.answer({"path": path, "headers": r.headers}, body)
-        except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
-            LOG.exception("unexpected error on %s", path)
-            code, headers, content = _json(500, error_body(f"{type(e).__name__}: {str(e)[:200]}"))
+    def _hot_reply(self, r: _Request, path: str, code: int, headers: list, content: bytes) -> None:
         self.record(route_label(path), code, time.perf_counter() - r.t0)
         self._respond(r, code, headers, content)
 

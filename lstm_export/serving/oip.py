@@ -16,9 +16,11 @@ keeps per-stream state, and any replica with the same key and model continues th
 """
 # no `from __future__ import annotations` here: FastAPI reads the route functions' annotations
 # (Request) at definition time
+import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,6 +59,20 @@ def _bool_param(params: dict, key: str) -> bool:
     return v
 
 
+@dataclass
+class _Call:
+    """One infer request between its checks (V2Model.begin) and its answer (V2Model.end)."""
+
+    body: dict
+    chunk: np.ndarray
+    seq: int | str | None
+    start: bool
+    end: bool
+    wanted: list
+    kind: str  # once (no sequence_id), token (state in a signed token), sequence (state kept here)
+    sid: str  # the session's stream
+
+
 class V2Model:
     """One streaming model behind the v2 routes: its metadata, its sequences, the infer call."""
 
@@ -77,8 +93,18 @@ class V2Model:
 
     async def infer(self, body: dict, blob: bytes) -> tuple[dict, list[bytes]]:
         """The response JSON (output data as numpy arrays: encode with bodies.dumps) and the binary
-        outputs that follow it (empty for all-JSON). Runs on the server's event loop: the chunk joins
-        that loop iteration's batch (StreamingSession.feed_async)."""
+        outputs that follow it (empty for all-JSON). On the server's event loop: the chunk joins that
+        loop iteration's batch (StreamingSession.feed_async). V2Error for a request to refuse."""
+        call = self.begin(body, blob)
+        try:
+            outs = await self.session.feed_async(call.sid, call.chunk)
+        except BaseException as e:  # cancelled too: end() closes what begin() opened, then re-raises
+            return self.end(call, None, e)
+        return self.end(call, outs, None)
+
+    def begin(self, body: dict, blob: bytes) -> "_Call":
+        """Checks a request and opens (or finds) the stream its chunk runs on: the first half of infer.
+        Every check comes before any stream is touched, so a refused request changes no state."""
         params = params_of(body, "the request", REQUEST_PARAMS)
         if "id" in body and not isinstance(body["id"], str):
             raise V2Error(400, f"'id' must be a string, got {type(body['id']).__name__}")
@@ -97,47 +123,49 @@ class V2Model:
         if seq is not None and not (is_int(seq) and seq != 0 or isinstance(seq, str) and seq):
             raise V2Error(400, f"sequence_id must be a non-zero integer or a non-empty string, got {seq!r}")
         start, end = _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
-        wanted = self._wanted(body, params)  # checked before the run: a bad body changes no stream's state
-        out_params: dict = {}
+        wanted = self._wanted(body, params)
         if seq is None:  # a request of its own: a fresh stream, closed after it
-            outs = await self._run_once(chunk, None)
-        elif self.key is not None:
-            outs, state = await self._run_with_token(chunk, seq, start, params.get("state_token"))
-            if not end:
-                out_params["state_token"] = sign(self.key, self.session.source.digest, seq, state)
-        else:
-            outs = await self._run_sequence(chunk, seq, start, end)  # 7 and "7" are two sequences, as in Triton
-        if seq is not None:
-            out_params.update(sequence_id=seq, sequence_start=start, sequence_end=end)
-        return self._response(body, outs, out_params, wanted)
+            kind, sid = "once", self.session.open()
+        elif self.key is not None:  # the state comes with the request, and leaves with the response
+            kind, sid = "token", self.session.open(self._token_state(seq, start, params.get("state_token")))
+        else:  # 7 and "7" are two sequences, as in Triton
+            kind, sid = "sequence", self._sequence_stream(seq, start, end)
+        return _Call(body, chunk, seq, start, end, wanted, kind, sid)
 
-    async def _run_once(self, chunk, state):
-        sid = self.session.open(state)
+    def end(self, call: "_Call", outs, error) -> tuple[dict, list[bytes]]:
+        """The second half of infer: closes what begin() opened and answers (or raises `error`, as
+        the protocol's error where it is one)."""
         try:
-            return await self.session.feed_async(sid, chunk)
+            if error is not None:
+                if call.kind == "sequence" and isinstance(error, StreamError) and error.status == 404:
+                    with self._lock:
+                        self._sequences.pop(call.seq, None)
+                    raise V2Error(400, f"sequence {call.seq!r} expired after the server's idle timeout; "
+                                       "start it again") from None
+                raise error
+            params: dict = {}
+            if call.kind == "token" and not call.end:
+                params["state_token"] = sign(self.key, self.session.source.digest, call.seq,
+                                             self.session.state(call.sid))
+            if call.seq is not None:
+                params.update(sequence_id=call.seq, sequence_start=call.start, sequence_end=call.end)
+            return self._response(call.body, outs, params, call.wanted)
         finally:
-            self.session.close(sid)
+            if call.kind != "sequence" or call.end:
+                self._close(call.sid)
 
-    async def _run_with_token(self, chunk, seq, start: bool, token):
+    def _token_state(self, seq, start: bool, token):
         if start:
-            state = None
-        elif token is None:
+            return None
+        if token is None:
             raise V2Error(400, f"sequence {seq!r} continues without its state_token: send the state_token "
                                "parameter of the previous response (or sequence_start=true to begin again)")
-        else:
-            try:
-                state = verify(self.key, token, self.session.source.digest, seq, self.session.layers,
-                               self.session.hidden)
-            except TokenError as e:
-                raise V2Error(e.status, str(e)) from None
-        sid = self.session.open(state)
         try:
-            outs = await self.session.feed_async(sid, chunk)
-            return outs, self.session.state(sid)
-        finally:
-            self.session.close(sid)
+            return verify(self.key, token, self.session.source.digest, seq, self.session.layers, self.session.hidden)
+        except TokenError as e:
+            raise V2Error(e.status, str(e)) from None
 
-    async def _run_sequence(self, chunk, seq: int | str, start: bool, end: bool):
+    def _sequence_stream(self, seq, start: bool, end: bool) -> str:
         with self._lock:
             sid = self._sequences.get(seq)
             if start:
@@ -148,18 +176,7 @@ class V2Model:
                 raise V2Error(400, f"sequence {seq!r} was not started (or has ended): send sequence_start=true first")
             if end:
                 del self._sequences[seq]
-        try:
-            return await self.session.feed_async(sid, chunk)
-        except StreamError as e:
-            if e.status == 404:
-                with self._lock:
-                    self._sequences.pop(seq, None)
-                raise V2Error(400, f"sequence {seq!r} expired after the server's idle timeout; "
-                                   "start it again") from None
-            raise
-        finally:
-            if end:
-                self._close(sid)
+        return sid
 
     def _close(self, sid: str) -> None:
         try:
@@ -231,16 +248,49 @@ class V2Infer:
     async def answer(self, scope, raw: bytes) -> tuple[int, list, bytes]:
         """The status, headers and body of the response to one infer request's whole body."""
         try:
-            model_name = self.model_of(scope["path"])
-            if model_name != self.model.name:
-                raise V2Error(404, f"unknown model {model_name!r}; this server serves {self.model.name!r}")
-            length = next((v.decode("latin-1") for k, v in scope["headers"] if k == _HEADER), None)
-            body, blob = split_body(raw, length)
-            response, blobs = await self.model.infer(body, blob)
+            call = self._begin(scope["path"], scope["headers"], raw)
+        except (V2Error, StreamError, BodyError) as e:
+            return _refusal(e)
+        try:
+            outs = await self.model.session.feed_async(call.sid, call.chunk)
+        except BaseException as e:  # cancelled too: the stream is closed, then the error goes on
+            return self._finish(call, None, e)
+        return self._finish(call, outs, None)
+
+    def answer_soon(self, path: str, headers: list, raw: bytes, reply) -> None:
+        """answer() without a coroutine, for serve's own protocol (http11): reply(status, headers, body)
+        is called once, at once for a refused request, else from the batch run that computes it.
+        What the run raises that is not the protocol's error (a bug) reaches reply as a JSON 500."""
+        try:
+            call = self._begin(path, headers, raw)
+        except (V2Error, StreamError, BodyError) as e:
+            return reply(*_refusal(e))
+
+        def done(outs, error):
+            try:
+                answer = self._finish(call, outs, error)
+            except Exception as e:
+                logging.getLogger("lstm_export.serve").exception("unexpected error on %s", path)
+                answer = _error(500, f"{type(e).__name__}: {str(e)[:200]}")
+            reply(*answer)
+
+        try:
+            self.model.session.submit(call.sid, call.chunk, done)
+        except Exception as e:  # the session refused the chunk: the stream is closed as after a run
+            done(None, e)
+
+    def _begin(self, path: str, headers: list, raw: bytes):
+        model_name = self.model_of(path)
+        if model_name != self.model.name:
+            raise V2Error(404, f"unknown model {model_name!r}; this server serves {self.model.name!r}")
+        length = next((v.decode("latin-1") for k, v in headers if k == _HEADER), None)
+        return self.model.begin(*split_body(raw, length))
+
+    def _finish(self, call, outs, error) -> tuple[int, list, bytes]:
+        try:
+            response, blobs = self.model.end(call, outs, error)
         except (V2Error, StreamError) as e:  # the session's checks of the chunk too: the protocol's shape
-            return _error(e.status, str(e))
-        except BodyError as e:
-            return _error(400, str(e))
+            return _refusal(e)
         head = dumps(response)
         if not blobs:
             return 200, [_JSON, (b"content-length", str(len(head)).encode()), *self.served_by], head
@@ -250,6 +300,10 @@ class V2Infer:
 
 
 _JSON = (b"content-type", b"application/json")
+
+
+def _refusal(e: Exception) -> tuple[int, list, bytes]:
+    return _error(getattr(e, "status", 400), str(e))  # BodyError: a body that is not JSON, 400
 
 
 def _error(status: int, message: str) -> tuple[int, list, bytes]:

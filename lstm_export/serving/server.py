@@ -1,9 +1,11 @@
-"""HTTP serving of a streaming ONNX LSTM: FastAPI on uvicorn (ASGI), JSON bodies, Prometheus metrics.
+"""HTTP serving of a streaming ONNX LSTM: the app (an ASGI callable), JSON bodies, Prometheus metrics.
 
-FastAPI/Starlette because sync endpoints run in a thread pool, which is what lets concurrent feeds
-reach the micro-batcher together, and uvicorn is the maintained ASGI server they are tested with.
-Every error is JSON {"error": {"code", "message"}} with a 4xx status; nothing a client sends can
-take the server down for the others.
+The app is front.Front: the v2 infer POST answered at the edge (oip.V2Infer, batched on the event
+loop), everything else a FastAPI app whose sync routes (/v1 feeds, generation) run in worker
+threads, so a long generation never holds the loop. `serve` runs it on uvicorn's server with
+http11's connection protocol; any ASGI server (uvicorn's own protocol, Ray Serve, a test client)
+runs it as well. Every error is JSON with a 4xx status ({"error": {"code", "message"}} on /v1,
+{"error": message} on /v2); nothing a client sends can take the server down for the others.
 """
 import contextlib
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ so a batched result equals feeding each stream alone (to float rounding of the b
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -73,6 +74,32 @@ class _LoopFuture:
 
     def set_exception(self, error: BaseException) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+class _Direct:
+    """A future that is a callback: done(value, None) or done(None, error), at once, on the thread
+    that settles it (the loop's, for submit()). What the callback raises is logged, never let out
+    into the batch run that calls it (the batch's other requests still get their answers)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, value) -> None:
+        self._call(value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._call(None, error)
+
+    def _call(self, value, error) -> None:
+        try:
+            self.fn(value, error)
+        except Exception:
+            logging.getLogger("lstm_export.serve").exception("answering a request failed")
 
 
 def _settle(future: asyncio.Future, value, error) -> None:
@@ -251,13 +278,24 @@ class StreamingSession:
         (at most INLINE_STEPS steps: a fraction of a millisecond for a streaming LM), so a request
         costs no thread hop; the loop does nothing else meanwhile. Longer chunks, and batches that
         find the runtime held by another thread, go to the batcher thread: the loop stays free."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._enqueue(stream_id, chunk, future, loop)
+        return future
+
+    def submit(self, stream_id: str, chunk, done) -> None:
+        """feed_async() with a callback instead of a future: done(outputs, None) or done(None, error)
+        is called on the loop's thread as soon as the batch has run, within the run's own callback (no
+        future to resume, no task). A bad chunk or an unknown stream raises here, as in feed()."""
+        loop = asyncio.get_running_loop()
+        self._enqueue(stream_id, chunk, _Direct(done), loop)
+
+    def _enqueue(self, stream_id: str, chunk, future, loop) -> None:
         chunk = self.check_chunk(chunk)
         with self._lock:
             if stream_id not in self._streams:
                 raise StreamError(f"unknown stream {stream_id!r}", status=404)
-        loop = asyncio.get_running_loop()
-        req = _Request(stream_id, chunk, loop.create_future())
-        self._loop_pending.append(req)
+        self._loop_pending.append(_Request(stream_id, chunk, future))
         if len(self._loop_pending) == 1:  # the first of a batch: its run is scheduled now
             if self.max_wait == 0:
                 loop.call_soon(self._run_loop_batch, loop)
@@ -266,7 +304,6 @@ class StreamingSession:
         elif len(self._loop_pending) == self.max_batch and self._loop_timer is not None:
             self._loop_timer.cancel()
             loop.call_soon(self._run_loop_batch, loop)
-        return req.future
 
     def _run_loop_batch(self, loop) -> None:
         if self._loop_timer is not None:

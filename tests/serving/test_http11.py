@@ -204,7 +204,7 @@ def test_a_bug_on_the_hot_path_is_a_counted_json_500(lm, monkeypatch):
     while not server.started:
         time.sleep(0.02)
     try:
-        monkeypatch.setattr(app.state.session, "feed_async", lambda *a: 1 / 0)
+        monkeypatch.setattr(app.state.session.runtime, "run_checked", lambda feeds: 1 / 0)  # fails in the batch
         with socket.create_connection(sock.getsockname()) as s:
             s.sendall(_post(INFER, _infer_body([1])))
             status, _, data = _responses(s, 1)[0]
@@ -282,3 +282,16 @@ def test_generated_bodies_through_the_socket_never_500_and_pass_only_when_they_m
         conn.close()
         server.should_exit = True
         t.join(timeout=10)
+
+
+def test_a_long_chunk_runs_on_the_batcher_thread_and_is_answered(port, lm):
+    """Past INLINE_STEPS the batch runs off the event loop; its answer comes back through the loop."""
+    from lstm_export.serving.streaming import INLINE_STEPS
+    ids = [int(i) for i in np.random.default_rng(8).integers(0, len(VOCAB), INLINE_STEPS + 8)]
+    want = _logits(lm[0], ids)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(_post(INFER, _infer_body(ids, "long", start=True, end=True)))
+        status, _, data = _responses(s, 1)[0]
+    out = json.loads(data)["outputs"][0]
+    assert status == 200
+    np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, atol=1e-5)
