@@ -216,9 +216,22 @@ def wait_ready(proc, url: str, what: str, limit_s: float = 120.0) -> None:
     raise RuntimeError(f"{what} did not start within {limit_s:.0f} s")
 
 
+def fetch(port: int, path: str) -> bytes | None:
+    """GET path from a server on loopback; None when it does not answer."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", path)
+        data = conn.getresponse().read()
+        conn.close()
+        return data
+    except (OSError, http.client.HTTPException):
+        return None
+
+
 class ServerProcess:
     """`lstm-export serve` (or, bare=True, the baseline endpoint of serving/bare.py) in a process of
-    its own session on a loopback port, for as long as the with-block lasts."""
+    its own session on a loopback port, for as long as the with-block lasts. A server of the load
+    test has a port, a label, a pgid (its session: every process it starts) and rows_runs()."""
 
     label = "serve"
 
@@ -248,16 +261,11 @@ class ServerProcess:
         return self.proc.pid
 
     def rows_runs(self) -> tuple[float, float] | None:
-        """(rows, runs) so far, from /metrics."""
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            conn.request("GET", "/metrics")
-            vals = {line.split()[0]: float(line.split()[1]) for line in conn.getresponse().read().decode().splitlines()
-                    if line.startswith("lstm_batch")}
-            conn.close()
-            return vals["lstm_batched_rows_total"], vals["lstm_batches_total"]
-        except (OSError, KeyError, ValueError, IndexError):
-            return None
+        """(rows, runs) so far, from /metrics (None from the bare endpoint, which keeps none)."""
+        text = fetch(self.port, "/metrics")
+        vals = {line.split()[0]: float(line.split()[1]) for line in (text or b"").decode().splitlines()
+                if line.startswith("lstm_batch")}
+        return (vals["lstm_batched_rows_total"], vals["lstm_batches_total"]) if len(vals) == 2 else None
 
     def __exit__(self, *exc):
         stop_group(self.proc)

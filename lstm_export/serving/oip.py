@@ -221,9 +221,10 @@ class V2Model:
 
 
 class V2Infer:
-    """POST /v2/models/{name}/infer (and under /versions/{v}/) as a bare ASGI app, which server.Front
-    calls with no router, no request objects and no thread hop: the hot path. Errors are the
-    protocol's JSON 4xx."""
+    """POST /v2/models/{name}/infer (and under /versions/{v}/), the hot path: answer_soon() for
+    serve's own protocol (http11), answer() for the ASGI edge (front.Front) under any other server,
+    and a bare ASGI app for the FastAPI app's own route. No router, no request objects, no thread
+    hop; errors are the protocol's JSON 4xx."""
 
     def __init__(self, model: V2Model):
         self.model = model

@@ -4,14 +4,14 @@
 Concurrent feeds are batched continuously: a worker thread takes every request waiting when the
 runtime comes free (at most `max_batch`), stacks those with the same chunk shape along the batch
 axis with their states, runs once, and splits the results; the requests that arrive during a run
-form the next batch. A request alone never waits for company unless `max_wait_ms` > 0 asks for
-bigger batches at that cost. The LSTM treats batch rows independently,
+form the next batch. On an event loop (`feed_async`, `submit`) the requests of one loop turn form
+a batch that runs on the loop's own thread. A request alone never waits for company unless
+`max_wait_ms` > 0 asks for bigger batches at that cost. The LSTM treats batch rows independently,
 so a batched result equals feeding each stream alone (to float rounding of the batched GEMM).
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
@@ -26,6 +26,8 @@ from lstm_export.data import Vocab
 from lstm_export.runtimes.base import Runtime, RuntimeOptions, create
 from lstm_export.runtimes.model_io import TensorSpec
 from lstm_export.runtimes.source import open_model
+
+from .completions import Direct, LoopFuture
 
 # The longest chunk feed_async runs on the event loop's thread. A step of a 2x256 LSTM takes ~40 us on
 # one core, so a 32-step batch holds the loop for about a millisecond; a thread hop costs ~50 us.
@@ -54,57 +56,7 @@ class _Stream:
 class _Request:
     stream_id: str
     chunk: np.ndarray
-    future: Future = field(default_factory=Future)  # or an asyncio.Future / _LoopFuture (feed_async)
-
-
-class _LoopFuture:
-    """An event loop's future that a batch run on another thread completes (set_result/set_exception
-    from any thread; the loop resumes its waiter)."""
-
-    __slots__ = ("future", "loop")
-
-    def __init__(self, future: asyncio.Future, loop):
-        self.future, self.loop = future, loop
-
-    def done(self) -> bool:
-        return False  # known only on the loop's thread: _settle checks there
-
-    def set_result(self, value) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, value, None)
-
-    def set_exception(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
-
-
-class _Direct:
-    """A future that is a callback: done(value, None) or done(None, error), at once, on the thread
-    that settles it (the loop's, for submit()). What the callback raises is logged, never let out
-    into the batch run that calls it (the batch's other requests still get their answers)."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, value) -> None:
-        self._call(value, None)
-
-    def set_exception(self, error: BaseException) -> None:
-        self._call(None, error)
-
-    def _call(self, value, error) -> None:
-        try:
-            self.fn(value, error)
-        except Exception:
-            logging.getLogger("lstm_export.serve").exception("answering a request failed")
-
-
-def _settle(future: asyncio.Future, value, error) -> None:
-    if not future.done():  # the waiter may have gone (its client hung up and the task was cancelled)
-        future.set_exception(error) if error is not None else future.set_result(value)
+    future: Future = field(default_factory=Future)  # or an asyncio.Future, a LoopFuture or a Direct
 
 
 @dataclass
@@ -288,7 +240,7 @@ class StreamingSession:
         is called on the loop's thread as soon as the batch has run, within the run's own callback (no
         future to resume, no task). A bad chunk or an unknown stream raises here, as in feed()."""
         loop = asyncio.get_running_loop()
-        self._enqueue(stream_id, chunk, _Direct(done), loop)
+        self._enqueue(stream_id, chunk, Direct(done), loop)
 
     def _enqueue(self, stream_id: str, chunk, future, loop) -> None:
         chunk = self.check_chunk(chunk)
@@ -320,7 +272,7 @@ class StreamingSession:
                 self._run_lock.release()
             return
         for r in pending:  # to the batcher thread's queue; the loop resumes each waiter when it is done
-            r.future = _LoopFuture(r.future, loop)
+            r.future = LoopFuture(r.future, loop)
             self._queue.put(r)
 
     def feed_text(self, stream_id: str, text: str) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .loadtest import free_port, stop_group, wait_ready
+from .loadtest import fetch, free_port, stop_group, wait_ready
 
 CACHE = Path(tempfile.gettempdir()) / "lstm-export-triton"
 VENV, ROOT = CACHE / "venv", CACHE / "tritonroot"
@@ -197,15 +197,11 @@ class TritonServer:
 
     def rows_runs(self) -> tuple[float, float] | None:
         """(requests, execute() calls) so far, from Triton's statistics extension."""
-        import http.client
         import json
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            conn.request("GET", f"/v2/models/{self.name}/stats")
-            st = json.loads(conn.getresponse().read())["model_stats"][0]
-            conn.close()
+            st = json.loads(fetch(self.port, f"/v2/models/{self.name}/stats") or b"{}")["model_stats"][0]
             return float(st["inference_count"]), float(st["execution_count"])
-        except (OSError, KeyError, ValueError, IndexError):
+        except (KeyError, ValueError, IndexError):
             return None
 
     def __exit__(self, *exc):

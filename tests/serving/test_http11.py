@@ -4,6 +4,7 @@ every limit (413, 408, 400) a clean answer that closes the connection while the 
 numbers are checked against the model run in-process."""
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -33,20 +34,30 @@ def lm(tmp_path_factory):
     return m, export_onnx(m, tmp_path_factory.mktemp("h11") / "lm.onnx", "streaming")
 
 
-@pytest.fixture(scope="module")
-def port(lm):
+@contextlib.contextmanager
+def running(app, **config):
+    """`app` as `serve` runs it (uvicorn's server, this protocol) on a free loopback port, in a
+    thread; yields the port."""
     import uvicorn
-    app = create_app(str(lm[1]), ServerConfig(max_body_bytes=4000, body_timeout_s=0.5, max_chunk=64), name="lm")
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", http=protocol_for(app), timeout_keep_alive=1))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=protocol_for(app), **config))
     t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     t.start()
     while not server.started:
         time.sleep(0.02)
-    yield sock.getsockname()[1]
-    server.should_exit = True
-    t.join(timeout=10)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def port(lm):
+    app = create_app(str(lm[1]), ServerConfig(max_body_bytes=4000, body_timeout_s=0.5, max_chunk=64), name="lm")
+    with running(app, timeout_keep_alive=1) as p:
+        yield p
 
 
 def _logits(model, ids):
@@ -194,27 +205,16 @@ def test_http_1_0_and_connection_close_end_the_connection(port, request_bytes):
 
 
 def test_a_bug_on_the_hot_path_is_a_counted_json_500(lm, monkeypatch):
-    import uvicorn
     app = create_app(str(lm[1]), ServerConfig(), name="lm")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=protocol_for(app)))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
+    with running(app) as free:
         monkeypatch.setattr(app.state.session.runtime, "run_checked", lambda feeds: 1 / 0)  # fails in the batch
-        with socket.create_connection(sock.getsockname()) as s:
+        with socket.create_connection(("127.0.0.1", free)) as s:
             s.sendall(_post(INFER, _infer_body([1])))
             status, _, data = _responses(s, 1)[0]
             assert status == 500 and "ZeroDivisionError" in json.loads(data)["error"]
             s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             metrics = _responses(s, 1)[0][2].decode()
         assert 'lstm_requests_total{route="/v2/models/{name}/infer",status="500"} 1.0' in metrics
-    finally:
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 def test_serve_stops_cleanly_on_sigterm_and_sigint(cli_here, lm, tmp_path):
@@ -249,19 +249,10 @@ def test_generated_bodies_through_the_socket_never_500_and_pass_only_when_they_m
     """The strict-body property of test_v2_strict, through this protocol on a real socket."""
     import http.client
 
-    import uvicorn
     from hypothesis import HealthCheck, given, settings
 
     from tests.serving.test_v2_strict import BODIES, MAX_CHUNK, valid
     app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=MAX_CHUNK), name="lm")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", http=protocol_for(app)))
-    t = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    t.start()
-    while not server.started:
-        time.sleep(0.02)
-    conn = http.client.HTTPConnection(*sock.getsockname(), timeout=10)
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=BODIES)
@@ -276,12 +267,10 @@ def test_generated_bodies_through_the_socket_never_500_and_pass_only_when_they_m
         if r.status != 200:
             assert isinstance(json.loads(data).get("error"), str), data
 
-    try:
+    with running(app) as free:
+        conn = http.client.HTTPConnection("127.0.0.1", free, timeout=10)
         post()
-    finally:
         conn.close()
-        server.should_exit = True
-        t.join(timeout=10)
 
 
 def test_a_long_chunk_runs_on_the_batcher_thread_and_is_answered(port, lm):
