@@ -1,5 +1,7 @@
-"""The ASGI edge of `serve`: every request body is read here under a size limit and a deadline, and the
-v2 infer POST, the hot route, is answered here too, with no router, middleware stack or thread hop.
+"""The ASGI edge of the served app: every request body is read here under a size limit and a deadline,
+and the v2 infer POST, the hot route, is answered here too, with no router, middleware stack or
+thread hop. This is the path under any ASGI server (uvicorn's own protocol, Ray Serve, a test
+client); `serve`'s own protocol (http11) enforces the same limits and answers the hot route itself.
 
 Below `server` (which builds the app) and beside `oip` (whose V2Infer answers the hot route).
 """
@@ -21,8 +23,9 @@ class _Disconnected(Exception):
 
 
 class Front:
-    """The ASGI app `serve` runs: a POST to the v2 infer route goes to `infer.answer` behind the body
-    limits; every other request goes to `app` (FastAPI), whose routes sit behind the same limits."""
+    """The app server.create_app returns: a POST to the v2 infer route goes to `infer.answer` behind
+    the body limits; every other request goes to `app` (FastAPI), whose routes sit behind the same
+    limits. It also carries what http11's protocol needs: model_of, answer_soon and the limits."""
 
     def __init__(self, app, infer, limits: dict):
         self.app, self.model_of, self.answer_soon, self.limits = app, infer.model_of, infer.answer_soon, limits
