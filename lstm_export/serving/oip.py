@@ -138,8 +138,9 @@ class V2Model:
         try:
             if error is not None:
                 if call.kind == "sequence" and isinstance(error, StreamError) and error.status == 404:
-                    with self._lock:
-                        self._sequences.pop(call.seq, None)
+                    with self._lock:  # only if it is still this stream: a new start may have replaced it
+                        if self._sequences.get(call.seq) == call.sid:
+                            del self._sequences[call.seq]
                     raise V2Error(400, f"sequence {call.seq!r} expired after the server's idle timeout; "
                                        "start it again") from None
                 raise error

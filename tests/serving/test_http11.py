@@ -284,3 +284,51 @@ def test_a_long_chunk_runs_on_the_batcher_thread_and_is_answered(port, lm):
     out = json.loads(data)["outputs"][0]
     assert status == 200
     np.testing.assert_allclose(np.array(out["data"]).reshape(out["shape"]), want, atol=1e-5)
+
+
+def test_random_load_with_vanishing_clients_leaves_no_error_and_no_stream_behind(lm):
+    """8 clients for 3 s: pipelined sequences over 20 shared sequence ids (restarted by each other),
+    some clients hanging up mid-request or without reading. Never a 5xx, nothing logged, and
+    afterwards at most one stream per sequence id is open and a new request is served."""
+    import logging
+    import random
+    app = create_app(str(lm[1]), ServerConfig(max_streams=64, max_chunk=64), name="lm")
+    failures, logged = [], []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger("lstm_export.serve").addHandler(handler)
+
+    def client(k, port, stop):
+        rng = random.Random(k)
+        while time.monotonic() < stop:
+            seq = rng.randint(1, 20)
+            reqs = [_post(INFER, _infer_body([rng.randrange(len(VOCAB)) for _ in range(rng.randint(1, 40))], seq,
+                                             start=True))]
+            reqs += [_post(INFER, _infer_body([rng.randrange(len(VOCAB))], seq)) for _ in range(rng.randint(0, 4))]
+            data = b"".join(reqs)
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    mode = rng.random()
+                    s.sendall(data[:rng.randint(1, len(data))] if mode < 0.2 else data)
+                    if mode < 0.3:
+                        continue  # gone mid-request, or without reading the answers
+                    failures.extend(st for st, _, _ in _responses(s, len(reqs)) if st >= 500)
+            except OSError as e:
+                failures.append(repr(e))
+
+    try:
+        with running(app) as port:
+            stop = time.monotonic() + 3
+            threads = [threading.Thread(target=client, args=(k, port, stop)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(0.2)  # the answers to the vanished clients' last requests
+            assert not failures and not logged, (failures[:3], logged[:3])
+            assert app.state.session.open_streams <= 20, app.state.session.open_streams
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(_post(INFER, _infer_body([1, 2])))
+                assert _responses(s, 1)[0][0] == 200
+    finally:
+        logging.getLogger("lstm_export.serve").removeHandler(handler)

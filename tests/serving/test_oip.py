@@ -205,3 +205,40 @@ def test_replicas_need_a_state_key_and_keys_are_checked(cli_here, lm, tmp_path, 
     assert r.returncode == 2 and "at least 16" in r.stderr, r.stderr
     r = cli_here("serve", lm[1], "--state-key-file", tmp_path / "missing.key", "--port", "0")
     assert r.returncode == 2 and "missing.key" in r.stderr, r.stderr
+
+
+def test_a_restarted_sequence_is_not_forgotten_when_its_old_stream_fails(lm):
+    """A sequence restarted (sequence_start again) while its previous stream's request is still
+    queued: that request fails as expired, and the new stream stays the sequence's, open and in use
+    (the server used to drop the new stream from its map and leak it until the idle timeout: a
+    random-load run filled max_streams and answered every request after with 429)."""
+    import asyncio
+
+    from lstm_export.serving.oip import V2Error, V2Model
+    from lstm_export.serving.streaming import StreamError, StreamingSession
+
+    def body(ids, **params):
+        return {"inputs": [{"name": "tokens", "shape": [1, len(ids)], "datatype": "INT64", "data": ids}],
+                "parameters": {"sequence_id": 7, **params}}
+
+    async def main(model):
+        first = model.begin(body([1, 2], sequence_start=True), b"")
+        old = model.session.feed_async(first.sid, first.chunk)  # queued for this loop turn
+        second = model.begin(body([3], sequence_start=True), b"")  # closes the first stream
+        with pytest.raises(V2Error, match="expired"):
+            try:
+                outs = await old
+            except StreamError as e:
+                model.end(first, None, e)
+            else:
+                model.end(first, outs, None)
+        model.end(second, await model.session.feed_async(second.sid, second.chunk), None)
+        third = model.begin(body([4], sequence_end=True), b"")  # continues the second stream
+        return model.end(third, await model.session.feed_async(third.sid, third.chunk), None)
+
+    with StreamingSession(lm[1]) as session:
+        response, _ = asyncio.run(main(V2Model(session, "lm.streaming", None)))
+        assert session.open_streams == 0  # nothing leaked
+    want = _expected(lm[0], [[3], [4]])[1]
+    np.testing.assert_allclose(response["outputs"][0]["data"].reshape(response["outputs"][0]["shape"]), want,
+                               rtol=1e-5, atol=1e-5)
