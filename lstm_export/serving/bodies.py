@@ -36,6 +36,16 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def v1_error_body(code: str, message: str) -> bytes:
+    """A /v1 error's JSON bytes."""
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+def json_answer(status: int, body: bytes) -> tuple[int, list, bytes]:
+    """A whole JSON response as (status, headers, body), the shape the hot path answers in."""
+    return status, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
+
+
 def dumps(obj) -> bytes:
     """A response as JSON bytes; numpy arrays in it are written as lists without a Python list
     between (orjson: float32 in its shortest form, which reads back to the same float32). A NaN or

@@ -26,7 +26,7 @@ from collections import deque
 
 import httptools
 
-from .bodies import error_body
+from .bodies import error_body, json_answer, v1_error_body
 from .front import route_label
 
 LOG = logging.getLogger("lstm_export.serve")
@@ -180,7 +180,7 @@ class ServeProtocol(asyncio.Protocol):
                 self.answer_soon(path, r.headers, body, lambda *answer: self._hot_reply(r, path, *answer))
             except Exception as e:  # a bug, not bad input: logged, answered as JSON, counted
                 LOG.exception("unexpected error on %s", path)
-                self._hot_reply(r, path, *_json(500, error_body(f"{type(e).__name__}: {str(e)[:200]}")))
+                self._hot_reply(r, path, *json_answer(500, error_body(f"{type(e).__name__}: {str(e)[:200]}")))
             return
         task = self.loop.create_task(self._asgi(r, path, parsed, body))
         self.state.tasks.add(task)
@@ -264,25 +264,16 @@ class ServeProtocol(asyncio.Protocol):
             self.deadline = None
         path = httptools.parse_url(r.url).path.decode("ascii", "replace") if r.url else ""
         self.record(route_label(path), code, time.perf_counter() - r.t0)
-        body = error_body(message) if path.startswith("/v2") else _v1_error(kind, message)
+        body = error_body(message) if path.startswith("/v2") else v1_error_body(kind, message)
         r.keep_alive = False
         self.queue.append(r)
         self.transport.pause_reading()
-        self._respond(r, *_json(code, body))
+        self._respond(r, *json_answer(code, body))
 
     def _late(self) -> None:
         self.deadline = None
         if self.req is not None:
             self._refuse(408, "body_timeout", f"request body not received within {self.timeout_s} s")
-
-
-def _json(code: int, body: bytes) -> tuple[int, list, bytes]:
-    return code, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], body
-
-
-def _v1_error(code: str, message: str) -> bytes:
-    import orjson
-    return orjson.dumps({"error": {"code": code, "message": message}})
 
 
 def run(front, host: str, port: int) -> None:

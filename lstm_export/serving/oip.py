@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .bodies import BodyError, dumps, error_body, json_object, v2_error
+from .bodies import BodyError, dumps, error_body, json_answer, json_object, v2_error
 from .state_token import TokenError, sign, verify
 from .streaming import StreamError
 from .v2_tensors import NAMES, V2Error, decode_tensor, is_int, params_of
@@ -309,8 +309,7 @@ def _refusal(e: Exception) -> tuple[int, list, bytes]:
 
 
 def _error(status: int, message: str) -> tuple[int, list, bytes]:
-    body = error_body(message)
-    return status, [_JSON, (b"content-length", str(len(body)).encode())], body
+    return json_answer(status, error_body(message))
 
 
 def add_v2_routes(app, model: V2Model, infer: V2Infer) -> None:
