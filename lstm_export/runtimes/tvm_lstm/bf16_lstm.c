@@ -28,6 +28,11 @@ typedef struct { void *sync_handle; int32_t num_task; } TVMParallelGroupEnv;
 typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv *penv, void *cdata);
 extern int TVMBackendParallelLaunch(FTVMParallelLambda flambda, void *cdata, int num_task);
 extern int TVMBackendParallelBarrier(int task_id, TVMParallelGroupEnv *penv);
+/* In model.so, thread_pool.c's launch and barrier, which run the work on the calling thread alone
+ * while another thread holds a core; weak, so the kernel also loads on its own (host_library). */
+extern int lstm_export_launch(FTVMParallelLambda flambda, void *cdata, int num_task) __attribute__((weak));
+extern int lstm_export_barrier(int task_id, TVMParallelGroupEnv *penv) __attribute__((weak));
+#define BARRIER(task, penv) (lstm_export_barrier ? lstm_export_barrier : TVMBackendParallelBarrier)(task, penv)
 
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 #define TGT_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
@@ -491,14 +496,14 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
   int64_t rows = j->BP, p0 = rows * task / n, p1 = rows * (task + 1) / n;
   if (batch) { p0 = g0 * group; p1 = task == n - 1 ? j->BP : g1 * group; }
   prepare_rows(j, p0, p1);
-  if (!batch) TVMBackendParallelBarrier(task, penv);
+  if (!batch) BARRIER(task, penv);
   if (j->flags & PROJECT_FIRST) { /* (unit split only) every step's x_t @ W, items shared out */
     int64_t tile = amx ? 16 : int8 ? MR8 : MR, nr = (j->T * j->B + tile - 1) / tile, items = nr * j->UB;
     for (int64_t it = items * task / n; it < items * (task + 1) / n; it++) {
       int64_t u = it / nr, rb = it % nr; /* unit-block-major: a block's W stays in cache */
       if (amx) amx_proj(j, rb, u); else if (int8) dot8_proj(j, rb * MR8, u); else dot_proj(j, rb * MR, u);
     }
-    TVMBackendParallelBarrier(task, penv);
+    BARRIER(task, penv);
   }
   for (int64_t t = 0; t < j->T; t++) {
     const uint16_t *hcur = j->hb[t & 1];
@@ -517,7 +522,7 @@ static TGT int layer_task(int task, TVMParallelGroupEnv *penv, void *cdata) {
         if (int8) dot8_rows(j, t, ba, be, u, hcur, hnext); else dot_rows(j, t, ba, be, u, hcur, hnext);
       }
     }
-    if (!batch) TVMBackendParallelBarrier(task, penv);
+    if (!batch) BARRIER(task, penv);
   }
   if (amx) amx_release();
   /* final state: each task writes the rows it prepared (every row's h and c are current here) */
@@ -590,7 +595,7 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
   int64_t units = (j.flags & SPLIT_BATCH) ? ((j.flags & ENGINE_AMX) ? j.BP / 16 : B) : j.UB;
   if (n > units) n = (int)units;
   if (n < 1) n = 1;
-  int rc = TVMBackendParallelLaunch(layer_task, &j, n);
+  int rc = (lstm_export_launch ? lstm_export_launch : TVMBackendParallelLaunch)(layer_task, &j, n);
   free(mem);
   return rc;
 }

@@ -12,8 +12,8 @@ COMPILER_ROOT = Path(__file__).resolve().parent
 
 @lru_cache(maxsize=None)
 def compiler_digest(root: Path = COMPILER_ROOT) -> str:
-    """sha256 of the compiler's Python sources (this package: converters, kernels, plan, passes)."""
+    """sha256 of the compiler's sources (this package: converters, kernels, plan, passes, and its C)."""
     h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
+    for f in sorted([*root.rglob("*.py"), *root.glob("*.c")]):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()

@@ -1,17 +1,22 @@
-"""The artifact sizes TVM's thread pool itself, so a plain load runs on the cores it was made for.
+"""The C object linked into every llvm model.so (thread_pool.c): it sizes TVM's thread pool, so a
+plain load runs on the cores the kernels were made for, and it routes the generated code's parallel
+launches and barriers through a policy that shares the cores with the rest of the process.
 
 TVM's runtime starts its thread pool, on the first parallel launch of each thread, with
 TVM_NUM_THREADS workers, else OMP_NUM_THREADS, else half the logical CPUs: one on a 2-vCPU
 machine, where our kernels are laid out for two. No runtime call can widen a pool once it has
-started (runtime.config_threadpool caps at the size it started with), so every llvm `model.so`
-carries a constructor, run when the library is loaded and so before its first launch, that sets
-TVM_NUM_THREADS to the target's num-cores (at most the CPUs the process may use) unless the user
-set TVM_NUM_THREADS or OMP_NUM_THREADS. A pool a thread had already started keeps its size.
+started (runtime.config_threadpool caps at the size it started with), so the object's constructor,
+run when the library is loaded and so before its first launch, sets TVM_NUM_THREADS to the
+target's num-cores (at most the CPUs the process may use) unless the user set TVM_NUM_THREADS or
+OMP_NUM_THREADS, and bounds the pool's spin after a launch (TVM_THREAD_POOL_SPIN_COUNT). A pool a
+thread had already started keeps its size. thread_pool.c's comment has the launch policy.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -19,35 +24,17 @@ from pathlib import Path
 from lstm_export.common.cbuild import CBuildError, compile_c
 from lstm_export.common.errors import UserError
 
-_SOURCE = r"""
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
-#include <sched.h>
-#include <stdio.h>
-#include <stdlib.h>
-
-/* the cores this artifact's kernels were laid out for (the target's num-cores) */
-int lstm_export_cores = LSTM_EXPORT_CORES;
-
-__attribute__((constructor)) static void lstm_export_size_thread_pool(void) {
-  if (getenv("TVM_NUM_THREADS") || getenv("OMP_NUM_THREADS")) return; /* the user's choice wins */
-  int n = LSTM_EXPORT_CORES;
-#ifdef CPU_COUNT
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0 && CPU_COUNT(&set) < n)
-    n = CPU_COUNT(&set);
-#endif
-  char text[16];
-  snprintf(text, sizeof(text), "%d", n);
-  setenv("TVM_NUM_THREADS", text, 0);
-}
-"""
+_SOURCE = Path(__file__).with_name("thread_pool.c")
 
 
 def source(cores: int) -> str:
     """The constructor's C source for an artifact made for `cores` cores."""
-    return _SOURCE.replace("LSTM_EXPORT_CORES", str(int(cores)))
+    return _SOURCE.read_text().replace("LSTM_EXPORT_CORES", str(int(cores)))
+
+
+def spin_count() -> str:
+    """The TVM_THREAD_POOL_SPIN_COUNT an artifact sets (thread_pool.c's SPIN_COUNT)."""
+    return re.search(r'#define SPIN_COUNT "(\d+)"', _SOURCE.read_text()).group(1)
 
 
 def compiler_for(triple: str, host_triple: str) -> str | None:
@@ -86,11 +73,28 @@ def pool_threads(threads: int):
     under a lock and restores it on leaving; a user's own setting is left alone. For the bench
     and FMA-peak kernels, which launch before any artifact's constructor could size the pool."""
     with _POOL_LOCK:
-        before = os.environ.get("TVM_NUM_THREADS")
-        if before is None and "OMP_NUM_THREADS" not in os.environ:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
+        set_here = {}
+        if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+            set_here["TVM_NUM_THREADS"] = str(threads)
+        if "TVM_THREAD_POOL_SPIN_COUNT" not in os.environ:  # as an artifact's constructor sets it
+            set_here["TVM_THREAD_POOL_SPIN_COUNT"] = spin_count()
+        os.environ.update(set_here)
         try:
             yield
         finally:
-            if before is None:
-                os.environ.pop("TVM_NUM_THREADS", None)
+            for key in set_here:
+                os.environ.pop(key, None)
+
+
+def launch_counters(library) -> dict[str, int]:
+    """thread_pool.c's counters in a loaded model.so: barrier or launch waits long enough to mean a
+    taken core (`stalls`) and launches run on the calling thread alone (`alone`). Loading the same
+    path again hands back the loaded library, so these are the running artifact's own."""
+    lib = ctypes.CDLL(str(library))
+    return {name: ctypes.c_longlong.in_dll(lib, f"lstm_export_{name}").value for name in ("stalls", "alone")}
+
+
+def share_cores(library, on: bool) -> None:
+    """Turns thread_pool.c's launch policy on or off in a loaded model.so (off: TVM's launches and
+    barriers as they are, as LSTM_EXPORT_SHARE_CORES=0 at load); for A/B timings in one process."""
+    ctypes.c_int.in_dll(ctypes.CDLL(str(library)), "lstm_export_share_cores").value = int(on)
