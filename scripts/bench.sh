@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 mkdir -p benchmarks
 name=$(.venv/bin/python -c 'import sys; from lstm_export.harness.bench_report import machine_slug; print(machine_slug(sys.argv[1] or None))' "${TARGET:-}")
 out=benchmarks/bench_cpu_$name
-.venv/bin/lstm-export bench --json "$out.json" --plot "$out.png" --markdown "$out.md" ${TARGET:+--target "$TARGET"} "$@"
+.venv/bin/lstm-export bench --check-alone --json "$out.json" --plot "$out.png" --markdown "$out.md" ${TARGET:+--target "$TARGET"} "$@"

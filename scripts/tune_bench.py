@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lstm_export.common.machine import cpu_name
-from lstm_export.harness.bench import tune_shapes
+from lstm_export.harness.tune import tune_shapes
 
 out = Path(__file__).resolve().parent.parent / "benchmarks"
 if sys.argv[1:] == ["--render"]:

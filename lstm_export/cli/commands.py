@@ -92,6 +92,9 @@ def add_commands(sub) -> None:
                    help="seconds of timed runs per entry, at least")
     p.add_argument("--rounds", type=count(1, 1000), default=3,
                    help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
+    p.add_argument("--check-alone", action="store_true",
+                   help="also time each peer alone in a fresh process, interleaved, and report rows more than "
+                        "10%% off (another entry's threads holding a core)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -180,9 +183,13 @@ def cmd_bench(args) -> int:
         raise UserError("--only-shapes needs at least one --shape")
     shapes = extra if args.only_shapes else DEFAULT_SHAPES + extra
     entries = [e.strip() for e in args.entries.split(",")] if args.entries else None
-    report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds, target=args.target)
+    report = bench(shapes, entries, args.threads, min_s=args.min_s, rounds=args.rounds, target=args.target,
+                   check_alone=args.check_alone)
     print(report.header())
     print(report.table())
+    from lstm_export.harness.bench_alone import off_alone
+    for line in off_alone(report.timings):
+        print(line)
     if args.json:
         report.to_json(args.json)
     if args.plot:
@@ -191,7 +198,7 @@ def cmd_bench(args) -> int:
         Path(args.markdown).write_text(f"{report.header()} {report.threads} threads, float32, median of "
                                        f"repeated runs after warm-up, in {args.rounds} interleaved rounds; "
                                        "ratio = median / best peer's median (peers: torch.nn.LSTM, ort-cpu native, "
-                                       "openvino native); % of peak = GFLOP/s / the "
+                                       "ort-cpu unrolled, openvino native); % of peak = GFLOP/s / the "
                                        f"measured FMA peak of the ISA the entry runs.\n\n"
                                        f"{report.markdown()}\n")
     return 0

@@ -31,6 +31,7 @@ from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
     Timing,
     plot,
 )
+from .shared_cores import settle
 
 # (label, runtime, graph): graph is "native", "unrolled" or "model" (a torch runtime on our model)
 ENTRIES = [
@@ -243,12 +244,13 @@ def machine_description(threads: int, target: str | None = None) -> dict:
 
 
 def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1e-4, min_s: float = 1.0,
-          rounds: int = 3, progress: bool = True, target: str | None = None, describe_machine: bool = True
-          ) -> BenchReport:
+          rounds: int = 3, progress: bool = True, target: str | None = None, describe_machine: bool = True,
+          check_alone: bool = False) -> BenchReport:
     """Benchmarks `entries` (labels from ENTRIES) on `shapes`, each timed for `min_s` seconds in all,
     split over `rounds` interleaved rounds; see the module docstring. `target` builds the tvm-llvm
     entries for another TVM target (e.g. `llvm -mcpu=haswell` for the AVX2 kernel on an AVX-512
-    machine); `describe_machine` measures the FMA peak for the % of peak column."""
+    machine); `describe_machine` measures the FMA peak for the % of peak column; `check_alone` times
+    each peer entry alone in a fresh process too (bench_alone.py), each row's `alone_ms`."""
 
     from lstm_export.common.machine import cpu_name
     from lstm_export.runtimes.tvm_lstm.targets import usable_cores
@@ -264,11 +266,13 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     report = BenchReport(cpu_name(), threads)
     from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
     with pool_threads(threads):  # TVM's pool starts during the bench, sized for `threads`
-        _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine)
+        _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine,
+               check_alone)
     return report
 
 
-def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine) -> None:
+def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine,
+           check_alone) -> None:
     from tqdm import tqdm
 
     from lstm_export.export import export_onnx
@@ -311,16 +315,22 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                         rt.release()
                 done.append(t)
                 bar.update(1 + (rounds if t.status != "ok" else 0))
+            alone = _alone_workers(ready, shape, threads, target) if check_alone else {}
             for r in range(rounds):
                 for t, rt, secs in ready:
                     bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
+                    kw = dict(warmup=3 if r == 0 else 1, min_runs=max(1, 10 // rounds), min_s=min_s / rounds,
+                              max_s=20.0 / rounds)
                     if t.status == "ok":
                         with _recorded(t):
                             # the deployed entry times inside its worker; the others here, checked once above
                             timer = getattr(rt, "time_runs", None) or (
                                 lambda f, rt=rt, **kw: time_runs(lambda: rt.run_checked(f), **kw))
-                            secs.extend(timer(feeds, warmup=3 if r == 0 else 1, min_runs=max(1, 10 // rounds),
-                                              min_s=min_s / rounds, max_s=20.0 / rounds))
+                            settle()  # no runtime timed before keeps a core: its pool spinning after a run
+                            secs.extend(timer(feeds, **kw))
+                            if t.entry in alone:
+                                settle()
+                                alone[t.entry][1].extend(alone[t.entry][0].time_runs(**kw))
                     bar.update(1)
             for t, rt, secs in ready:
                 if t.status == "ok":
@@ -328,7 +338,12 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                                                        for q in (50, 90, 99))
                     t.runs = len(secs)
                     t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
+                    if alone.get(t.entry, (None, []))[1]:
+                        t.alone_ms = round(float(np.median(alone[t.entry][1])) * 1e3, 4)
+                        t.vs_alone = round(t.median_ms / t.alone_ms, 3)
                 rt.release()
+            for worker, _ in alone.values():
+                worker.release()
             peers = [t.median_ms for t in done if t.entry in PEERS]
             reduced = [t.median_ms for t in done if t.entry in REDUCED_PEERS]
             for t in done:
@@ -344,6 +359,19 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
             t.pct_peak = round(100 * t.gflops / peak, 4)
 
 
+def _alone_workers(ready, shape, threads, target) -> dict:
+    """entry -> (its AloneWorker, the alone samples) for every peer entry checked equal."""
+    from .bench_alone import AloneWorker
+    out = {}
+    for t, _, _ in ready:
+        if t.entry in PEERS + REDUCED_PEERS:
+            try:
+                out[t.entry] = (AloneWorker(t.entry, shape, threads, target), [])
+            except RuntimeError as e:  # the row stands; only its check is missing
+                print(f"bench: no alone check for {t.entry}: {e}", file=sys.stderr)
+    return out
+
+
 def _best_peak(cpu: dict, threads, target) -> None:
     """Measures the FMA peaks again and keeps the best. On a VM the other core is at times taken
     by the host: one bench measured 385 GFLOP/s where 440-470 came before and after, which made
@@ -352,37 +380,6 @@ def _best_peak(cpu: dict, threads, target) -> None:
     fresh = machine_description(threads, target)
     for key in ("fma_peak_gflops", "kernel_peak_gflops"):
         cpu[key] = max(cpu[key], fresh[key])
-
-
-def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | None = None,
-                progress: bool = True) -> list[dict]:
-    """MetaSchedule-tunes the kernels of each shape's graphs into the tuning database that `compile`
-    reads (default: the committed one for this CPU), `trials` per graph; then compiles each graph with
-    it. Native graphs have dynamic T and B, so only their static kernels (none, today) are tuned.
-    Returns one row per graph: tuned kernels, their ms before and after, tuning and compile seconds."""
-    import json
-
-    from lstm_export.export import export_onnx
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as tmp:
-        for shape in shapes or DEFAULT_SHAPES:
-            model = _model(shape)
-            for graph in ("native", "unrolled"):
-                path = Path(tmp) / f"{graph}.onnx"
-                kwargs = {"seq_len": shape.T, "batch_size": shape.B} if graph == "unrolled" else {}
-                export_onnx(model, path, graph, **kwargs)
-                if progress:
-                    print(f"{shape.name} {graph}", flush=True)
-                compile_onnx(path, Path(tmp) / "out", "llvm", threads=threads, tuning_db=tuning_db,
-                             tune_trials=trials, progress=progress)
-                meta = json.loads((Path(tmp) / "out" / "meta.json").read_text())
-                tuning = meta.get("tuning") or {}
-                rows.append({"shape": shape.name, "graph": graph, "kernels": len(tuning.get("tasks", [])),
-                             "trials": tuning.get("trials", 0), "tune_s": tuning.get("seconds", 0.0),
-                             "before_ms": tuning.get("before_ms", {}), "best_ms": tuning.get("best_ms", {}),
-                             "kernels_from_db": meta["kernels_from_db"], "compile_s": meta["compile_s"]})
-    return rows
 
 
 def _run_once(name, model, threads, graph, feeds):

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from lstm_export.common.plotting import figure
 
-PEERS = ("torch.nn.LSTM", "ort-cpu native", "openvino native")  # what TVM has to beat
+# what TVM has to beat: every peer entry a user could pick, the peers' unrolled graphs included
+# (at one streaming step ORT's unrolled graph beats ORT's LSTM op)
+PEERS = ("torch.nn.LSTM", "ort-cpu native", "ort-cpu unrolled", "openvino native")
 REDUCED_PEERS = ("openvino native (default)", "ort-cpu native int8")  # what our bf16 row has to beat
 
 
@@ -25,6 +27,8 @@ class Timing:
     pct_peak: float | None = None  # GFLOP/s as % of the measured FMA peak of the ISA the entry's kernel uses
     ratio_to_best_reduced: float | None = None  # against the best reduced-precision peer (REDUCED_PEERS)
     status: str = "ok"  # ok | mismatch | unavailable | error
+    alone_ms: float | None = None  # bench --check-alone: the entry alone in a fresh process (bench_alone.py)
+    vs_alone: float | None = None  # median_ms / alone_ms
 
 
 @dataclass
@@ -52,15 +56,15 @@ class BenchReport:
 
     def markdown(self) -> str:
         rows = ["| shape | runtime | median ms | p90 ms | p99 ms | GFLOP/s | % of peak | vs best peer | "
-                "vs best reduced-precision peer | max abs err vs fp32 | status |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "vs best reduced-precision peer | max abs err vs fp32 | alone ms (fresh process) | status |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
         for t in self.timings:
             name = f"**{t.entry}**" if t.entry.startswith("tvm") else t.entry
             rows.append(
                 f"| {t.shape} | {name} | {f(t.median_ms, '.3f')} | {f(t.p90_ms, '.3f')} | {f(t.p99_ms, '.3f')} | "
                 f"{f(t.gflops, '.1f')} | {f(t.pct_peak, '.0f')} | {f(t.ratio_to_best_peer, '.2f')} | "
-                f"{f(t.ratio_to_best_reduced, '.2f')} | {f(t.max_err, '.1e')} | {t.status} |"
+                f"{f(t.ratio_to_best_reduced, '.2f')} | {f(t.max_err, '.1e')} | {f(t.alone_ms, '.3f')} | {t.status} |"
             )
         return "\n".join(rows)
 

@@ -42,15 +42,19 @@ extern int TVMBackendParallelLaunch(lstm_export_lambda flambda, void *cdata, int
 extern int TVMBackendParallelBarrier(int task_id, lstm_export_env *penv);
 
 #define SPIN_COUNT "10000"            /* ~5 ms of sched_yield on the Zen 4 VM: a worker stays warm between close calls */
-#define STALL_NS 200000LL             /* a quiet machine's waits are microseconds; a taken core's, a slice (~ms) */
+/* On the Zen 4 VM over 2 s of back-to-back calls, quiet: waits >= 64 us at 30-300 barriers, >= 1 ms at
+ * 3-14, >= 2 ms at 0-1; beside a busy thread, hundreds >= 2 ms (a scheduler slice, 2-4 ms) */
+#define STALL_NS 2000000LL
 #define CONFIRM_NS 20000000LL       /* a second stall this soon after the first: the core stays taken */
 #define SPELL_MIN_NS 50000000LL       /* ONNX Runtime's pool spins ~40 ms after a run */
-#define SPELL_MAX_NS 1000000000LL
+#define SPELL_MAX_NS 200000000LL      /* probes at least 5 times a second: back to the full pool soon after the load goes */
 
 /* the cores this artifact's kernels were laid out for (the target's num-cores) */
 int lstm_export_cores = LSTM_EXPORT_CORES;
 /* stalls seen and launches run alone: for tests and benchmarks (ctypes), not for control */
 long long lstm_export_stalls = 0, lstm_export_alone = 0;
+/* long waits at barriers and launch ends, by length: >= 64 us << i (i = 0..7) */
+long long lstm_export_waits[8];
 
 static long long alone_until = 0, spell = SPELL_MIN_NS, last_stall = -CONFIRM_NS - 1;
 static int probing = 0;
@@ -102,7 +106,14 @@ static __thread long long mark;
 /* A wait means a taken core when it is long (STALL_NS) and longer than the work before it: the
  * kernel would then have run faster on one thread. A slow step on a quiet machine (a page fault, an
  * uneven split) fails the second test. */
-static int taken(long long work, long long wait) { return wait >= STALL_NS && wait >= work; }
+static int taken(long long work, long long wait) {
+  if (wait >= 64000) {
+    int i = 0;
+    while (i < 7 && wait >= (64000LL << (i + 1))) i++;
+    __atomic_add_fetch(&lstm_export_waits[i], 1, __ATOMIC_RELAXED);
+  }
+  return wait >= STALL_NS && wait >= work;
+}
 
 int lstm_export_barrier(int task_id, lstm_export_env *penv) {
   if (!LOAD(lstm_export_share_cores)) return TVMBackendParallelBarrier(task_id, penv);

@@ -1,0 +1,28 @@
+"""The compiled artifact and ONNX Runtime while the process shares its cores (issue #49): each bench
+shape quiet, right after an ONNX Runtime run, and beside a busy thread -> benchmarks/shared_cores_<machine>.{json,md}.
+
+Usage: .venv/bin/python scripts/bench_shared_cores.py [--shape T,B,I,H[,L] ...] [--rounds N] [--min-s S]
+"""
+import argparse
+import json
+from pathlib import Path
+
+from lstm_export.common.machine import cpu_name
+from lstm_export.harness.bench import DEFAULT_SHAPES, Shape
+from lstm_export.harness.bench_report import machine_slug
+from lstm_export.harness.shared_cores import as_json, markdown, measure
+from lstm_export.runtimes.tvm_lstm.targets import usable_cores
+
+p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+p.add_argument("--shape", action="append", default=[], help="T,B,I,H[,layers] (default: the bench's shapes)")
+p.add_argument("--rounds", type=int, default=3)
+p.add_argument("--min-s", type=float, default=0.6, help="seconds per runtime and condition, over all rounds")
+p.add_argument("--out", default=None, help="file stem (default benchmarks/shared_cores_<machine>)")
+args = p.parse_args()
+shapes = [Shape.parse(s) for s in args.shape] or DEFAULT_SHAPES
+rows = measure(shapes, usable_cores(), rounds=args.rounds, min_s=args.min_s)
+machine = f"{cpu_name()}, {usable_cores()} cores"
+out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"shared_cores_{machine_slug()}")
+out.with_suffix(".json").write_text(json.dumps(as_json(rows, machine), indent=1) + "\n")
+out.with_suffix(".md").write_text(markdown(rows, machine))
+print(markdown(rows, machine))
