@@ -1,5 +1,6 @@
 """The compiled artifact and ONNX Runtime while the process shares its cores (issue #49): each bench
-shape quiet, right after an ONNX Runtime run, and beside a busy thread -> benchmarks/shared_cores_<machine>.{json,md}.
+shape quiet, right after an ONNX Runtime run, and beside a busy thread; and the artifact's calls in a
+fresh process against a warm one -> benchmarks/shared_cores_<machine>.{json,md}.
 
 Usage: .venv/bin/python scripts/bench_shared_cores.py [--shape T,B,I,H[,L] ...] [--rounds N] [--min-s S]
 """
@@ -10,6 +11,8 @@ from pathlib import Path
 from lstm_export.common.machine import cpu_name
 from lstm_export.harness.bench import DEFAULT_SHAPES, Shape
 from lstm_export.harness.bench_report import machine_slug
+from lstm_export.harness.fresh_start import fresh_vs_warm
+from lstm_export.harness.fresh_start import markdown as fresh_markdown
 from lstm_export.harness.shared_cores import as_json, markdown, measure
 from lstm_export.runtimes.tvm_lstm.targets import usable_cores
 
@@ -21,8 +24,11 @@ p.add_argument("--out", default=None, help="file stem (default benchmarks/shared
 args = p.parse_args()
 shapes = [Shape.parse(s) for s in args.shape] or DEFAULT_SHAPES
 rows = measure(shapes, usable_cores(), rounds=args.rounds, min_s=args.min_s)
+fresh = fresh_vs_warm(shapes, usable_cores(), rounds=args.rounds)
 machine = f"{cpu_name()}, {usable_cores()} cores"
 out = Path(args.out or Path(__file__).resolve().parent.parent / "benchmarks" / f"shared_cores_{machine_slug()}")
-out.with_suffix(".json").write_text(json.dumps(as_json(rows, machine), indent=1) + "\n")
-out.with_suffix(".md").write_text(markdown(rows, machine))
-print(markdown(rows, machine))
+out.with_suffix(".json").write_text(json.dumps(dict(as_json(rows, machine), fresh_start=fresh), indent=1) + "\n")
+text = (markdown(rows, machine) + "\nThe artifact in a fresh process against a warm one "
+        "(runtimes/deployed.py's worker, TVM's runtime alone):\n\n" + fresh_markdown(fresh))
+out.with_suffix(".md").write_text(text)
+print(text)

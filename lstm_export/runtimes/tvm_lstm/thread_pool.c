@@ -19,9 +19,10 @@
  *    whose core another thread holds (ONNX Runtime's pool spinning after a run, the application's
  *    own work) stalls every step for a scheduler slice: one streaming step took 7.5 ms instead of
  *    0.075. A wait at a barrier, or for the other tasks at a launch's end, that is both long and
- *    longer than the work before it (taken() below) twice within CONFIRM_NS means a core is taken
- *    (one is a hiccup: a VM's vCPU descheduled by the host): then launches run on the calling thread alone (one task, the same
- *    arithmetic, so the same bits) for a spell, after which one launch probes the full pool again.
+ *    longer than the work before it (taken() below), three times within CONFIRM_NS, means a core
+ *    is taken (one or two are a hiccup: a VM's vCPU descheduled by the host). Then launches run on
+ *    the calling thread alone (one task: the same arithmetic, so the same bits) for a spell, after
+ *    which one launch probes the full pool again.
  *    A probe that stalls doubles the spell (up to SPELL_MAX_NS); one that does not resets it.
  *
  * Invariant: the state below is advice, read and written with relaxed atomics by any thread; a
@@ -45,7 +46,7 @@ extern int TVMBackendParallelBarrier(int task_id, lstm_export_env *penv);
 /* On the Zen 4 VM over 2 s of back-to-back calls, quiet: waits >= 64 us at 30-300 barriers, >= 1 ms at
  * 3-14, >= 2 ms at 0-1; beside a busy thread, hundreds >= 2 ms (a scheduler slice, 2-4 ms) */
 #define STALL_NS 2000000LL
-#define CONFIRM_NS 20000000LL       /* a second stall this soon after the first: the core stays taken */
+#define CONFIRM_NS 20000000LL       /* three stalls this close: the core stays taken (a quiet VM had pairs) */
 #define SPELL_MIN_NS 50000000LL       /* ONNX Runtime's pool spins ~40 ms after a run */
 #define SPELL_MAX_NS 200000000LL      /* probes at least 5 times a second: back to the full pool soon after the load goes */
 
@@ -56,7 +57,9 @@ long long lstm_export_stalls = 0, lstm_export_alone = 0;
 /* long waits at barriers and launch ends, by length: >= 64 us << i (i = 0..7) */
 long long lstm_export_waits[8];
 
-static long long alone_until = 0, spell = SPELL_MIN_NS, last_stall = -CONFIRM_NS - 1;
+/* the last two stalls: a third within CONFIRM_NS of the older one starts a spell */
+static long long alone_until = 0, spell = SPELL_MIN_NS;
+static long long last_stall = -CONFIRM_NS - 1, stall_before = -CONFIRM_NS - 1;
 static int probing = 0;
 /* 0 (LSTM_EXPORT_SHARE_CORES=0 at load, or set through ctypes): TVM's launches and barriers as they are */
 int lstm_export_share_cores = 1;
@@ -88,14 +91,15 @@ static long long now_ns(void) {
 
 static void stalled(long long t) {
   __atomic_add_fetch(&lstm_export_stalls, 1, __ATOMIC_RELAXED);
-  long long s = LOAD(spell), last = LOAD(last_stall);
+  long long s = LOAD(spell), older = LOAD(stall_before);
+  STORE(stall_before, LOAD(last_stall));
   STORE(last_stall, t);
   if (LOAD(probing)) { /* the full pool stalled again right after a spell alone */
     s = s * 2 > SPELL_MAX_NS ? SPELL_MAX_NS : s * 2;
     STORE(spell, s);
     STORE(probing, 0);
-  } else if (t - last > CONFIRM_NS) {
-    return; /* one stall alone is a hiccup of the host (a VM's vCPU descheduled): no spell */
+  } else if (t - older > CONFIRM_NS) {
+    return; /* one or two stalls are a hiccup of the host (a VM's vCPU descheduled): no spell */
   }
   STORE(alone_until, t + s);
 }
