@@ -10,9 +10,8 @@ kept spinning on half a core. Each alone block runs right after the same entry's
 from __future__ import annotations
 
 import pickle
-import struct
-import subprocess
-import sys
+
+from lstm_export.runtimes.deployed import PipeWorker
 
 ALONE_TOLERANCE = 0.10
 
@@ -46,46 +45,27 @@ with pool_threads(threads):
         rt.static_shapes = {k: v.shape for k, v in feeds.items()}
     rt.prepare(path)
     rt.run(feeds)
-    reply(("ok", None))
     while True:
         head = sys.stdin.buffer.read(8)
         if len(head) < 8:
             break
-        kwargs = pickle.loads(sys.stdin.buffer.read(struct.unpack("<Q", head)[0]))
-        reply(("ok", time_runs(lambda: rt.run_checked(feeds), **kwargs)))
+        op, arg = pickle.loads(sys.stdin.buffer.read(struct.unpack("<Q", head)[0]))
+        reply(("ok", None if op == "ready" else time_runs(lambda: rt.run_checked(feeds), **arg)))
 rt.release()
 '''
 
 
-class AloneWorker:
+class AloneWorker(PipeWorker):
     """One bench entry on one shape, prepared in a fresh process that times it on request."""
 
-    def __init__(self, label: str, shape, threads: int, target: str | None):
-        arg = pickle.dumps((label, shape, threads, target)).hex()
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, arg], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._read()  # prepared
+    what = "alone check"
 
-    def _read(self):
-        head = self.proc.stdout.read(8)
-        if len(head) < 8:
-            err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"the alone worker ended: {err[-1] if err else 'no message'}")
-        return pickle.loads(self.proc.stdout.read(struct.unpack("<Q", head)[0]))[1]
+    def __init__(self, label: str, shape, threads: int, target: str | None):
+        super().__init__(_WORKER, [pickle.dumps((label, shape, threads, target)).hex()])
+        self._ask("ready")  # prepared
 
     def time_runs(self, **kwargs) -> list[float]:
-        data = pickle.dumps(kwargs)
-        self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
-        self.proc.stdin.flush()
-        return self._read()
-
-    def release(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        return self._ask("time", kwargs)
 
 
 def off_alone(timings) -> list[str]:

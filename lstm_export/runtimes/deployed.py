@@ -87,16 +87,14 @@ while True:
 '''
 
 
-class DeployedArtifact:
-    """A compiled folder (model.so + meta.json) served by a fresh worker process (see above)."""
+class PipeWorker:
+    """A Python process that answers (op, arg) requests on stdin with ("ok" | "error", value) on
+    stdout, each message pickled behind its 8-byte length; `what` names it in errors."""
 
-    def __init__(self, artifact_dir: str | Path):
-        env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
-        env["TVM_USE_RUNTIME_LIB"] = "1"
-        # the worker imports nothing of ours (a user's deployment would not): the timing loop
-        # travels as source
-        code = inspect.getsource(time_runs) + WORKER
-        self.proc = subprocess.Popen([sys.executable, "-c", code, str(artifact_dir)], stdin=subprocess.PIPE,
+    what = "worker"
+
+    def __init__(self, code: str, args: list[str], env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
     def _ask(self, op, arg=None):
@@ -109,11 +107,32 @@ class DeployedArtifact:
             head = b""
         if len(head) < 8:
             err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"the deployed artifact's process ended: {err[-1] if err else 'no message'}")
+            raise RuntimeError(f"the {self.what}'s process ended: {err[-1] if err else 'no message'}")
         status, value = pickle.loads(self.proc.stdout.read(struct.unpack("<Q", head)[0]))
         if status != "ok":
             raise RuntimeError(value)
         return value
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+class DeployedArtifact(PipeWorker):
+    """A compiled folder (model.so + meta.json) served by a fresh worker process (see above)."""
+
+    what = "deployed artifact"
+
+    def __init__(self, artifact_dir: str | Path):
+        env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+        env["TVM_USE_RUNTIME_LIB"] = "1"
+        # the worker imports nothing of ours (a user's deployment would not): the timing loop
+        # travels as source
+        super().__init__(inspect.getsource(time_runs) + WORKER, [str(artifact_dir)], env)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._ask("run", feeds)
@@ -125,11 +144,3 @@ class DeployedArtifact:
     def threads(self) -> int:
         """The worker's TVM thread-pool size, as the artifact set it."""
         return self._ask("threads")
-
-    def release(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
