@@ -31,7 +31,7 @@ from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
     Timing,
     plot,
 )
-from .shared_cores import settle
+from .settle import settle
 
 # (label, runtime, graph): graph is "native", "unrolled" or "model" (a torch runtime on our model)
 ENTRIES = [

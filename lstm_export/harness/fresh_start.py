@@ -26,7 +26,7 @@ def fresh_vs_warm(shapes, threads: int, rounds: int = 3, progress: bool = True) 
     from lstm_export.runtimes.tvm_lstm.cache import cached_compile
 
     from .bench import _feeds, _model
-    from .shared_cores import settle
+    from .settle import settle
     rows = []
     with tempfile.TemporaryDirectory(prefix="lstm-export-fresh-") as tmp:
         for shape in shapes:
