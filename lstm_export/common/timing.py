@@ -37,6 +37,7 @@ def time_runs(fn, warmup=3, min_runs=10, min_s=1.0, max_runs=500, max_s=20.0, sy
 
 
 def ratio_to_best(value: float | None, peers) -> float | None:
-    """value / the smallest of `peers` (None values ignored), 3 decimals; None without either."""
+    """value / the smallest of `peers` (None values ignored), 4 significant digits (3 decimals made
+    a tiny entry against a slow peer 0.0); None without either."""
     best = min((p for p in peers if p is not None), default=None)
-    return None if value is None or not best else round(value / best, 3)
+    return None if value is None or not best else float(f"{value / best:.4g}")

@@ -33,6 +33,13 @@ def test_ratio_ignores_missing_peers():
     assert ratio_to_best(None, [2.0]) is None and ratio_to_best(3.0, [None]) is None
 
 
+def test_a_tiny_ratio_keeps_its_digits():
+    """A 0.0137 ms entry against a peer slowed to 30 ms (a suite's other worker holding its cores)
+    rounded to 0.0 at 3 decimals, a ratio no reader can use."""
+    assert ratio_to_best(0.0137, [30.0]) == pytest.approx(0.0004567, rel=1e-3)
+    assert ratio_to_best(62.0139, [71.9749]) == 0.8616
+
+
 @pytest.mark.parametrize("got,ok", [([1.0, 2.0 + 1e-6], True), ([1.0, 2.1], False), ([1.0], False),
                                     ([1.0, np.nan], False)])
 def test_output_error_policy(got, ok):

@@ -118,8 +118,8 @@ def test_the_pool_stops_spinning_soon_after_a_call(artifact):
         "    return sum(int(open(p).read().split()[0]) for p in glob.glob('/proc/self/task/*/schedstat')\n"
         "               if p.split('/')[4] != me)\n"
         "for _ in range(50): call()\n"
-        "time.sleep(0.03)\n"
         "c0 = others(); time.sleep(0.1)\n"
         "print(json.dumps({'busy': (others() - c0) / 0.1e9}))\n")
-    assert _fresh(script, artifact)["busy"] < 0.1
-    assert _fresh(script, artifact, TVM_THREAD_POOL_SPIN_COUNT="300000")["busy"] > 0.3
+    # the share of a core the process's other threads took in the 100 ms after the last call
+    assert _fresh(script, artifact)["busy"] < 0.2
+    assert _fresh(script, artifact, TVM_THREAD_POOL_SPIN_COUNT="300000")["busy"] > 0.4
