@@ -1,5 +1,6 @@
 """Timing runtimes that share the cores: the settle step every timing block starts with, the bench's
 alone check, and the shared-cores benchmark's conditions."""
+import json
 import time
 
 import pytest
@@ -48,3 +49,12 @@ def test_shared_cores_measures_every_runtime_in_every_condition():
         assert r.vs_quiet["quiet"] == 1.0
     assert all(v == 1.0 for v in rows[-1].vs_ort.values())  # ORT against itself
     assert "| T4 B1 I8 H16 L1 | tvm-llvm native |" in markdown(rows, "here")
+
+
+def test_cli_check_alone_writes_each_peers_alone_time(cli, tmp_path):
+    out = tmp_path / "b.json"
+    r = cli("bench", "--shape", "3,2,4,8", "--only-shapes", "--entries", "ort-cpu native,torch (ours)",
+            "--check-alone", "--min-s", "0.1", "--rounds", "2", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {t["entry"]: t for t in json.loads(out.read_text())["timings"]}
+    assert rows["ort-cpu native"]["alone_ms"] > 0 and rows["torch (ours)"]["alone_ms"] is None
