@@ -3,13 +3,15 @@ artifact's worker (which runs this function's own source, so its loop is this on
 from __future__ import annotations
 
 
-def time_runs(fn, warmup=3, min_runs=10, min_s=1.0, max_runs=500, max_s=20.0, sync=None, block_s=0.0):
+def time_runs(fn, warmup=3, min_runs=10, min_s=1.0, max_runs=500, max_s=20.0, sync=None, block_s=0.0,
+              before=None):
     """Seconds per call of `fn` after `warmup` calls: at least min_runs samples and min_s seconds,
     at most max_runs samples or max_s seconds.
 
     With `sync` (a device synchronize: a GPU call returns before its kernels finish) every sample
     is a block of calls between two syncs, as many as fill `block_s` seconds (one launch is shorter
-    than the clock's resolution), divided by their number.
+    than the clock's resolution), divided by their number. `before`, if given, runs before every
+    sample, untimed (a disturbance: another runtime's call right before each timed one).
     """
     import time  # inside: the deployed worker runs this function's source on its own
     sync = sync or (lambda: None)
@@ -24,6 +26,8 @@ def time_runs(fn, warmup=3, min_runs=10, min_s=1.0, max_runs=500, max_s=20.0, sy
         n = max(1, int(block_s / max(time.perf_counter() - t0, 1e-6)))
     times, start = [], time.perf_counter()
     while len(times) < max_runs:
+        if before is not None:
+            before()
         sync()
         t0 = time.perf_counter()
         for _ in range(n):

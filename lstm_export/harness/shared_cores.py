@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lstm_export.common.timing import time_runs
+
 from .settle import settle
 
 CONDITIONS = ("quiet", "after ORT", "busy thread")
@@ -78,19 +80,6 @@ class Row:
     vs_ort: dict = field(default_factory=dict)  # condition -> median / ORT's median in that condition
 
 
-def _time(fn, before, min_runs: int, min_s: float) -> list[float]:
-    """Seconds per call of fn, each call after `before()` (untimed), at least min_runs and min_s."""
-    out, start = [], time.perf_counter()
-    while len(out) < min_runs or time.perf_counter() - start < min_s:
-        before()
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > 20 * min_s + 5:
-            break
-    return out
-
-
 def measure(shapes, threads: int, rounds: int = 3, min_s: float = 0.3, progress: bool = True) -> list[Row]:
     """Each shape's compiled native graph (tvm-llvm, in-process as users load it; with thread_pool.c's
     launch policy and without, the same artifact) and ONNX Runtime on the same graph, in the three
@@ -124,7 +113,6 @@ def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThr
             "tvm-llvm native, TVM's launches": (lambda: ours.run(feeds), False),
             "ort-cpu native": (lambda: ort.run(feeds), None)}
     samples = {(name, c): [] for name in runs for c in CONDITIONS}
-    nothing = lambda: None  # noqa: E731
     after_ort = lambda: disturber.run(feeds)  # noqa: E731
     try:
         for _ in range(rounds):
@@ -136,10 +124,10 @@ def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThr
                         fn()  # warm, as the quiet block is
                     if cond == "busy thread":
                         with busy:
-                            samples[name, cond] += _time(fn, nothing, 10, min_s / rounds)
+                            samples[name, cond] += time_runs(fn, 0, 10, min_s / rounds, 10**6, 20 * min_s + 5)
                     else:
-                        samples[name, cond] += _time(fn, after_ort if cond == "after ORT" else nothing, 10,
-                                                     min_s / rounds)
+                        samples[name, cond] += time_runs(fn, 0, 10, min_s / rounds, 10**6, 20 * min_s + 5,
+                                                         before=after_ort if cond == "after ORT" else None)
     finally:
         share_cores(lib, True)
         for rt in (ours, ort, disturber):

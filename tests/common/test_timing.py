@@ -47,3 +47,11 @@ def test_output_error_policy(got, ok):
     assert output_error("y", np.array(got), ref, atol=1e-5, rtol=0.0).passed is ok
     both_nan = output_error("y", np.array([np.nan]), np.array([np.nan]), atol=0.0, rtol=0.0)
     assert both_nan.passed and both_nan.note == "NaN in reference"
+
+
+def test_before_runs_untimed_before_every_sample():
+    calls = []
+    times = time_runs(lambda: calls.append("fn"), warmup=1, min_runs=3, min_s=0, max_runs=3,
+                      before=lambda: (calls.append("before"), time.sleep(0.02)))
+    assert calls == ["fn"] + ["before", "fn"] * 3
+    assert max(times) < 0.02  # the sleep in `before` is not in any sample
