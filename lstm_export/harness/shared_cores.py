@@ -81,9 +81,9 @@ class Row:
 
 
 def measure(shapes, threads: int, rounds: int = 3, min_s: float = 0.3, progress: bool = True) -> list[Row]:
-    """Each shape's compiled native graph (tvm-llvm, in-process as users load it; with thread_pool.c's
-    launch policy and without, the same artifact) and ONNX Runtime on the same graph, in the three
-    conditions; medians over `rounds` interleaved rounds."""
+    """Each shape's compiled native graph (tvm-llvm, in-process as users load it; the same artifact on
+    thread_pool.c's claiming pool, on TVM's launches and on one task) and ONNX Runtime on the same
+    graph, in the three conditions; medians over `rounds` interleaved rounds."""
     busy = BusyThread()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lstm-export-shared-") as tmp:
@@ -97,7 +97,7 @@ def measure(shapes, threads: int, rounds: int = 3, min_s: float = 0.3, progress:
 def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThread, tmp: Path) -> list[Row]:
     from lstm_export.export import export_onnx
     from lstm_export.runtimes.ort import OrtCpuRuntime
-    from lstm_export.runtimes.tvm_lstm.thread_pool import share_cores
+    from lstm_export.runtimes.tvm_lstm.thread_pool import one_task, share_cores
     from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
 
     from .bench import _feeds, _model
@@ -108,16 +108,19 @@ def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThr
         rt.prepare(graph)
         rt.run(feeds)
     lib = ours.compiled.library
-    # (runtime, its call, thread_pool.c's policy on or off: the same artifact both ways)
-    runs = {"tvm-llvm native": (lambda: ours.run(feeds), True),
-            "tvm-llvm native, TVM's launches": (lambda: ours.run(feeds), False),
+    # (runtime, its call, how the same artifact runs its parallel loops: thread_pool.c's claiming
+    # pool, TVM's launches, or one task on the calling thread: the floor of a call beside a busy core)
+    runs = {"tvm-llvm native": (lambda: ours.run(feeds), "pool"),
+            "tvm-llvm native, TVM's launches": (lambda: ours.run(feeds), "tvm"),
+            "tvm-llvm native, one task": (lambda: ours.run(feeds), "one"),
             "ort-cpu native": (lambda: ort.run(feeds), None)}
     samples = {(name, c): [] for name in runs for c in CONDITIONS}
     after_ort = lambda: disturber.run(feeds)  # noqa: E731
     try:
         for _ in range(rounds):
-            for name, (fn, policy) in runs.items():
-                share_cores(lib, policy is not False)
+            for name, (fn, mode) in runs.items():
+                share_cores(lib, mode != "tvm")
+                one_task(lib, mode == "one")
                 for cond in CONDITIONS:
                     settle()
                     for _ in range(3):
@@ -130,6 +133,7 @@ def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThr
                                                          before=after_ort if cond == "after ORT" else None)
     finally:
         share_cores(lib, True)
+        one_task(lib, False)
         for rt in (ours, ort, disturber):
             rt.release()
     med = {k: float(np.median(v)) * 1e3 for k, v in samples.items()}

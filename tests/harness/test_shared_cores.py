@@ -43,7 +43,8 @@ def test_a_row_off_its_alone_timing_is_reported():
 def test_shared_cores_measures_every_runtime_in_every_condition():
     pytest.importorskip("tvm", reason="apache-tvm is not installed")
     rows = measure([Shape(4, 1, 8, 16)], threads=2, rounds=1, min_s=0.05, progress=False)
-    assert [r.runtime for r in rows] == ["tvm-llvm native", "tvm-llvm native, TVM's launches", "ort-cpu native"]
+    assert [r.runtime for r in rows] == ["tvm-llvm native", "tvm-llvm native, TVM's launches",
+                                         "tvm-llvm native, one task", "ort-cpu native"]
     for r in rows:
         assert set(r.ms) == set(CONDITIONS) and min(r.ms.values()) > 0
         assert r.vs_quiet["quiet"] == 1.0

@@ -171,7 +171,7 @@ def test_kernel_allocates_only_its_state_per_call():
         f = make_cpu_layer(spec, 20, plan).with_attr("global_symbol", "layer")
         with tvm.transform.PassContext(instruments=[Keep()]):
             tvm.compile(tvm.IRModule({"layer": f}), target=host_target(2))
-        assert lowered and "pragma_parallel_launch_point" in lowered[-1]
+        assert lowered and "T.parallel(" in lowered[-1]
         assert lowered[-1].count("TVMBackendAllocWorkspace(") == 3, "a work item allocates from the workspace pool"
 
 

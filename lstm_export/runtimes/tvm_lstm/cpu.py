@@ -25,12 +25,12 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
     says what the four column groups are. spec.reverse is not read: the direction is rev, so
     both directions of a layer are one function.
 
-    The whole sequence is one parallel launch.
+    Each parallel loop is a launch of thread_pool.c's claiming pool, a step's shares its chunks.
     - B >= MR, packed W + R up to plan.batch_split_bytes (one core's L2): thread i of plan.threads
       runs every step of batch rows [i*B/threads, (i+1)*B/threads) alone (share_step), in tiles of
       MR and MS rows: no barrier, no cache line of h, c or y shared between cores.
     - B >= MR, larger weights: each step's work items (tiles of MR and MS rows x unit blocks) are
-      shared out (fused_step), one barrier per step (h is double-buffered).
+      shared out (fused_step), a launch per step (h is double-buffered).
     - B < MR (serving): the projection first, over all T*B rows, then one row per item (row_step).
     With B >= MR a tile starts from bias + x_t @ W and adds h @ R: the T*B*4H projection never goes
     to memory. A tile's spare rows repeat the last row and are never written; padded units live only
@@ -214,7 +214,7 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
                 for i in T.parallel(T.int64(threads)):
                     for j in T.serial(fshare(nt)):
                         step_item(i, j, nt, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-            else:  # no launch point around it (see lstm_layer_cpu)
+            else:
                 for j in T.serial(fshare(nt)):
                     step_item(0, j, nt, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
 
@@ -317,22 +317,14 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
     def batched(n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr):
         """B >= MR: the whole sequence, the batch split between threads or each step's unit blocks.
         With two passes the second starts when the first is done for the rows it reads: at once in
-        the batch split (a thread's rows are its own), after a barrier in the step split."""
+        the batch split (a thread's rows are its own), after its launch in the step split."""
         if batch_split:  # each thread runs the whole sequence for its own share of the batch rows
             for i in T.parallel(T.int64(threads)):
                 for t in T.serial(n_t):
                     A.share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
                     if TWO:
                         B.share_step(i, t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-        elif threads > 1:
-            with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
-                for t in T.serial(n_t):
-                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                        A.fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-                    if TWO:
-                        with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                            B.fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-        else:  # made for one core: no launch point, whose one-share loop would fold away (see below)
+        else:  # each step a launch of its items (thread_pool.c's claiming pool: see lstm_layer_cpu)
             for t in T.serial(n_t):
                 A.fused_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
                 if TWO:
@@ -371,24 +363,14 @@ def make_cpu_layer(spec, k_dim: int, plan: KernelPlan, has_state: bool = True, h
         if n_b >= MR:  # register tiles of several batch rows share each load of W and R
             batched(n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
         else:  # small batches (serving): the projection as one GEMM first, then one row per item
-            if threads > 1:
-                # One launch for the whole sequence: each thread runs this block, takes its share of
-                # every parallel loop, and meets the others at the barrier after it.
-                with T.attr(T.int32(0), "pragma_parallel_launch_point", 1):
-                    with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                        project(n_t, n_b, x, wp, bias, xw)
-                    for t in T.serial(n_t):
-                        with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                            A.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-                        if TWO:
-                            with T.attr(T.int32(0), "pragma_parallel_barrier_when_finish", 1):
-                                B.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-            else:  # one core: no launch point (row_step's one-share loop would fold away inside one)
-                project(n_t, n_b, x, wp, bias, xw)
-                for t in T.serial(n_t):
-                    A.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
-                    if TWO:
-                        B.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+            # A launch per parallel loop, not one launch point with a barrier per step: the claiming
+            # pool (thread_pool.c) lets a running thread take the share of one whose core is taken,
+            # which a barrier cannot; a launch there costs what a barrier did.
+            project(n_t, n_b, x, wp, bias, xw)
+            for t in T.serial(n_t):
+                A.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
+                if TWO:
+                    B.row_step(t, n_t, n_b, x, wp, bias, xw, rp, p, lens, y, cs, hb, zr)
         for b1 in T.serial(n_b):
             for j1 in T.serial(H):
                 hn[b1, j1] = hb[n_t % 2, b1, j1]

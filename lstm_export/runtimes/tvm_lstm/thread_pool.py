@@ -9,7 +9,8 @@ started (runtime.config_threadpool caps at the size it started with), so the obj
 run when the library is loaded and so before its first launch, sets TVM_NUM_THREADS to the
 target's num-cores (at most the CPUs the process may use) unless the user set TVM_NUM_THREADS or
 OMP_NUM_THREADS, and bounds the pool's spin after a launch (TVM_THREAD_POOL_SPIN_COUNT). A pool a
-thread had already started keeps its size. thread_pool.c's comment has the launch policy.
+thread had already started keeps its size. The generated code's parallel loops run on
+thread_pool.c's own claiming pool, of the same size; its comment has the why.
 """
 from __future__ import annotations
 
@@ -95,6 +96,14 @@ def launch_counters(library) -> dict[str, int]:
 
 
 def share_cores(library, on: bool) -> None:
-    """Turns thread_pool.c's launch policy on or off in a loaded model.so (off: TVM's launches and
-    barriers as they are, as LSTM_EXPORT_SHARE_CORES=0 at load); for A/B timings in one process."""
+    """Turns thread_pool.c's claiming pool and launch policy on or off in a loaded model.so (off:
+    TVM's launches and barriers as they are, as LSTM_EXPORT_SHARE_CORES=0 at load); for A/B
+    timings in one process."""
     ctypes.c_int.in_dll(ctypes.CDLL(str(library)), "lstm_export_share_cores").value = int(on)
+
+
+def one_task(library, on: bool) -> None:
+    """Runs every parallel loop of a loaded model.so on the calling thread, as one task (the same
+    bits): the one-core floor the shared-cores bench sets a disturbed call against."""
+    ctypes.c_int.in_dll(ctypes.CDLL(str(library)), "lstm_export_one_task").value = int(on)
+
