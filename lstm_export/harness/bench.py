@@ -24,6 +24,7 @@ from lstm_export.common.errors import UserError
 from lstm_export.common.timing import ratio_to_best, time_runs
 from lstm_export.runtimes.base import describe
 
+from .bench_alone import FreshPeer, time_alone
 from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
     PEERS,
     REDUCED_PEERS,
@@ -308,14 +309,18 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                     tol = tolerance_for(getattr(rt, "precision", "fp32"), atol, 0.0)
                     err = output_error(first, out.get(first, np.empty(0)), reference[first], *tol)
                     t.max_err = err.max_abs
-                    if err.passed:
+                    if err.passed and t.entry in PEERS + REDUCED_PEERS:
+                        # checked here, timed in a fresh process per round (bench_alone.FreshPeer)
+                        ready.append((t, FreshPeer(t.entry, shape, threads, target, checked=rt), []))
+                    elif err.passed:
                         ready.append((t, rt, []))
                     else:
                         t.status = "mismatch"
                         rt.release()
                 done.append(t)
                 bar.update(1 + (rounds if t.status != "ok" else 0))
-            alone = _alone_workers(ready, shape, threads, target) if check_alone else {}
+            # entry -> its alone samples, for every peer checked equal
+            alone = {t.entry: [] for t, _, _ in ready if check_alone and t.entry in PEERS + REDUCED_PEERS}
             for r in range(rounds):
                 for t, rt, secs in ready:
                     bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
@@ -329,8 +334,7 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                             settle()  # no runtime timed before keeps a core: its pool spinning after a run
                             secs.extend(timer(feeds, **kw))
                             if t.entry in alone:
-                                settle()
-                                alone[t.entry][1].extend(alone[t.entry][0].time_runs(**kw))
+                                alone[t.entry] += time_alone(t.entry, shape, threads, target, kw)
                     bar.update(1)
             for t, rt, secs in ready:
                 if t.status == "ok":
@@ -338,12 +342,10 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                                                        for q in (50, 90, 99))
                     t.runs = len(secs)
                     t.gflops = round(shape.flops() / (t.median_ms / 1e3) / 1e9, 2)
-                    if alone.get(t.entry, (None, []))[1]:
-                        t.alone_ms = round(float(np.median(alone[t.entry][1])) * 1e3, 4)
+                    if alone.get(t.entry):
+                        t.alone_ms = round(float(np.median(alone[t.entry])) * 1e3, 4)
                         t.vs_alone = round(t.median_ms / t.alone_ms, 3)
                 rt.release()
-            for worker, _ in alone.values():
-                worker.release()
             peers = [t.median_ms for t in done if t.entry in PEERS]
             reduced = [t.median_ms for t in done if t.entry in REDUCED_PEERS]
             for t in done:
@@ -357,19 +359,6 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
         if report.cpu and t.gflops is not None:
             peak = report.cpu["kernel_peak_gflops" if t.entry.startswith("tvm") else "fma_peak_gflops"]
             t.pct_peak = round(100 * t.gflops / peak, 4)
-
-
-def _alone_workers(ready, shape, threads, target) -> dict:
-    """entry -> (its AloneWorker, the alone samples) for every peer entry checked equal."""
-    from .bench_alone import AloneWorker
-    out = {}
-    for t, _, _ in ready:
-        if t.entry in PEERS + REDUCED_PEERS:
-            try:
-                out[t.entry] = (AloneWorker(t.entry, shape, threads, target), [])
-            except RuntimeError as e:  # the row stands; only its check is missing
-                print(f"bench: no alone check for {t.entry}: {e}", file=sys.stderr)
-    return out
 
 
 def _best_peak(cpu: dict, threads, target) -> None:

@@ -1,17 +1,24 @@
-"""The bench's self-check (`bench --check-alone`): each peer entry timed alone in a fresh process
-with the same settings, interleaved with its rounds in the bench's process.
+"""Peers timed alone: each peer entry of the bench runs its timed rounds in a fresh process of its
+own (FreshPeer), and `bench --check-alone` times it again in other fresh processes, interleaved.
 
-A peer's row must read what a user who runs that peer alone gets. In one process, another entry's
-threads (a pool spinning after its run) can hold a core while the peer is timed: ONNX Runtime int8
-at T64 B64 I256 H512 read 48 ms in the bench and 22 ms alone, because our artifact's TVM worker
-kept spinning on half a core. Each alone block runs right after the same entry's block here (after
-`settle`), so a drift of the VM moves both alike; a row more than ALONE_TOLERANCE off is reported.
+A peer's row must read what a user who runs that peer alone gets. In one process with the other
+entries a peer read slower: ONNX Runtime int8 at T64 B64 I256 H512 48 ms against 22 alone (our
+artifact's TVM worker kept spinning on half a core), OpenVINO at T50 B128 1.4x (beside the other
+runtimes together, not beside any one of them). So the bench's process only checks a peer's output,
+and a fresh process per round times it (a whole process on the Zen 4 VM can run a small shape 1.5x
+slower than the next for seconds, so one process is a noisy yardstick). The check's alone block runs
+right after the same entry's block (after `settle`), so a drift of the VM moves both alike; a row
+more than ALONE_TOLERANCE off is reported: the two fresh-process series disagreeing that much says
+the bench's numbers for that shape are within the VM's noise, not a peer's speed.
 """
 from __future__ import annotations
 
 import pickle
+import sys
 
 from lstm_export.runtimes.deployed import PipeWorker
+
+from .settle import settle
 
 ALONE_TOLERANCE = 0.10
 
@@ -77,3 +84,40 @@ def off_alone(timings) -> list[str]:
     return [f"bench self-check: {t.shape} {t.entry} reads {t.median_ms:.3f} ms here and {t.alone_ms:.3f} ms alone "
             f"in a fresh process ({t.vs_alone:.2f}x)" for t in timings
             if t.vs_alone is not None and abs(t.vs_alone - 1) > ALONE_TOLERANCE]
+
+
+def time_alone(entry, shape, threads, target, kw) -> list[float]:
+    """One round of `entry` alone: a fresh process each round, so that the alone median spans as many
+    processes as rounds (on the Zen 4 VM a whole process can run a small shape 1.5x slower than the
+    next, for seconds); empty where the worker cannot start (the row stands, its check is missing)."""
+    try:
+        worker = AloneWorker(entry, shape, threads, target)
+    except RuntimeError as e:
+        print(f"bench: no alone check for {entry}: {e}", file=sys.stderr)
+        return []
+    try:
+        settle()
+        return worker.time_runs(**dict(kw, warmup=3))
+    finally:
+        worker.release()
+
+
+class FreshPeer:
+    """A peer entry, timed in a fresh process of its own each round (bench_alone.AloneWorker): in one
+    process with the other entries a peer read up to 2.2x slower than alone (ONNX Runtime int8 beside
+    our pool's spinning worker; OpenVINO 1.4x beside the other runtimes, not any one of them), and
+    a user runs the peer alone. The bench's process checks its output first."""
+
+    def __init__(self, entry: str, shape, threads: int, target: str | None, checked=None):
+        self.args = (entry, shape, threads, target)
+        if checked is not None:
+            checked.release()  # the runtime the bench's process checked: its pools go with it
+
+    def time_runs(self, feeds, **kwargs):
+        samples = time_alone(*self.args, kwargs)
+        if not samples:
+            raise RuntimeError(f"{self.args[0]} could not start in a fresh process")
+        return samples
+
+    def release(self) -> None:
+        pass

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from lstm_export.common.timing import time_runs
 from lstm_export.harness import bench as bench_mod
 from lstm_export.harness.bench import PEERS, Shape, bench
 
@@ -30,8 +31,23 @@ class _Logged:
         self.rt.release()
 
 
+class _TimedHere:
+    """bench_alone.FreshPeer, but timing the runtime the bench checked in this process: the log sees
+    every run (test_peers_are_timed_in_a_fresh_process_each_round covers the real one)."""
+
+    def __init__(self, entry, shape, threads, target, checked):
+        self.rt = checked
+
+    def time_runs(self, feeds, **kw):
+        return time_runs(lambda: self.rt.run_checked(feeds), **kw)
+
+    def release(self):
+        self.rt.release()
+
+
 def _logging_runtimes(monkeypatch, log, wrong=()):
     real = bench_mod._runtime
+    monkeypatch.setattr(bench_mod, "FreshPeer", _TimedHere)
 
     def logged(name, model, threads, target=None):
         return _Logged(real(name, model, threads, target), name, log, shift=1e-2 if name in wrong else 0.0)
@@ -81,10 +97,35 @@ def test_an_entry_that_fails_mid_timing_keeps_the_others(monkeypatch):
 
     monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads, target=None: (
         Flaky(real(name, model, threads), name, []) if name == "ort-cpu" else real(name, model, threads)))
+    monkeypatch.setattr(bench_mod, "FreshPeer", _TimedHere)
     report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=2, progress=False)
     ort = next(t for t in report.timings if t.entry == "ort-cpu native")
     assert ort.status == "error: RuntimeError: device lost" and ort.median_ms is None
     assert all(t.status == "ok" and t.median_ms for t in report.timings if t.entry != "ort-cpu native")
+
+
+def test_peers_are_timed_in_a_fresh_process_each_round(monkeypatch):
+    """A peer's rounds each run in a new process of its own (bench_alone.AloneWorker), after the
+    bench's process checked its output; our entries are timed in the bench's process."""
+    from lstm_export.harness import bench_alone
+    started = []
+
+    class Fresh:  # a fresh process that reads 2 ms a run
+        def __init__(self, entry, shape, threads, target):
+            started.append(entry)
+
+        def time_runs(self, **kw):
+            return [0.002] * kw["min_runs"]
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(bench_alone, "AloneWorker", Fresh)
+    report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=3, progress=False)
+    by = {t.entry: t for t in report.timings}
+    assert sorted(started) == ["ort-cpu native"] * 3 + ["torch.nn.LSTM"] * 3
+    assert by["ort-cpu native"].median_ms == by["torch.nn.LSTM"].median_ms == 2.0
+    assert by["torch (ours)"].status == "ok" and by["torch (ours)"].median_ms < 1.0  # timed here
 
 
 def test_cli_writes_json_markdown_and_plot(cli, tmp_path):

@@ -143,7 +143,8 @@ def test_a_forked_child_runs_the_kernel_on_its_own_thread(artifact):
         "if pid == 0:\n"
         "    os._exit(0 if all(np.array_equal(quiet, call()) for _ in range(5)) else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
-        "print(json.dumps({'child': os.waitstatus_to_exitcode(status), 'same': bool(np.array_equal(quiet, call()))}))\n")
+        "same = bool(np.array_equal(quiet, call()))\n"
+        "print(json.dumps({'child': os.waitstatus_to_exitcode(status), 'same': same}))\n")
     assert _fresh(script, artifact) == {"child": 0, "same": True}
 
 
