@@ -93,8 +93,8 @@ def add_commands(sub) -> None:
     p.add_argument("--rounds", type=count(1, 1000), default=3,
                    help="interleaved timing rounds per shape, each entry min-s/rounds per round (default 3)")
     p.add_argument("--check-alone", action="store_true",
-                   help="also time each peer alone in a fresh process, interleaved, and report rows more than "
-                        "10%% off (another entry's threads holding a core)")
+                   help="also time each peer in a second series of fresh processes, interleaved, and report rows "
+                        "more than 10%% off (the machine's process-to-process noise)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default=None, help="write a PNG bar chart here")
     p.add_argument("--markdown", default=None, help="write the table as markdown here")
@@ -196,7 +196,8 @@ def cmd_bench(args) -> int:
         plot(report, args.plot)
     if args.markdown:
         Path(args.markdown).write_text(f"{report.header()} {report.threads} threads, float32, median of "
-                                       f"repeated runs after warm-up, in {args.rounds} interleaved rounds; "
+                                       f"repeated runs after warm-up, in {args.rounds} interleaved rounds, each "
+                                       "peer in a fresh process of its own per round; "
                                        "ratio = median / best peer's median (peers: torch.nn.LSTM, ort-cpu native, "
                                        "ort-cpu unrolled, openvino native); % of peak = GFLOP/s / the "
                                        f"measured FMA peak of the ISA the entry runs.\n\n"

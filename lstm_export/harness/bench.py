@@ -6,7 +6,8 @@ then warm-up, then repeated runs until at least `min_runs` and `min_s` seconds; 
 GFLOP/s, and the ratio of the median to the best peer's median measured in the same run.
 Every entry of a shape is prepared first and then timed in `rounds` interleaved rounds (A B C A B C
 ...), so that a slow drift of the machine (another tenant, the clock) moves every entry's samples
-alike instead of landing on whichever entry ran at the time.
+alike instead of landing on whichever entry ran at the time. A peer's output is checked here and
+its rounds are timed in a fresh process of its own each (bench_alone.FreshPeer), as users run it.
 """
 from __future__ import annotations
 

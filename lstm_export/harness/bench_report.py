@@ -56,7 +56,7 @@ class BenchReport:
 
     def markdown(self) -> str:
         rows = ["| shape | runtime | median ms | p90 ms | p99 ms | GFLOP/s | % of peak | vs best peer | "
-                "vs best reduced-precision peer | max abs err vs fp32 | alone ms (fresh process) | status |",
+                "vs best reduced-precision peer | max abs err vs fp32 | alone ms (other fresh processes) | status |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         f = lambda v, fmt: format(v, fmt) if v is not None else "-"  # noqa: E731
         for t in self.timings:

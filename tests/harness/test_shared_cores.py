@@ -49,6 +49,8 @@ def test_shared_cores_measures_every_runtime_in_every_condition():
         assert set(r.ms) == set(CONDITIONS) and min(r.ms.values()) > 0
         assert r.vs_quiet["quiet"] == 1.0
     assert all(v == 1.0 for v in rows[-1].vs_ort.values())  # ORT against itself
+    assert rows[2].vs_floor["quiet"] == 1.0 and not rows[-1].vs_floor  # the floor is ours, on one task
+    assert rows[0].vs_floor["busy thread"] == pytest.approx(rows[0].ms["busy thread"] / rows[2].ms["quiet"], rel=1e-2)
     assert "| T4 B1 I8 H16 L1 | tvm-llvm native |" in markdown(rows, "here")
 
 

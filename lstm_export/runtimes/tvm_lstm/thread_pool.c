@@ -131,6 +131,11 @@ static int taken(long long work, long long wait) {
 }
 
 int lstm_export_barrier(int task_id, lstm_export_env *penv) {
+  if (!penv->sync_handle) { /* in a claiming launch: chunks run on any thread in any order, none can meet */
+    fputs("lstm-export: a barrier inside a loop on the claiming pool (thread_pool.c): a kernel with a "
+          "launch point must launch with a task count\n", stderr);
+    abort();
+  }
   if (!LOAD(lstm_export_share_cores)) return TVMBackendParallelBarrier(task_id, penv);
   long long t0 = now_ns();
   int rc = TVMBackendParallelBarrier(task_id, penv);
