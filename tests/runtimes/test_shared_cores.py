@@ -149,6 +149,19 @@ def test_a_forked_child_runs_the_kernel_on_its_own_thread(artifact):
 
 
 @needs_two
+@pytest.mark.parametrize("env,workers", [({}, 1), ({"OMP_NUM_THREADS": "1"}, 0), ({"TVM_NUM_THREADS": "3"}, 2)])
+def test_the_pool_is_sized_as_tvms_would_be(artifact, env, workers):
+    """The claiming pool starts as many workers as TVM's pool would threads, less the caller: the
+    cores the artifact was made for, or the user's TVM_NUM_THREADS, else OMP_NUM_THREADS."""
+    script = (
+        "import os\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "y = call()\n"
+        "print(json.dumps({'started': len(os.listdir('/proc/self/task')) - before}))\n")
+    assert _fresh(script, artifact, **env) == {"started": workers}
+
+
+@needs_two
 def test_the_pool_stops_spinning_soon_after_a_call(artifact):
     """After a call, TVM's workers spin (sched_yield) before they sleep: 300000 times by default,
     ~140 ms of a core on the Zen 4 VM and seconds when the core is shared, which took half a core

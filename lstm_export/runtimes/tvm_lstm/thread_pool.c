@@ -279,9 +279,11 @@ static void forked_child(void) {
   pool_lock = 0;
 }
 
-/* the pool's size: TVM_NUM_THREADS as the constructor (or the user) set it, at most POOL_MAX */
+/* the pool's size as TVM's would be: TVM_NUM_THREADS as the constructor (or the user) set it, else
+ * the user's OMP_NUM_THREADS (then the constructor leaves TVM_NUM_THREADS alone), at most POOL_MAX */
 static void start_pool(void) {
   const char *env = getenv("TVM_NUM_THREADS");
+  if (!env || atoi(env) <= 0) env = getenv("OMP_NUM_THREADS");
   int n = env && atoi(env) > 0 ? atoi(env) : lstm_export_cores;
   n = n > POOL_MAX ? POOL_MAX : n;
   const char *spin = getenv("TVM_THREAD_POOL_SPIN_COUNT");
