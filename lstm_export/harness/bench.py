@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from lstm_export.common.agreement import output_error, tolerance_for
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, describe
 from lstm_export.common.timing import ratio_to_best, time_runs
-from lstm_export.runtimes.base import describe
 
 from .bench_alone import FreshPeer, time_alone
 from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from lstm_export.common.agreement import output_error
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, describe
 from lstm_export.common.timing import ratio_to_best, time_runs
-from lstm_export.runtimes.base import describe
 
 HIDDENS = (256, 512, 1024)
 BATCHES = (1, 8, 64)

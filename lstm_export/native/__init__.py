@@ -17,6 +17,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from lstm_export.common.errors import first_line
+
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lstm_kernel.c")
 # -fno-trapping-math keeps the activations' selects branch-free (vectorizable); -march=native: the
@@ -69,7 +71,7 @@ def kernel() -> Kernel | None:
             _declare(lib)
             return Kernel(lib, blas, path, int(lib.panel_width()))
         except (OSError, RuntimeError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            why = first_line(e)
     _reason.append(why)
     log.debug("native LSTM kernel unavailable: %s", why)
     return None

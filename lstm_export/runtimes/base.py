@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, describe
 
 
 @dataclass(frozen=True)
@@ -26,16 +26,6 @@ class RuntimeFailure(UserError):
     """A backend failed to load or run a model: names the runtime and the first line of the cause.
     The one error type every backend's exceptions become, so callers (compare, bench, the CLI)
     handle one type whatever the backend."""
-
-
-def first_line(e: BaseException, limit: int = 240) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0][:limit] if text else "") or type(e).__name__
-
-
-def describe(e: BaseException, limit: int = 240) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    return f"{type(e).__name__}: {first_line(e, limit)}"
 
 
 @contextlib.contextmanager

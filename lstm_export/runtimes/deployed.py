@@ -82,7 +82,7 @@ while True:
             reply(("ok", time_runs(lambda: call(feeds), warmup, min_runs, min_s, max_runs, max_s)))
         elif op == "threads":
             reply(("ok", int(tvm.get_global_func("runtime.NumThreads")())))
-    except Exception as e:  # reported to the parent as one line
+    except Exception as e:  # reported to the parent as one line (this worker imports TVM alone, not lstm_export)
         reply(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
 '''
 

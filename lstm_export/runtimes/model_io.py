@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, first_line
 
 _ONNX_TO_NP = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
@@ -35,8 +35,8 @@ def load_onnx(path: str | Path):
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a valid ONNX model ({msg}); re-export it or check the file") from None
+        raise UserError(f"{path} is not a valid ONNX model ({first_line(e, 160)}); re-export it or check the "
+                        "file") from None
     return model
 
 

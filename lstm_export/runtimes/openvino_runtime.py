@@ -5,7 +5,9 @@ import importlib.util
 
 import numpy as np
 
-from .base import Availability, Runtime, RuntimeFailure, first_line
+from lstm_export.common.errors import first_line
+
+from .base import Availability, Runtime, RuntimeFailure
 
 
 class OpenVinoRuntime(Runtime):

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, first_line
 
 from .base import Availability, Runtime, RuntimeFailure
 
 
 def ort_message(e: Exception) -> str:
     """ORT's error text without its '[ONNXRuntimeError] : 1 : FAIL :' prefix and C++ source location."""
-    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    s = first_line(e, 10**6)
     s = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", s)
     s = re.sub(r"^/onnxruntime_src/\S+ [^(]*\(.*?\) (?=[A-Z])", "", s)
     return s[:300]

@@ -9,6 +9,8 @@ import re
 import numpy as np
 import orjson
 
+from lstm_export.common.errors import first_line
+
 MAX_DEPTH = 32  # nesting a request body may have: a chunk is 2 deep; deeper is an attack, not a request
 
 
@@ -92,7 +94,7 @@ def json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise BodyError(f"body is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+        raise BodyError(f"body is not valid JSON: {first_line(e, 200)}") from None
     if not isinstance(body, dict):
         raise BodyError("body must be a JSON object")
     return body

@@ -11,6 +11,8 @@ import asyncio
 import logging
 import time
 
+from lstm_export.common.errors import describe
+
 from .bodies import v1_error, v2_error
 
 
@@ -89,7 +91,7 @@ class BodyLimits:
                 logging.getLogger("lstm_export.serve").exception("unexpected error on %s", path)
                 if status[1]:
                     raise
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                why = describe(e, 200)
                 await self._fail(path, 500, "internal_error", why, scope, receive, send_wrapper)
         self.record(route_label(path), status[0], time.perf_counter() - t0)
 

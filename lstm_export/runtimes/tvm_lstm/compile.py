@@ -16,9 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, first_line
 
-from ..base import first_line
 from ..source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
 from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 

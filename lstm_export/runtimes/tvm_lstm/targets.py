@@ -11,7 +11,7 @@ import platform
 import shlex
 from pathlib import Path
 
-from lstm_export.common.errors import UserError
+from lstm_export.common.errors import UserError, first_line
 
 
 def usable_cores() -> int:
@@ -122,8 +122,7 @@ def parse_target(text: str, threads: int | None = None, arch: str = "sm_90"):
             return tvm.target.Target(cfg, host={"kind": "llvm"})
         return tvm.target.Target(cfg)
     except (ValueError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--target {text!r} is not a TVM target: {first[:200]}") from None
+        raise UserError(f"--target {text!r} is not a TVM target: {first_line(e, 200)}") from None
 
 
 def _valid_cpu(mcpu: str, cfg: dict) -> bool:
