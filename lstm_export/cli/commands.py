@@ -242,7 +242,9 @@ def cmd_runtimes(args) -> int:
 
 
 def _feeds(args, source):
-    from lstm_export.runtimes.model_io import load_feeds, parse_dims, random_feeds
+    from lstm_export.runtimes.model_io import load_feeds, random_feeds
+
+    from .types import parse_dims
     if args.inputs:
         return load_feeds(args.inputs), None
     return random_feeds(source, args.seed, parse_dims(args.dim)), args.seed

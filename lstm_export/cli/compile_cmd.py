@@ -15,7 +15,7 @@ def cmd_compile(args) -> int:
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
-    from lstm_export.runtimes.model_io import parse_dims, parse_input_shapes, parse_input_values
+    from .types import parse_dims, parse_input_shapes, parse_input_values
     shapes = parse_input_shapes(args.input_shape)
     try:
         compiled = compile_onnx(args.model, args.out, args.target, args.arch, args.threads, tuning_db=args.tuning_db,

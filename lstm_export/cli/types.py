@@ -80,3 +80,44 @@ def check_writable(*paths) -> None:
         if p.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
             raise UserError(f"cannot write {p}: {'it is a folder' if p.is_dir() else 'not writable'}; "
                             "choose another path")
+
+
+# NAME=VALUE flags (repeatable): parsed here, where the command line is, once per command
+
+def parse_dims(items: list[str] | None) -> dict[str, int]:
+    """--dim name=value pairs."""
+    dims = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise UserError(f"--dim expects name=positive_int, got {item!r}")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def parse_input_shapes(items: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """--input-shape NAME=1x512 pairs (dims joined by x or commas; like OpenVINO's reshape and
+    onnxsim's --overwrite-input-shape)."""
+    shapes = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        dims = value.replace(",", "x").split("x") if value else []
+        if not sep or not name.strip() or not dims or not all(d.strip().isdigit() for d in dims):
+            raise UserError(f"--input-shape expects NAME=D1xD2x... (e.g. input=1x512), got {item!r}")
+        shapes[name.strip()] = tuple(int(d) for d in dims)
+    return shapes
+
+
+def parse_input_values(items: list[str] | None) -> dict[str, float]:
+    """--input-value NAME=NUMBER pairs (a scalar input fixed to one value, e.g. sr=16000)."""
+    values = {}
+    for item in items or []:
+        name, sep, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not name.strip() or number is None:
+            raise UserError(f"--input-value expects NAME=NUMBER (e.g. sr=16000), got {item!r}")
+        values[name.strip()] = int(number) if number.is_integer() else number
+    return values

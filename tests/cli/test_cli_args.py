@@ -90,3 +90,24 @@ def test_compile_refuses_to_replace_an_artifact_without_force(tmp_path, capsys):
     # with --force it goes on to the model, which is missing
     assert main(["compile", str(tmp_path / "none.onnx"), "--out", str(out), "--force"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# --- NAME=VALUE flags (cli/types.py) -------------------------------------------------------------
+
+def test_name_value_flags_parse_what_the_docs_show():
+    from lstm_export.cli.types import parse_dims, parse_input_shapes, parse_input_values
+    assert parse_dims(["batch=4", " seq = 16"]) == {"batch": 4, "seq": 16}
+    assert parse_input_shapes(["input=1x512", "h0=2,1,64"]) == {"input": (1, 512), "h0": (2, 1, 64)}
+    assert parse_input_values(["sr=16000", "scale=0.5"]) == {"sr": 16000, "scale": 0.5}
+    assert isinstance(parse_input_values(["sr=16000"])["sr"], int)
+
+
+@pytest.mark.parametrize("flag,item", [("--dim", "batch=0"), ("--dim", "batch"), ("--input-shape", "input=1xA"),
+                                       ("--input-shape", "=1x2"), ("--input-value", "sr=fast")])
+def test_a_bad_name_value_flag_is_one_line_naming_the_flag(flag, item):
+    from lstm_export.cli.types import parse_dims, parse_input_shapes, parse_input_values
+    from lstm_export.common.errors import UserError
+    parse = {"--dim": parse_dims, "--input-shape": parse_input_shapes, "--input-value": parse_input_values}[flag]
+    with pytest.raises(UserError) as e:
+        parse([item])
+    assert flag in str(e.value) and repr(item) in str(e.value) and "\n" not in str(e.value)
