@@ -49,8 +49,9 @@ def test_only_lstm_export_lands_in_site_packages(installed):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"lstm_export"}
     # the C sources compiled on first use and the committed tuning databases travel with it
     assert "lstm_export/native/lstm_kernel.c" in names
-    assert any(n.startswith("lstm_export/runtimes/tvm_lstm/") and n.endswith(".c") for n in names)
-    assert any(n.startswith("lstm_export/runtimes/tvm_lstm/tuning_db/") for n in names)
+    assert {"lstm_export/runtimes/tvm_lstm/target/thread_pool.c",
+            "lstm_export/runtimes/tvm_lstm/kernels/lowp/bf16_lstm.c"} <= set(names)
+    assert any(n.startswith("lstm_export/runtimes/tvm_lstm/pipeline/tuning_db/") for n in names)
 
 
 @pytest.mark.parametrize("command", [["bin/lstm-export"], ["bin/python", "-m", "lstm_export"]])

@@ -66,6 +66,36 @@ def test_nothing_imports_the_old_top_level_names():
     assert not old, f"import these as lstm_export.<name>: {old}"
 
 
+# The TVM compiler's stages, in runtimes/tvm_lstm/: each may import the ones before it (and the
+# package's own __init__, which holds only TVMScript's speed-ups), never the ones after.
+COMPILER = PACKAGE / "runtimes" / "tvm_lstm"
+STAGES = ("target", "kernels", "frontend", "pipeline")
+COMPILER_MODULES = sorted(p for p in COMPILER.rglob("*.py") if p.parent != COMPILER)
+
+
+def stage_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[:3] != ["lstm_export", "runtimes", "tvm_lstm"] or len(parts) < 4:
+        return None
+    return parts[3] if parts[3] in STAGES else "?"
+
+
+@pytest.mark.parametrize("path", COMPILER_MODULES, ids=[str(p.relative_to(COMPILER)) for p in COMPILER_MODULES])
+def test_the_compiler_stages_import_down(path):
+    stage = stage_of(_module_name(path))
+    assert stage in STAGES, f"{path.relative_to(REPO)} is in no stage folder ({', '.join(STAGES)})"
+    allowed = set(STAGES[:STAGES.index(stage) + 1])
+    wrong = {s for m in _module_imports(path, None, REPO) if (s := stage_of(m)) and s not in allowed}
+    assert not wrong, f"{path.relative_to(REPO)} ({stage}) imports {sorted(wrong)}; allowed: {sorted(allowed)}"
+
+
+def test_the_compiler_folder_keeps_its_modules_in_stages():
+    """At most a handful of modules directly in tvm_lstm/ (#50 asks for 10 at most): today only the
+    package's __init__."""
+    flat = sorted(p.name for p in COMPILER.glob("*.py"))
+    assert len(flat) <= 10 and flat == ["__init__.py"], flat
+
+
 @pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(REPO)) for p in MODULES])
 def test_every_module_imports(path):
     if path.stem == "__main__":

@@ -11,7 +11,7 @@ from .types import check_out_folder
 
 def cmd_compile(args) -> int:
     try:
-        from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+        from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     except ImportError as e:
         raise UserError(f"compile needs apache-tvm ({e}); run ./scripts/setup.sh") from None
     _check_artifact_folder(Path(args.out), args.force)
@@ -45,7 +45,7 @@ def cmd_compile(args) -> int:
         print(f"{meta['precision']} LSTM layer {n}: {layer['engine']}/{layer['mode']} ({layer['chosen_by']}" +
               (f": {timed})" if timed else ")"))
     if meta.get("plan_selection"):
-        from lstm_export.runtimes.tvm_lstm.plan_select import PlanChoice
+        from lstm_export.runtimes.tvm_lstm.pipeline.plan_select import PlanChoice
         print(PlanChoice(**meta["plan_selection"]).summary())
     if meta["target_kind"] == "llvm":
         print(f"kernels from the tuning database: {meta['kernels_from_db']}"
@@ -57,7 +57,7 @@ def _with_hint(e, args, shapes) -> str:
     """The failure, and the --input-shape arguments that make it compile when there are such
     (shape_hint compiles with them first; a hint that does not work is not given)."""
     from lstm_export.runtimes.source import open_model
-    from lstm_export.runtimes.tvm_lstm.shape_hint import shape_hint
+    from lstm_export.runtimes.tvm_lstm.pipeline.shape_hint import shape_hint
     hint = None if shapes or args.dim or args.input_value else shape_hint(open_model(args.model), args.target)
     if hint is None:
         return f"{e}; run it with --runtime ort-cpu meanwhile, and report the model with this line"

@@ -59,7 +59,7 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
     compiled = None
     sources = dict(paths)
     if list_runtimes()["tvm-llvm"]:
-        from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+        from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
         _step("compile: the native graph with TVM for this CPU -> model.so (loads with the TVM runtime alone)")
         compiled = compile_onnx(paths["native"], out / "tvm", "llvm")
         print(f"{compiled.library} ({compiled.library.stat().st_size / 1e6:.2f} MB)")

@@ -152,7 +152,7 @@ class _Deployed:
     def prepare(self, graph) -> None:
         from lstm_export.runtimes.deployed import DeployedArtifact
         from lstm_export.runtimes.source import open_model
-        from lstm_export.runtimes.tvm_lstm.cache import cached_compile
+        from lstm_export.runtimes.tvm_lstm.pipeline.cache import cached_compile
         compiled, _ = cached_compile(open_model(graph), self.target or "llvm", threads=self.threads)
         self.worker = DeployedArtifact(compiled.folder)
 
@@ -172,8 +172,8 @@ class _Bf16:
     feeds' shapes), into a temporary folder, loaded as users load it."""
 
     def __init__(self, threads: int, target: str | None, precision: str = "bf16"):
-        from lstm_export.runtimes.tvm_lstm.bf16 import features, has_vnni
-        from lstm_export.runtimes.tvm_lstm.targets import parse_target
+        from lstm_export.runtimes.tvm_lstm.kernels.lowp.bf16 import features, has_vnni
+        from lstm_export.runtimes.tvm_lstm.target.targets import parse_target
         from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
         avail = TvmLlvmRuntime.availability()
         if not avail:
@@ -188,7 +188,7 @@ class _Bf16:
         self.rt, self.tmp = None, None
 
     def prepare(self, graph) -> None:
-        from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+        from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
         from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
         self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-lowp-")
         out = Path(self.tmp.name) / self.precision
@@ -230,8 +230,8 @@ def _recorded(t: Timing):
 def machine_description(threads: int, target: str | None = None) -> dict:
     """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
     FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
-    from lstm_export.runtimes.tvm_lstm.cpu_plan import cpu_info
-    from lstm_export.runtimes.tvm_lstm.targets import host_target, parse_target
+    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import cpu_info
+    from lstm_export.runtimes.tvm_lstm.target.targets import host_target, parse_target
 
     from .fma_peak import fma_peak
     host = host_target(threads)
@@ -254,7 +254,7 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     each peer entry alone in a fresh process too (bench_alone.py), each row's `alone_ms`."""
 
     from lstm_export.common.machine import cpu_name
-    from lstm_export.runtimes.tvm_lstm.targets import usable_cores
+    from lstm_export.runtimes.tvm_lstm.target.targets import usable_cores
     threads = threads or usable_cores()
     shapes = shapes or DEFAULT_SHAPES
     table = {label: (rt, graph) for label, rt, graph in ENTRIES + GPU_ENTRIES}
@@ -265,7 +265,7 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     if rounds < 1:
         raise UserError(f"--rounds {rounds} must be at least 1")
     report = BenchReport(cpu_name(), threads)
-    from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
+    from lstm_export.runtimes.tvm_lstm.target.thread_pool import pool_threads
     with pool_threads(threads):  # TVM's pool starts during the bench, sized for `threads`
         _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine,
                check_alone)

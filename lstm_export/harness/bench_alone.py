@@ -28,7 +28,7 @@ from pathlib import Path
 from lstm_export.harness import bench as B
 from lstm_export.common.timing import time_runs
 from lstm_export.export import export_onnx
-from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
+from lstm_export.runtimes.tvm_lstm.target.thread_pool import pool_threads
 
 label, shape, threads, target = pickle.loads(bytes.fromhex(sys.argv[1]))  # shape: a bench.Shape
 rt_name, graph = {l: (r, g) for l, r, g in B.ENTRIES}[label]

@@ -23,7 +23,7 @@ def fresh_vs_warm(shapes, threads: int, rounds: int = 3, progress: bool = True) 
     from lstm_export.export import export_onnx
     from lstm_export.runtimes.deployed import DeployedArtifact
     from lstm_export.runtimes.source import open_model
-    from lstm_export.runtimes.tvm_lstm.cache import cached_compile
+    from lstm_export.runtimes.tvm_lstm.pipeline.cache import cached_compile
 
     from .bench import _feeds, _model
     from .settle import settle

@@ -16,7 +16,7 @@ def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | No
     import json
 
     from lstm_export.export import export_onnx
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     rows = []
     with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as tmp:
         for shape in shapes or DEFAULT_SHAPES:

@@ -14,7 +14,7 @@ from .base import Availability, Runtime
 
 class TvmLlvmRuntime(Runtime):
     """TVM on this CPU. `prepare` takes a folder made by `lstm-export compile` (loaded as it is) or
-    an .onnx (compiled once per model and target: tvm_lstm/cache.py)."""
+    an .onnx (compiled once per model and target: tvm_lstm/pipeline/cache.py)."""
     name = "tvm-llvm"
     OPTIONS = ("threads", "target", "cache")
     target = "llvm"
@@ -83,11 +83,11 @@ class TvmLlvmRuntime(Runtime):
     def _compile(self, source, input_shapes=None, input_values=None):
         """An .onnx: from the compile cache, or compiled into a temporary folder with cache=False."""
         if self.cache:
-            from .tvm_lstm.cache import cached_compile
+            from .tvm_lstm.pipeline.cache import cached_compile
             compiled, self.cache_hit = cached_compile(source, self.compile_target, self.arch, self.threads, self.plan,
                                                       input_shapes=input_shapes, input_values=input_values)
             return compiled
-        from .tvm_lstm.compile import compile_onnx
+        from .tvm_lstm.pipeline.compile import compile_onnx
         tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
         self._tmps.append(tmp)
         return compile_onnx(source, tmp.name, self.compile_target, self.arch, self.threads,
@@ -187,7 +187,7 @@ ISA_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma")}
 def _check_runs_here(meta: dict, where) -> None:
     """Refuses, in one line, an llvm artifact this machine cannot run: another architecture, or an
     ISA this CPU lacks (loading it would fail, running it would die of an illegal instruction)."""
-    from .tvm_lstm.targets import machine_arch
+    from .tvm_lstm.target.targets import machine_arch
     if meta.get("target_kind") != "llvm":
         return
     arch = meta.get("arch")
@@ -203,7 +203,7 @@ def _check_runs_here(meta: dict, where) -> None:
 
 
 def _cpu_flags() -> set[str]:  # a seam for tests that fake another CPU
-    from .tvm_lstm.targets import cpu_flags
+    from .tvm_lstm.target.targets import cpu_flags
     return cpu_flags()
 
 

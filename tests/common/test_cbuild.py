@@ -71,8 +71,8 @@ def test_a_compiler_that_does_not_run_is_named(tmp_path, cache):
 
 
 def test_every_cache_of_ours_is_under_one_root(cache):
-    from lstm_export.runtimes.tvm_lstm import cache as tvm_cache
-    from lstm_export.runtimes.tvm_lstm import plan_select
+    from lstm_export.runtimes.tvm_lstm.pipeline import cache as tvm_cache
+    from lstm_export.runtimes.tvm_lstm.pipeline import plan_select
     assert tvm_cache.cache_root() == cache / "tvm" and plan_select.plans_root() == cache / "plans"
 
 
@@ -91,7 +91,7 @@ def test_the_reduced_precision_kernel_keys_its_compiler(tmp_path, cache):
     """bf16.host_library (the kernel timed while compiling) once keyed its cache on the source and
     flags only, so a .so built by another compiler survived a change of CC."""
     pytest.importorskip("tvm")
-    from lstm_export.runtimes.tvm_lstm import bf16
+    from lstm_export.runtimes.tvm_lstm.kernels.lowp import bf16
     try:
         bf16.host_library(CC)
     except Exception as e:  # an older compiler without the AMX / AVX512-BF16 intrinsics

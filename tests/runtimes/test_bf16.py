@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not installed")
 
 from lstm_export.common.errors import UserError  # noqa: E402
-from lstm_export.runtimes.tvm_lstm import bf16, bf16_pack  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.targets import cpu_flags  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.lowp import bf16, bf16_pack  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.target.targets import cpu_flags  # noqa: E402
 from tests.runtimes.lstm_cases import feeds_for, lstm_model  # noqa: E402
 
 FLAGS = cpu_flags()
@@ -121,7 +121,7 @@ def test_no_initial_state_starts_from_zero(kernel):
 def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
     """The artifact as deployed (model.so in a folder) against ORT's fp32 answer: within bf16's
     error, every layer recorded as bf16 in meta.json, and not bitwise the fp32 answer."""
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     full = case.startswith("bidirectional")
     model = lstm_model(D=2 if full else 1, hidden=40, direction="bidirectional" if full else "forward",
@@ -145,7 +145,7 @@ def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
 @needs_cc
 def test_bf16_refusals(tmp_path):
     """One line naming the fix: a target without bf16, an LSTM the kernel does not compute, a GRU."""
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     plain = lstm_model(hidden=8, optional=("B",))
     onnx.save(plain, tmp_path / "plain.onnx")
     with pytest.raises(UserError, match="AVX512-BF16.*haswell has neither"):
@@ -284,7 +284,7 @@ def test_compiled_int8_artifact_against_onnx_runtime(tmp_path):
     from lstm_export.common.agreement import tolerance_for
     from lstm_export.export import export_onnx
     from lstm_export.runtimes.ort import OrtInt8Runtime
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     torch.manual_seed(0)
     path = export_onnx(LSTM(16, 64, 2).eval(), tmp_path / "m.onnx", "native")

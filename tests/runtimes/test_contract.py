@@ -86,7 +86,7 @@ def test_openvino_default_says_what_it_computes_in(exported):
     avail = list_runtimes()["openvino-default"]
     if not avail:
         pytest.skip(f"openvino-default: {avail.reason}")
-    from lstm_export.runtimes.tvm_lstm.targets import cpu_flags
+    from lstm_export.runtimes.tvm_lstm.target.targets import cpu_flags
     _, path = exported
     with get_runtime("openvino-default") as rt, get_runtime("openvino") as pinned:
         rt.prepare(path)

@@ -259,7 +259,7 @@ def test_the_computed_output_shape_not_the_declared_one(tmp_path):
     m.ir_version = 8
     onnx.save(m, tmp_path / "m.onnx")
     feeds = {"x": np.random.default_rng(0).standard_normal((5, 1, 6)).astype(np.float32)}
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     built = compile_onnx(tmp_path / "m.onnx", tmp_path / "art", progress=False, input_shapes={"x": (5, 1, 6)})
     with get_runtime("ort-cpu") as ort_rt, get_runtime("tvm-llvm", cache=False) as tvm_rt, \
             get_runtime("tvm-llvm") as fixed:

@@ -113,7 +113,7 @@ def test_unnamed_dims_get_their_own_placeholders(tmp_path):
     import onnx
 
     from lstm_export.runtimes.source import open_model
-    from lstm_export.runtimes.tvm_lstm.shape_hint import shape_hint
+    from lstm_export.runtimes.tvm_lstm.pipeline.shape_hint import shape_hint
     m = _model(_tensordot, None, 17, False)
     d = m.graph.input[0].type.tensor_type.shape.dim
     d[0].dim_value = -1  # an exporter's -1 and an unnamed dim: no shared placeholder

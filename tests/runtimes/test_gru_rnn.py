@@ -167,7 +167,7 @@ def test_cuda_compiles_here(tmp_path, op, attrs):
     import json
     import shutil
 
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
     onnx.save(rnn_model(op, 2, 0, direction="bidirectional", hidden=40, **attrs), tmp_path / "m.onnx")

@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not installed")
 pytestmark = pytest.mark.tvm
 
-from lstm_export.runtimes.tvm_lstm.compile import import_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.cpu_plan import plan_for  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.targets import host_target, parse_target  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import plan_for  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import import_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.target.targets import host_target, parse_target  # noqa: E402
 
 from ..marks import one_fast  # noqa: E402
 from .rnn_cases import check, rnn_model  # noqa: E402

@@ -1,4 +1,4 @@
-"""Measured plan selection (lstm_export/runtimes/tvm_lstm/plan_select.py): compile times candidate kernel
+"""Measured plan selection (lstm_export/runtimes/tvm_lstm/pipeline/plan_select.py): compile times candidate kernel
 plans on this machine, keeps the fastest, records it in meta.json and caches the choice."""
 import dataclasses
 import json
@@ -11,10 +11,10 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed")
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm import plan_select  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.compile import compile_onnx, parse_target  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.cpu_plan import ALL, NONE, layer_plan, plan_for  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.recurrence import CellSpec  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import ALL, NONE, layer_plan, plan_for  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.recurrence import CellSpec  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline import plan_select  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx, parse_target  # noqa: E402
 
 TIMED_AT = (5, 8, 6)  # (T, B, I): B >= any register tile, so the tiles' plans are what runs
 
@@ -33,7 +33,7 @@ def test_layer_plan_turns_thresholds_into_this_layers_decisions():
     """Packed W and R of a 20-unit LSTM on 6 inputs take 4 * 4 blocks-worth of floats per row
     (packing pads units to whole blocks): a batch-split threshold above that size decides 'batch
     split', below it 'step split', and plans that decide alike become one plan."""
-    from lstm_export.runtimes.tvm_lstm import packing
+    from lstm_export.runtimes.tvm_lstm.kernels import packing
     base = plan_for(parse_target("llvm", None, "sm_90"))
     spec = CellSpec(20, ("Sigmoid", None, None), ("Tanh", None, None), ("Tanh", None, None))
     w = packing.pack_gates(np.zeros((80, 6), np.float32), 20, base.lanes)

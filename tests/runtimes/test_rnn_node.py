@@ -1,4 +1,4 @@
-"""One parser for the ONNX LSTM, GRU and RNN nodes (onnx_node.parse_rnn_node): the same bad attribute
+"""One parser for the ONNX LSTM, GRU and RNN nodes (frontend/rnn_node.parse_rnn_node): the same bad attribute
 gets the same one-line error from each op's converter, naming the node."""
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ def _model(op: str, x_shape=(5, 2, I), **attrs) -> onnx.ModelProto:
     ({"x_shape": (5, I)}, "X must be 3-D, got rank 2"),
 ])
 def test_the_same_bad_node_gets_the_same_error_from_each_op(op, attrs, message, tmp_path):
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     path = tmp_path / "bad.onnx"
     onnx.save(_model(op, **attrs), path)
     with pytest.raises(UserError) as e:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 pytest.importorskip("tvm")
 
-from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 TABLE = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)

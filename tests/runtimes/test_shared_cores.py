@@ -14,8 +14,8 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.targets import cpu_flags, usable_cores  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.target.targets import cpu_flags, usable_cores  # noqa: E402
 
 needs_two = pytest.mark.skipif(usable_cores() < 2, reason="one usable CPU: the kernels run on one thread")
 needs_bf16 = pytest.mark.skipif("avx512_bf16" not in cpu_flags(), reason="no AVX512-BF16 on this CPU")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("tvm")
 
 from lstm_export.runtimes.base import get_runtime  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.simplify import simplify  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.frontend.simplify import simplify  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 

@@ -14,8 +14,8 @@ from lstm_export import LSTM, export_onnx  # noqa: E402
 from lstm_export.runtimes.base import get_runtime  # noqa: E402
 from lstm_export.runtimes.model_io import random_feeds  # noqa: E402
 from lstm_export.runtimes.source import open_model  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.cache import cache_key, cached_compile, evict  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.cache import cache_key, cached_compile, evict  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -151,13 +151,16 @@ def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
     import shutil
 
     import lstm_export.runtimes.tvm_lstm as pkg
-    from lstm_export.runtimes.tvm_lstm import cache
+    from lstm_export.runtimes.tvm_lstm.pipeline import cache
     copy = tmp_path / "compiler"
     shutil.copytree(Path(pkg.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "tuning_db"))
     before = cache.compiler_digest(copy)
     assert before == cache.compiler_digest.__wrapped__(copy)  # the same source, the same digest
-    (copy / "cpu_cells.py").write_text((copy / "cpu_cells.py").read_text() + "\n# changed\n")
-    assert cache.compiler_digest.__wrapped__(copy) != before
+    for changed in ("kernels/cpu_cells.py", "target/thread_pool.c"):  # a stage's module, a C source
+        comment = "\n# changed\n" if changed.endswith(".py") else "\n/* changed */\n"
+        (copy / changed).write_text((copy / changed).read_text() + comment)
+        assert cache.compiler_digest.__wrapped__(copy) != before, changed
+        before = cache.compiler_digest.__wrapped__(copy)
     a = open_model(_export(tmp_path / "a.onnx", seed=0))
     key = cache_key(a, "llvm", "sm_90", None, _plan())
     monkeypatch.setattr(cache, "compiler_digest", lambda: "another compiler")
@@ -165,8 +168,8 @@ def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
 
 
 def _plan():
-    from lstm_export.runtimes.tvm_lstm.cpu_plan import plan_for
-    from lstm_export.runtimes.tvm_lstm.targets import parse_target
+    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import plan_for
+    from lstm_export.runtimes.tvm_lstm.target.targets import parse_target
     return plan_for(parse_target("llvm"))
 
 

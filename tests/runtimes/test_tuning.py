@@ -23,8 +23,8 @@ def _export(tmp_path, mode, T=2, B=2, I=3, H=4, name=None):
 
 def _tunable(path):
     from lstm_export.runtimes.model_io import load_onnx
-    from lstm_export.runtimes.tvm_lstm.compile import host_target, import_onnx, legalize_cpu
-    from lstm_export.runtimes.tvm_lstm.tuning import tunable
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import host_target, import_onnx, legalize_cpu
+    from lstm_export.runtimes.tvm_lstm.pipeline.tuning import tunable
     return tunable(legalize_cpu(import_onnx(load_onnx(path)), host_target()))
 
 
@@ -33,7 +33,7 @@ def _tasks(path):
 
 
 def test_tasks_are_static_generic_kernels_only(tmp_path):
-    from lstm_export.runtimes.tvm_lstm.tuning import MAX_PARAMS
+    from lstm_export.runtimes.tvm_lstm.pipeline.tuning import MAX_PARAMS
     assert _tasks(_export(tmp_path, "native")) == []  # our lstm_ kernel, and dynamic T and B: nothing to tune
     short = _tasks(_export(tmp_path, "unrolled", T=2))
     assert any("matmul" in n for n in short) and any(n.startswith("split") for n in short)
@@ -53,8 +53,8 @@ def _run(art, feeds):
 
 @pytest.mark.slow
 def test_tune_then_compile_from_the_database(tmp_path):
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
-    from lstm_export.runtimes.tvm_lstm.tuning import open_database
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.tuning import open_database
     path = _export(tmp_path, "unrolled", T=3, B=2)
     db_dir = tmp_path / "db"
     compile_onnx(path, tmp_path / "tuned", tuning_db=db_dir, tune_trials=1, progress=False)
@@ -89,8 +89,8 @@ def _one_record_database(tmp_path, db_dir):
     what the swap does to the files does not depend on how the record was measured."""
     from tvm.s_tir import meta_schedule as ms
 
-    from lstm_export.runtimes.tvm_lstm.compile import host_target
-    from lstm_export.runtimes.tvm_lstm.tuning import open_database, plain_schedule, task_module
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import host_target
+    from lstm_export.runtimes.tvm_lstm.pipeline.tuning import open_database, plain_schedule, task_module
     _, func = _tunable(_export(tmp_path, "unrolled", T=2))[0]
     db = open_database(db_dir, create=True)
     mod = task_module(func)
@@ -99,7 +99,7 @@ def _one_record_database(tmp_path, db_dir):
 
 
 def test_an_interrupted_swap_keeps_the_old_database(tmp_path, monkeypatch):
-    from lstm_export.runtimes.tvm_lstm import tuning
+    from lstm_export.runtimes.tvm_lstm.pipeline import tuning
     db_dir = tmp_path / "db"
     _one_record_database(tmp_path, db_dir)
     assert len(tuning.open_database(db_dir).get_all_tuning_records()) == 1
@@ -143,8 +143,8 @@ def test_bad_tuning_arguments_say_what_to_do(cli_here, tmp_path):
 def test_the_committed_database_serves_the_benchmark_shapes(tmp_path):
     """The committed database for this CPU, when there is one, is valid and used by a plain compile."""
     from lstm_export.harness.bench import DEFAULT_SHAPES
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx, host_target
-    from lstm_export.runtimes.tvm_lstm.tuning import default_db_dir, open_database
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx, host_target
+    from lstm_export.runtimes.tvm_lstm.pipeline.tuning import default_db_dir, open_database
     d = default_db_dir(host_target())
     db = open_database(d)
     if db is None:
@@ -159,6 +159,6 @@ def test_the_committed_database_serves_the_benchmark_shapes(tmp_path):
 
 
 def test_tuning_is_for_llvm_only(tmp_path):
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     with pytest.raises(UserError, match="--tune works with llvm targets only"):
         compile_onnx(_export(tmp_path, "native"), tmp_path / "o", "cuda", tune_trials=2)

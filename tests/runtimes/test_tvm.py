@@ -105,7 +105,7 @@ def test_model_exported_by_torch_with_other_ops(tmp_path):
 
 def test_ir_does_not_grow_with_sequence_length():
     """The time loop stays a loop: a fixed T of 16 or 1024 gives the same IR."""
-    from lstm_export.runtimes.tvm_lstm.compile import import_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import import_onnx
     sizes = []
     for T in (16, 1024):
         m = LSTM(I, H, 2).eval()
@@ -174,7 +174,7 @@ def test_cuda_target_compiles_here(tmp_path):
     import shutil
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     m = LSTM(I, H, 2, bidirectional=True).eval()
     path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=True)
     lib = compile_onnx(path, tmp_path / "cuda", "cuda", arch="sm_90").library
@@ -193,7 +193,7 @@ def test_tvm_cuda_run_skips_without_a_device():
 # --- bad input -----------------------------------------------------------------------------------
 
 def _compile_error(model, tmp_path):
-    from lstm_export.runtimes.tvm_lstm.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(UserError) as e:
         compile_onnx(tmp_path / "bad.onnx", tmp_path / "out")
@@ -211,7 +211,7 @@ def test_inconsistent_shapes_are_named(tmp_path):
 
 
 def test_unknown_attribute_and_missing_op_are_named(tmp_path):
-    from lstm_export.runtimes.tvm_lstm.compile import import_onnx
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import import_onnx
     m = lstm_model(1, 0, ())
     m.graph.node[0].attribute.append(helper.make_attribute("zoneout", 0.1))
     assert "Unrecognized attribute: zoneout for operator LSTM" in _compile_error(m, tmp_path)  # onnx's checker
@@ -263,8 +263,8 @@ def test_generic_cpu_kernels_get_a_schedule():
     from lstm_export.charlm import CharLM
     from lstm_export.config import ModelConfig
     from lstm_export.export import build_onnx
-    from lstm_export.runtimes.tvm_lstm.compile import host_target, import_onnx
-    from lstm_export.runtimes.tvm_lstm.cpu_schedule import schedule_generic_cpu_kernels
+    from lstm_export.runtimes.tvm_lstm.kernels.generic_schedule import schedule_generic_cpu_kernels
+    from lstm_export.runtimes.tvm_lstm.pipeline.compile import host_target, import_onnx
     for vocab in (160, 163):  # a multiple of 16 (vectorized) and not (reordered + parallel)
         mod = import_onnx(build_onnx(CharLM(ModelConfig(vocab_size=vocab, embed=8, hidden=16, layers=1)).eval(),
                                      "native"))

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.cpu_plan import (  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import (  # noqa: E402
     CpuInfo,
     KernelPlan,
     cover_table,  # noqa: E402
@@ -20,8 +20,8 @@ from lstm_export.runtimes.tvm_lstm.cpu_plan import (  # noqa: E402
     plan_for,
     sysfs_caches,
 )
-from lstm_export.runtimes.tvm_lstm.packing import pack_gates, packed_size, tail_width  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.targets import cpu_flags, host_target, parse_target  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.packing import pack_gates, packed_size, tail_width  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.target.targets import cpu_flags, host_target, parse_target  # noqa: E402
 from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime  # noqa: E402
 
 from ..marks import one_fast  # noqa: E402
@@ -53,7 +53,7 @@ def test_plan_comes_from_the_targets_isa_and_caches(target, isa, lanes, mr, l2, 
     """Lanes and register rows follow the target's ISA (4 accumulators + 1 broadcast per row fit
     the register file); the batch split's threshold is the L2 of the CPU named (a table for a
     cross-compile, sysfs only for this machine)."""
-    import lstm_export.runtimes.tvm_lstm.cpu_plan as cp
+    import lstm_export.runtimes.tvm_lstm.kernels.cpu_plan as cp
     monkeypatch.setattr(cp, "is_host", lambda t: False)  # as on a build machine of another kind
     plan = plan_for(parse_target(target))
     assert (plan.isa, plan.lanes, plan.mr, plan.batch_split_bytes) == (isa, lanes, mr, l2)
@@ -136,8 +136,8 @@ def test_kernel_uses_the_targets_vector_registers(target, want, not_want):
     never of a wider register the target lacks."""
     import tvm
 
-    from lstm_export.runtimes.tvm_lstm.cpu import make_cpu_layer
-    from lstm_export.runtimes.tvm_lstm.recurrence import CellSpec
+    from lstm_export.runtimes.tvm_lstm.kernels.cpu import make_cpu_layer
+    from lstm_export.runtimes.tvm_lstm.kernels.recurrence import CellSpec
     tgt = parse_target(target)
     spec = CellSpec(40, ("Sigmoid", None, None), ("Tanh", None, None), ("Tanh", None, None))
     f = make_cpu_layer(spec, 20, plan_for(tgt)).with_attr("global_symbol", "layer")
@@ -155,8 +155,8 @@ def test_kernel_allocates_only_its_state_per_call():
     the projection's scratch)."""
     import tvm
 
-    from lstm_export.runtimes.tvm_lstm.cpu import make_cpu_layer
-    from lstm_export.runtimes.tvm_lstm.recurrence import CellSpec
+    from lstm_export.runtimes.tvm_lstm.kernels.cpu import make_cpu_layer
+    from lstm_export.runtimes.tvm_lstm.kernels.recurrence import CellSpec
     lowered = []
 
     @tvm.instrument.pass_instrument

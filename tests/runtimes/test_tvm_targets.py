@@ -14,8 +14,8 @@ pytestmark = pytest.mark.tvm
 
 from lstm_export import LSTM, UserError  # noqa: E402
 from lstm_export.export import export_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.compile import compile_onnx  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.targets import parse_target, usable_cores  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.target.targets import parse_target, usable_cores  # noqa: E402
 
 from .test_tvm_cpu_kernel import host_flags  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, m
     test_tvm_cpu_kernel.py::test_kernel_uses_the_targets_vector_registers."""
     import shutil
 
-    from lstm_export.runtimes.tvm_lstm import thread_pool
+    from lstm_export.runtimes.tvm_lstm.target import thread_pool
     if linker == "absent":
         monkeypatch.setattr(thread_pool, "compiler_for", lambda triple, host: None)
     elif shutil.which("aarch64-linux-gnu-gcc") is None:
@@ -184,7 +184,7 @@ def test_pool_threads_nests_in_one_thread():
     import os
     import threading
 
-    from lstm_export.runtimes.tvm_lstm.thread_pool import pool_threads
+    from lstm_export.runtimes.tvm_lstm.target.thread_pool import pool_threads
     done = threading.Event()
 
     def nested():

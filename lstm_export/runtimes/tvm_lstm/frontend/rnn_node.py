@@ -13,7 +13,7 @@ from tvm import relax
 
 from lstm_export.common.errors import UserError
 
-from .recurrence import SUPPORTED_ACTIVATIONS
+from ..kernels.recurrence import SUPPORTED_ACTIVATIONS
 
 
 def static_shape(expr) -> list:

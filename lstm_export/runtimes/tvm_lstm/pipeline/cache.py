@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lstm_export.common import cbuild
 
-from ..source import CompiledModel, ModelSource
+from ...source import CompiledModel, ModelSource
 from .source_digest import compiler_digest  # noqa: F401 (tests patch it here: cache_key reads it here)
 
 DEFAULT_CAP_MB = 2048
@@ -41,7 +41,7 @@ def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan,
 
     from lstm_export import __version__
 
-    from .targets import parse_target
+    from ..target.targets import parse_target
     try:
         from importlib.metadata import version
         ffi = version("apache-tvm-ffi")
@@ -84,13 +84,13 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
                    input_shapes: dict | None = None, input_values: dict | None = None) -> tuple[CompiledModel, bool]:
     """The compiled model for `source` on `target` (specialised to `input_shapes`, if given), from
     the cache or compiled now. Returns (compiled, hit)."""
+    from ..target.targets import parse_target
     from .compile import compile_onnx
-    from .targets import parse_target
     root = root or cache_root()
     tgt = parse_target(target, threads, arch)
     measure = None  # the plan budget, where compile_onnx measures plans (plan_select.py)
     if plan is None and tgt.kind.name == "llvm":  # the plan from this machine's caches: part of the key
-        from .cpu_plan import is_host, plan_for
+        from ..kernels.cpu_plan import is_host, plan_for
         from .plan_select import budget_from
         plan = plan_for(tgt)
         measure = (max(budget_from(None), 0.0) or None) if is_host(tgt) else None

@@ -1,5 +1,5 @@
 """The one way to mark our hand-scheduled TIR kernels, on CPU and CUDA alike: a PrimFunc attribute
-set where the converter adds the kernel. TVM's own scheduling passes (cpu_schedule, MetaSchedule
+set where the converter adds the kernel. TVM's own scheduling passes (generic_schedule, MetaSchedule
 tuning) leave marked kernels alone; a name prefix would not survive a user's renaming pass."""
 from __future__ import annotations
 

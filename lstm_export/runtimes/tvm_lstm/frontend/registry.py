@@ -11,15 +11,15 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from .converter import LSTM
+from .gather import SafeGather, SafeGatherElements, SafeGatherND
 from .gru_rnn import GRU, RNN
-from .safe_gather import SafeGather, SafeGatherElements, SafeGatherND
+from .lstm import LSTM
 
 
 @contextlib.contextmanager
 def lstm_registered(cuda: bool = False, plan=None, bf16=None):
     """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
-    GatherND check indices on the CPU (safe_gather.py); TVM's files are not touched. CPU kernels are
+    GatherND check indices on the CPU (gather.py); TVM's files are not touched. CPU kernels are
     laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only); with `bf16`
     (bf16_layer.Bf16Options) LSTM layers compute in bf16 and GRU and RNN nodes are refused.
 

@@ -75,8 +75,8 @@ def _has(target, llvm_names: tuple[str, ...], cpu_names: tuple[str, ...]) -> boo
     the CPU reports both."""
     from tvm.target import codegen
 
-    from .cpu_plan import is_host
-    from .targets import cpu_flags
+    from ...target.targets import cpu_flags
+    from ..cpu_plan import is_host
 
     def llvm(f):
         try:
@@ -193,7 +193,7 @@ def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads
             rounds: int = 3) -> dict[str, float]:
     """Median ms of each candidate on random data of the layer's shapes, interleaved rounds; a
     candidate not started within the budget is left out."""
-    from .thread_pool import pool_threads
+    from ...target.thread_pool import pool_threads
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     w_f, r_f = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.1 for k in (I, H))

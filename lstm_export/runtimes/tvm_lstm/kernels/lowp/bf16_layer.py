@@ -1,5 +1,5 @@
 """The bf16 LSTM layer in a Relax graph: packed bf16 constants and a PrimFunc that calls the C kernel
-(bf16_lstm.c) by call_extern. The converter (converter.py) emits it for every LSTM direction with
+(bf16_lstm.c) by call_extern. The converter (frontend/lstm.py) emits it for every LSTM direction with
 constant weights when the import's Bf16Options say so."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from tvm.script import tirx as T
 
 from lstm_export.common.errors import UserError
 
+from ..marks import mark
 from . import bf16, bf16_pack
-from .marks import mark
 
 
 @dataclass

@@ -17,8 +17,8 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from .marks import mark
-from .onnx_node import static_shape
+from ..kernels.marks import mark
+from .rnn_node import static_shape
 
 
 def _extent(data, axis: int) -> int | None:

@@ -80,7 +80,7 @@ def budget_from(value: float | None) -> float:
 def candidates(base) -> list[tuple[str, object]]:
     """The plans tried, most likely to matter first: the split between cores both ways, fewer
     register rows, the row path's projection split both ways. Every one is valid for base's ISA."""
-    from .cpu_plan import ALL, NONE
+    from ..kernels.cpu_plan import ALL, NONE
     out = [("derived", base), ("batch split", dataclasses.replace(base, batch_split_bytes=ALL)),
            ("step split", dataclasses.replace(base, batch_split_bytes=NONE))]
     for mr in (base.mr - 1, base.mr - 2):
@@ -144,7 +144,7 @@ def store_choice(key: str, record: dict, root: Path | None = None) -> None:
 def timing_feeds(source, static: dict, dims: dict | None) -> dict[str, np.ndarray]:
     """Random inputs at the shapes the artifact will take: static ones as compiled, named dims as
     given, any other open dimension at SYMBOLIC_DIM."""
-    from ..model_io import random_feeds
+    from ...model_io import random_feeds
     named = dict(dims or {})
     for s in source.inputs:
         if s.name in static:
@@ -239,7 +239,7 @@ def _time_interleaved(runs: dict, threads: int, rounds: int = ROUNDS, quick: boo
     starts, so there it has `threads`."""
     from lstm_export.common.timing import time_runs
 
-    from .thread_pool import pool_threads
+    from ..target.thread_pool import pool_threads
     samples = {n: [] for n in runs}
     failure = []
 

@@ -7,13 +7,13 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-COMPILER_ROOT = Path(__file__).resolve().parent
+COMPILER_ROOT = Path(__file__).resolve().parent.parent  # tvm_lstm/, every stage's folder
 
 
 @lru_cache(maxsize=None)
 def compiler_digest(root: Path = COMPILER_ROOT) -> str:
     """sha256 of the compiler's sources (this package: converters, kernels, plan, passes, and its C)."""
     h = hashlib.sha256()
-    for f in sorted([*root.rglob("*.py"), *root.glob("*.c")]):
+    for f in sorted([*root.rglob("*.py"), *root.rglob("*.c")]):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()

@@ -12,9 +12,10 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from .cpu_layer import emit_cpu_layer
-from .marks import mark
-from .onnx_node import (
+from ..kernels.cpu_layer import emit_cpu_layer
+from ..kernels.marks import mark
+from ..kernels.recurrence import CellSpec, make_recurrence
+from .rnn_node import (
     activation_triples,
     attribute_string,
     cast_back,
@@ -24,7 +25,6 @@ from .onnx_node import (
     static_shape,
     zero_where_empty,
 )
-from .recurrence import CellSpec, make_recurrence
 
 DEFAULT_ACTIVATIONS = ("Sigmoid", "Tanh", "Tanh")
 KNOWN_ATTRS = {"hidden_size", "direction", "layout", "activations", "activation_alpha", "activation_beta",
@@ -111,7 +111,7 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
         if fast_cpu and h_d is None:  # no initial state: (1, H) placeholders the kernel never reads
             h_d = c_d = relax.const(np.zeros((1, H), np.float32))
         if fast_cpu and bf16 is not None:
-            from .bf16_layer import emit_bf16_direction
+            from ..kernels.lowp.bf16_layer import emit_bf16_direction
             y, h, c = emit_bf16_direction(bb, X, spec, weights[0][d], weights[1][d],
                                           _bias(weights, d, H, B is not None),
                                           weights[-1][d] if P is not None else None, h_d, c_d, lens,
@@ -156,7 +156,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
     r_t = bb.emit(relax.op.permute_dims(direction_slice(R, d), [1, 0]))  # (H, 4H)
     p_d = bb.emit(direction_slice(P, d)) if P is not None else relax.const(np.zeros(3 * H, np.float32))
     if cuda:
-        from .cuda import make_cuda_recurrence
+        from ..kernels.cuda import make_cuda_recurrence
         func = make_cuda_recurrence(spec)
     else:
         func = make_recurrence(spec)
@@ -169,7 +169,7 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
 
 def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, plan):
     """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
-    from . import packing
+    from ..kernels import packing
     H, lanes = spec.hidden, plan.lanes
     HP = packing.padded(H, lanes)
     w, r = weights[0][d], weights[1][d]

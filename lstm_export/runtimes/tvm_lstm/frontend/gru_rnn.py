@@ -14,10 +14,10 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from .cpu_layer import emit_cpu_layer
-from .gru_rnn_loop import LoopSpec, make_loop, schedule_loop
-from .marks import mark
-from .onnx_node import (
+from ..kernels.cpu_layer import emit_cpu_layer
+from ..kernels.gru_rnn_loop import LoopSpec, make_loop, schedule_loop
+from ..kernels.marks import mark
+from .rnn_node import (
     activation_triples,
     cast_back,
     constant_value,
@@ -125,7 +125,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
             xw = bb.emit(relax.op.add(xw, relax.op.add(wb, rb)))
         r_t = bb.emit(relax.op.permute_dims(direction_slice(R, d), [1, 0]))  # (H, G*H)
         if cuda:
-            from .cuda import make_cuda_loop
+            from ..kernels.cuda import make_cuda_loop
             func = make_cuda_loop(spec)
         else:
             func = schedule_loop(make_loop(spec))
@@ -151,7 +151,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
 def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
     """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py), each of
     its passes' weights packed and concatenated in pass order."""
-    from . import packing
+    from ..kernels import packing
     H, lanes = spec.hidden, plan.lanes
     w, r, b = weights
     if spec.kind == "GRU" and spec.linear_before_reset:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from lstm_export.common.errors import UserError, first_line
 
-from ..source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
-from .targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
+from ...source import SOURCE_ONNX, CompiledModel, ModelSource, open_model
+from ..target.targets import arch_of, cuda_target, host_target, is_cross, parse_target  # noqa: F401 (host_target, cuda_target: API)
 
 
 def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
@@ -30,8 +30,8 @@ def import_onnx(model, cuda: bool = False, plan=None, bf16=None):
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    from .native_log import native_stderr_to_log
-    from .registry import ConvertFailure, lstm_registered
+    from ..frontend.registry import ConvertFailure, lstm_registered
+    from ..target.native_log import native_stderr_to_log
     printed = io.StringIO()  # the frontend prints "Error converting operator X, ...": no console text
     failure = None
     with native_stderr_to_log("TVM import"):
@@ -59,7 +59,7 @@ def _import_failure(model, why: str) -> UserError:
     """One line naming the node a failure outside the converters (those are ConvertFailures) was on,
     and its reason: a SymbolicShapeError when the model has symbolic input dims (static shapes may
     cure it), else a UserError."""
-    from .simplify import all_nodes
+    from ..frontend.simplify import all_nodes
     nodes_all = list(all_nodes(model.graph))  # If/Loop/Scan bodies too: exporters wrap whole models in If
     first = why.split(maxsplit=1)[0] if why else ""  # TVM's message may start with the op
     op = first if any(n.op_type == first for n in nodes_all) else None
@@ -76,7 +76,7 @@ def _import_failure(model, why: str) -> UserError:
 def _failure(model, text: str) -> UserError:
     from lstm_export.common.errors import SymbolicShapeError
 
-    from ..model_io import fixed_dim, input_specs
+    from ...model_io import fixed_dim, input_specs
     symbolic = any(not fixed_dim(d) for s in input_specs(model) for d in s.shape)
     return SymbolicShapeError(text) if symbolic else UserError(
         f"{text}; run it with --runtime ort-cpu meanwhile, and report the model with this line")
@@ -93,7 +93,7 @@ def legalize_cpu(mod, target):
 def build(model, mod, target, database=None, lanes: int = 16):
     """compile_module, with TVM's failures as one line (a SymbolicShapeError on a model with symbolic
     input dims); TVM's C++ log lines go to the debug log."""
-    from .native_log import native_stderr_to_log
+    from ..target.native_log import native_stderr_to_log
     with native_stderr_to_log("TVM build"):  # its C++ warnings (e.g. topi's take) are no console noise
         try:
             return compile_module(mod, target, database, lanes)
@@ -106,7 +106,7 @@ def build(model, mod, target, database=None, lanes: int = 16):
 
 def compile_module(mod, target, database=None, lanes: int = 16):
     """(executable, number of kernels scheduled from `database`, owned outputs). On llvm, kernels the
-    database knows take its fastest record; the rest get cpu_schedule's default; our LSTM kernels
+    database knows take its fastest record; the rest get generic_schedule's default; our LSTM kernels
     come scheduled. Owned outputs: see owned_outputs."""
     import tvm
     from tvm import relax
@@ -114,14 +114,14 @@ def compile_module(mod, target, database=None, lanes: int = 16):
     if target.kind.name == "cuda":
         if shutil.which("nvcc") is None:
             raise UserError("compiling for cuda needs nvcc on PATH (install the CUDA toolkit)")
-        from .cuda import schedule_for_cuda
+        from ..kernels.cuda import schedule_for_cuda
         mod = schedule_for_cuda(mod, target)
         try:  # what tvm.compile picks for a GPU target
             pipeline = relax.get_default_pipeline(target)
         except (ValueError, AttributeError):
             pipeline = relax.get_pipeline("default")
     else:
-        from .cpu_schedule import schedule_generic_cpu_kernels
+        from ..kernels.generic_schedule import schedule_generic_cpu_kernels
         mod = legalize_cpu(mod, target)
         if database is not None:
             from .tuning import apply_database
@@ -211,9 +211,9 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     import tvm
     from tvm.target import codegen
 
-    from ..model_io import bind_shapes
-    from .simplify import needs_simplifying, simplify
-    from .slice_bounds import clamp_slice_bounds
+    from ...model_io import bind_shapes
+    from ..frontend.simplify import needs_simplifying, simplify
+    from ..frontend.slice_bounds import clamp_slice_bounds
     source = open_model(model_path)
     model = source.onnx()
     static, dims = bind_shapes(source.inputs, dict(input_shapes or {}), dims) if input_shapes else ({}, dims)
@@ -231,7 +231,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     if kind != "llvm":
         plan = None
     elif plan is None:
-        from .cpu_plan import is_host, plan_for
+        from ..kernels.cpu_plan import is_host, plan_for
         from .plan_select import PlanChoice, budget_from
         plan, budget = plan_for(tgt), budget_from(plan_budget_s)
         if budget < 0:
@@ -270,7 +270,7 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, targ
     ex, from_db, owned = build(model, mod, tgt, db, plan.lanes if plan else 16)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .native_log import native_stderr_to_log
+    from ..target.native_log import native_stderr_to_log
     with native_stderr_to_log("TVM export"):
         lib = _export(ex, tgt, plan, out, bf16 is not None)
     meta = {
@@ -331,11 +331,11 @@ def _bf16_setup(tgt, plan, plan_budget_s, precision="bf16"):
     lays out any other kernels), and each LSTM layer's engine timed on this machine instead."""
     from tvm.target import codegen
 
-    from .bf16 import has_amx_int8, require
-    from .bf16_layer import Bf16Options
-    from .cpu_plan import is_host, plan_for
+    from ..kernels.cpu_plan import is_host, plan_for
+    from ..kernels.lowp.bf16 import has_amx_int8, require
+    from ..kernels.lowp.bf16_layer import Bf16Options
+    from ..target.thread_pool import compiler_for
     from .plan_select import PlanChoice, budget_from
-    from .thread_pool import compiler_for
     if tgt.kind.name != "llvm":
         raise UserError(f"--precision {precision} is a CPU path (llvm targets); compile for cuda at fp32")
     dot, amx = require(tgt, precision)
@@ -357,7 +357,7 @@ def _export(ex, tgt, plan, out: Path, bf16: bool = False) -> Path:
     model.so for CUDA."""
     from tvm.target import codegen
 
-    from .thread_pool import compiler_for, source, thread_pool_object
+    from ..target.thread_pool import compiler_for, source, thread_pool_object
     if plan is None:  # CUDA: the host side only launches kernels
         lib = out / "model.so"
         tmp = out / ".model.so.tmp.so"
@@ -367,7 +367,7 @@ def _export(ex, tgt, plan, out: Path, bf16: bool = False) -> Path:
     triple = str(tgt.attrs.get("mtriple") or codegen.llvm_get_system_triple())
     cc = compiler_for(triple, codegen.llvm_get_system_triple())
     with tempfile.TemporaryDirectory(prefix="lstm-export-link-") as work:
-        from .bf16 import SOURCE, object_file
+        from ..kernels.lowp.bf16 import SOURCE, object_file
         if cc is None:  # no linker for that architecture here: the objects, to link where it runs
             src = Path(work) / "lstm_export_threads.c"
             src.write_text(source(plan.threads))

@@ -11,7 +11,7 @@ head) is a tuning task when its shapes are static. Skipped:
   random values, and random indices read out of bounds.
 
 Before the search, each task's database gets the schedule that compile uses without tuning (see
-cpu_schedule.default_schedule, or the plain loop nest), measured by the same runner. Compile takes the
+generic_schedule.default_schedule, or the plain loop nest), measured by the same runner. Compile takes the
 fastest record per kernel, so a tuned schedule replaces the default only where it measured faster.
 
 Databases are per target (`llvm-<mcpu>-<cores>c`): a schedule measured on one CPU is not evidence
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lstm_export.common.errors import UserError
 
-from .marks import is_ours
+from ..kernels.marks import is_ours
 
 DB_ROOT = Path(__file__).with_name("tuning_db")
 MAX_PARAMS = 16
@@ -213,8 +213,8 @@ def _seed_defaults(tasks, target, db, builder, runner, report: TuneReport) -> No
     """Measures and records the untuned schedule of every task the database has no record of."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .cpu_plan import plan_for
-    from .cpu_schedule import default_schedule
+    from ..kernels.cpu_plan import plan_for
+    from ..kernels.generic_schedule import default_schedule
     lanes = plan_for(target).lanes
     todo = []
     for name, func in tasks:

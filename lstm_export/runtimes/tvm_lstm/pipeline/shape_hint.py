@@ -12,8 +12,8 @@ def shape_hint(source, target: str = "llvm", probe: int = 8) -> tuple[str, str] 
     name each open dim (`<x.dim1>`, or the dim's own name where the model names it: equal names,
     equal numbers), the same with the numbers it compiled with), or None. Given only when
     following it works: the model is compiled here with every open dim at `probe` (then 1) first."""
-    from ..model_io import fixed_dim as _fixed
-    from ..model_io import input_specs
+    from ...model_io import fixed_dim as _fixed
+    from ...model_io import input_specs
     from .compile import compile_onnx
     specs = [s for s in input_specs(source.onnx()) if s.shape and any(not _fixed(d) for d in s.shape)]
     if not specs:

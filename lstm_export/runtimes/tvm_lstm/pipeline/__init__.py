@@ -1,0 +1,5 @@
+"""The compile pipeline: `compile` (compile.py: ONNX -> Relax -> model.so, meta.json), measured plan selection
+(plan_select.py), MetaSchedule tuning and its committed databases (tuning.py, tuning_db/), the compile
+cache behind `--runtime tvm-llvm|tvm-cuda` (cache.py, keyed by the compiler's source digest,
+source_digest.py) and the --input-shape hint for models with symbolic dims (shape_hint.py). It
+drives the frontend and the kernels for a target; nothing below imports it."""
