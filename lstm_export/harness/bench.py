@@ -214,6 +214,10 @@ class _Unavailable(Exception):
     pass
 
 
+def _is_peer(entry: str) -> bool:
+    return entry in PEERS + REDUCED_PEERS
+
+
 @contextlib.contextmanager
 def _recorded(t: Timing):
     """Runs the block; a failure becomes t's status (one broken entry must not lose the others' numbers)."""
@@ -309,18 +313,16 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                     tol = tolerance_for(getattr(rt, "precision", "fp32"), atol, 0.0)
                     err = output_error(first, out.get(first, np.empty(0)), reference[first], *tol)
                     t.max_err = err.max_abs
-                    if err.passed and t.entry in PEERS + REDUCED_PEERS:
-                        # checked here, timed in a fresh process per round (bench_alone.FreshPeer)
-                        ready.append((t, FreshPeer(t.entry, shape, threads, target, checked=rt), []))
-                    elif err.passed:
-                        ready.append((t, rt, []))
+                    if err.passed:  # a peer: checked here, timed in a fresh process per round
+                        ready.append((t, FreshPeer(t.entry, shape, threads, target, checked=rt)
+                                      if _is_peer(t.entry) else rt, []))
                     else:
                         t.status = "mismatch"
                         rt.release()
                 done.append(t)
                 bar.update(1 + (rounds if t.status != "ok" else 0))
             # entry -> its alone samples, for every peer checked equal
-            alone = {t.entry: [] for t, _, _ in ready if check_alone and t.entry in PEERS + REDUCED_PEERS}
+            alone = {t.entry: [] for t, _, _ in ready if check_alone and _is_peer(t.entry)}
             for r in range(rounds):
                 for t, rt, secs in ready:
                     bar.set_postfix_str(f"{shape.name}: {t.entry} (round {r + 1}/{rounds})")
@@ -328,7 +330,7 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                               max_s=20.0 / rounds)
                     if t.status == "ok":
                         with _recorded(t):
-                            # the deployed entry times inside its worker; the others here, checked once above
+                            # peers and the deployed entry time in their own processes; ours here
                             timer = getattr(rt, "time_runs", None) or (
                                 lambda f, rt=rt, **kw: time_runs(lambda: rt.run_checked(f), **kw))
                             settle()  # no runtime timed before keeps a core: its pool spinning after a run

@@ -86,13 +86,16 @@ def off_alone(timings) -> list[str]:
             if t.vs_alone is not None and abs(t.vs_alone - 1) > ALONE_TOLERANCE]
 
 
-def time_alone(entry, shape, threads, target, kw) -> list[float]:
+def time_alone(entry, shape, threads, target, kw, required: bool = False) -> list[float]:
     """One round of `entry` alone: a fresh process each round, so that the alone median spans as many
     processes as rounds (on the Zen 4 VM a whole process can run a small shape 1.5x slower than the
-    next, for seconds); empty where the worker cannot start (the row stands, its check is missing)."""
+    next, for seconds). Where the worker cannot start: raised if `required` (the row's own timing),
+    else empty (the row stands, its check is missing)."""
     try:
         worker = AloneWorker(entry, shape, threads, target)
     except RuntimeError as e:
+        if required:
+            raise RuntimeError(f"{entry} could not start in a fresh process: {e}") from None
         print(f"bench: no alone check for {entry}: {e}", file=sys.stderr)
         return []
     try:
@@ -113,11 +116,8 @@ class FreshPeer:
         if checked is not None:
             checked.release()  # the runtime the bench's process checked: its pools go with it
 
-    def time_runs(self, feeds, **kwargs):
-        samples = time_alone(*self.args, kwargs)
-        if not samples:
-            raise RuntimeError(f"{self.args[0]} could not start in a fresh process")
-        return samples
+    def time_runs(self, feeds, **kwargs):  # the worker makes the same feeds again (bench._feeds(shape))
+        return time_alone(*self.args, kwargs, required=True)
 
     def release(self) -> None:
         pass

@@ -87,23 +87,20 @@ def pool_threads(threads: int):
                 os.environ.pop(key, None)
 
 
-def launch_counters(library) -> dict[str, int]:
-    """thread_pool.c's counters in a loaded model.so: barrier or launch waits long enough to mean a
-    taken core (`stalls`) and launches run on the calling thread alone (`alone`). Loading the same
-    path again hands back the loaded library, so these are the running artifact's own."""
-    lib = ctypes.CDLL(str(library))
-    return {name: ctypes.c_longlong.in_dll(lib, f"lstm_export_{name}").value for name in ("stalls", "alone")}
+def _set_flag(library, name: str, value: int) -> None:
+    """One of thread_pool.c's int flags in a loaded model.so (loading the same path again hands back
+    the loaded library, so this sets the running artifact's own)."""
+    ctypes.c_int.in_dll(ctypes.CDLL(str(library)), f"lstm_export_{name}").value = int(value)
 
 
 def share_cores(library, on: bool) -> None:
     """Turns thread_pool.c's claiming pool and launch policy on or off in a loaded model.so (off:
     TVM's launches and barriers as they are, as LSTM_EXPORT_SHARE_CORES=0 at load); for A/B
     timings in one process."""
-    ctypes.c_int.in_dll(ctypes.CDLL(str(library)), "lstm_export_share_cores").value = int(on)
+    _set_flag(library, "share_cores", on)
 
 
 def one_task(library, on: bool) -> None:
     """Runs every parallel loop of a loaded model.so on the calling thread, as one task (the same
     bits): the one-core floor the shared-cores bench sets a disturbed call against."""
-    ctypes.c_int.in_dll(ctypes.CDLL(str(library)), "lstm_export_one_task").value = int(on)
-
+    _set_flag(library, "one_task", on)
