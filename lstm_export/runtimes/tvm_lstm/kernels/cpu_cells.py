@@ -79,9 +79,16 @@ class KernelCell:
 def make_finish(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep):
     """The macro finish(mr, bw, acc, r0, u, t, n_t, n_b, p, lens, y, cs, hb, zr): the update of rows
     r0.. (those inside the batch) of unit block u from the column groups in acc (mr, 4*bw): group g
-    of lane v at acc[r, g*bw + v]. h is double-buffered: read hb[t % 2], write hb[1 - t % 2]."""
-    LANES, H, U, m = lanes, cell.hidden, layout.units, cell.math
-    N = layout.n_units  # grouped passes: units past N are padding, never stored
+    of lane v at acc[r, g*bw + v]. h is double-buffered: read hb[t % 2], write hb[1 - t % 2].
+    step_of(t, length, n_t): the time index of step t; peep(p, i, u, v): peephole i or None."""
+    make = _finish_grouped if layout.grouped else _finish_gates
+    return make(cell, layout, lanes, step_of, peep)
+
+
+def _finish_gates(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep):
+    """finish for the cells whose four groups are gates of the same units (LSTM, GRU with
+    linear_before_reset): c then h (LSTM) or h (GRU) per lane, y from h."""
+    LANES, U, m = lanes, layout.units, cell.math
     UB = padded(U, LANES) // LANES
     LAST = U - (UB - 1) * LANES  # real units in the last unit block
     one = tirx.const(1.0, "float32")
@@ -134,6 +141,16 @@ def make_finish(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep)
                     else:
                         for v in T.vectorized(LANES):
                             y[t, r0 + r, u * LANES + v] = T.float32(0)
+
+    return finish_gates
+
+
+def _finish_grouped(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep):
+    """finish for the grouped passes (RNN, GRU0A, GRU0B): unit j of group g is unit g*U + j of
+    the pass; GRU0A stores z | r (.) Ht-1 into zr, the others h and y."""
+    LANES, H, U, m = lanes, cell.hidden, layout.units, cell.math
+    N = layout.n_units  # units past N are padding, never stored
+    one = tirx.const(1.0, "float32")
 
     def end(g):  # the first unit past group g
         return tirx.min(tirx.Select(g < 3, (g + 1) * U, tirx.const(N, "int64")), tirx.const(N, "int64"))
@@ -193,4 +210,4 @@ def make_finish(cell: KernelCell, layout: PassLayout, lanes: int, step_of, peep)
                                         t < m.seq_len(lens[r0 + r], n_t), hb[1 - t % 2, r0 + r, g * U + u * LANES + v],
                                         T.float32(0))
 
-    return finish_grouped if layout.grouped else finish_gates
+    return finish_grouped
