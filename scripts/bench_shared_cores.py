@@ -15,7 +15,7 @@ from lstm_export.harness.bench_report import machine_slug
 from lstm_export.harness.fresh_start import fresh_vs_warm
 from lstm_export.harness.fresh_start import markdown as fresh_markdown
 from lstm_export.harness.shared_cores import as_json, markdown, measure
-from lstm_export.runtimes.tvm_lstm.target.targets import usable_cores
+from lstm_export.runtimes.tvm_lstm import usable_cores
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--shape", action="append", default=[], help="T,B,I,H[,layers] (default: the bench's shapes)")

@@ -50,7 +50,7 @@ def test_only_lstm_export_lands_in_site_packages(installed):
     # the C sources compiled on first use and the committed tuning databases travel with it
     assert "lstm_export/native/lstm_kernel.c" in names
     assert {"lstm_export/runtimes/tvm_lstm/target/thread_pool.c",
-            "lstm_export/runtimes/tvm_lstm/kernels/lowp/bf16_lstm.c"} <= set(names)
+            "lstm_export/runtimes/tvm_lstm/kernels/lowp/lowp_lstm.c"} <= set(names)
     assert any(n.startswith("lstm_export/runtimes/tvm_lstm/pipeline/tuning_db/") for n in names)
 
 

@@ -96,6 +96,47 @@ def test_the_compiler_folder_keeps_its_modules_in_stages():
     assert len(flat) <= 10 and flat == ["__init__.py"], flat
 
 
+def _tvmscript(fn: ast.FunctionDef) -> bool:
+    """A TVMScript macro or PrimFunc (`@T.macro`, `@T.prim_func(...)`): its parameters are buffers."""
+    for d in fn.decorator_list:
+        target = d.func if isinstance(d, ast.Call) else d
+        if isinstance(target, ast.Attribute) and target.attr in ("macro", "prim_func"):
+            return True
+    return False
+
+
+def test_no_function_in_runtimes_is_too_long_or_takes_too_many_parameters():
+    """#50's goal, checkable by anyone: no function in lstm_export/runtimes/ over 100 lines or over 10
+    parameters (TVMScript macros and PrimFuncs aside, whose buffers are their arguments)."""
+    over = []
+    for path in sorted((PACKAGE / "runtimes").rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or _tvmscript(fn):
+                continue
+            a = fn.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs, *filter(None, (a.vararg, a.kwarg))]
+            n = len([p for p in params if p.arg not in ("self", "cls")])
+            lines = fn.end_lineno - fn.lineno + 1
+            if lines > 100 or n > 10:
+                over.append(f"{path.relative_to(REPO)}:{fn.lineno} {fn.name}: {lines} lines, {n} parameters")
+    assert not over, over
+
+
+OUTSIDE_COMPILER = [p for p in MODULES if COMPILER not in p.parents and p.parent != COMPILER]
+
+
+def test_code_outside_the_compiler_takes_only_its_public_names():
+    """Outside runtimes/tvm_lstm/ the package imports the compiler from `lstm_export.runtimes.tvm_lstm`
+    only (its __init__'s public names), never a stage folder's module: the stages can move inside
+    without breaking their users. Every public name resolves."""
+    import lstm_export.runtimes.tvm_lstm as compiler
+    reaching = [(str(p.relative_to(REPO)), m) for p in OUTSIDE_COMPILER for m in _module_imports(p, None, REPO)
+                if stage_of(m) in STAGES]
+    assert not reaching, f"take these from lstm_export.runtimes.tvm_lstm: {reaching}"
+    missing = [n for n in compiler.__all__ if getattr(compiler, n, None) is None]
+    assert not missing, missing
+
+
 @pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(REPO)) for p in MODULES])
 def test_every_module_imports(path):
     if path.stem == "__main__":

@@ -59,9 +59,9 @@ def run_demo(out: Path, minutes: float = 1.0, quiet: bool = False) -> int:
     compiled = None
     sources = dict(paths)
     if list_runtimes()["tvm-llvm"]:
-        from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
+        from lstm_export.runtimes.tvm_lstm import compile_onnx
         _step("compile: the native graph with TVM for this CPU -> model.so (loads with the TVM runtime alone)")
-        compiled = compile_onnx(paths["native"], out / "tvm", "llvm")
+        compiled = compile_onnx(paths["native"], out / "tvm", target="llvm")
         print(f"{compiled.library} ({compiled.library.stat().st_size / 1e6:.2f} MB)")
         # from here on the native model is the folder `compile` wrote: tvm-llvm loads its model.so
         # (no second compile), the other runtimes its model.onnx

@@ -22,7 +22,7 @@ import numpy as np
 
 from lstm_export.common.agreement import output_error, tolerance_for
 from lstm_export.common.errors import UserError, describe
-from lstm_export.common.timing import ratio_to_best, time_runs
+from lstm_export.common.timing import ratio_to_best
 
 from .bench_alone import FreshPeer, time_alone
 from .bench_report import (  # noqa: F401 (plot, PEERS: the bench's API)
@@ -120,12 +120,10 @@ def _feeds(shape: Shape) -> dict[str, np.ndarray]:
     return {"input": rng.standard_normal((shape.T, shape.B, shape.I)).astype(np.float32)}
 
 
-def _runtime(name: str, model, threads: int, target: str | None = None):
+def _runtime(name: str, model, threads: int, target: str | None = None, feeds: dict | None = None):
+    """The entry's runtime, made by the one factory; one unavailable here raises _Unavailable.
+    tvm-bf16 and tvm-int8 compile for the feeds' shapes, as the bench's other compiled rows run."""
     from lstm_export.runtimes.base import RuntimeOptions, create, runtime_class
-    if name == "tvm-deployed":
-        return _Deployed(threads, target)
-    if name in ("tvm-bf16", "tvm-int8"):
-        return _Bf16(threads, target, name[4:])
     if name == "torch-compile":
         from lstm_export.runtimes.torch_runtime import TorchCompileRuntime
         return TorchCompileRuntime(model=model, threads=threads)
@@ -134,80 +132,8 @@ def _runtime(name: str, model, threads: int, target: str | None = None):
     avail = runtime_class(name).availability()
     if not avail:
         raise _Unavailable(avail.reason)
-    return create(name, RuntimeOptions(threads=threads, target=target, model=model))
-
-
-class _Deployed:
-    """The bench's face of DeployedArtifact: prepare compiles the graph to a folder, then serves it
-    from a fresh process; timing happens there (time_runs)."""
-
-    def __init__(self, threads: int, target: str | None):
-        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
-        avail = TvmLlvmRuntime.availability()
-        if not avail:
-            raise _Unavailable(avail.reason)
-        self.threads, self.target = threads, target
-        self.worker = None
-
-    def prepare(self, graph) -> None:
-        from lstm_export.runtimes.deployed import DeployedArtifact
-        from lstm_export.runtimes.source import open_model
-        from lstm_export.runtimes.tvm_lstm.pipeline.cache import cached_compile
-        compiled, _ = cached_compile(open_model(graph), self.target or "llvm", threads=self.threads)
-        self.worker = DeployedArtifact(compiled.folder)
-
-    def run(self, feeds):
-        return self.worker.run(feeds)
-
-    def time_runs(self, feeds, **kwargs):
-        return self.worker.time_runs(feeds, **kwargs)
-
-    def release(self) -> None:
-        if self.worker is not None:
-            self.worker.release()
-
-
-class _Bf16:
-    """compile --precision bf16 or int8 of the graph, for `static_shapes` (the bench sets them to its
-    feeds' shapes), into a temporary folder, loaded as users load it."""
-
-    def __init__(self, threads: int, target: str | None, precision: str = "bf16"):
-        from lstm_export.runtimes.tvm_lstm.kernels.lowp.bf16 import features, has_vnni
-        from lstm_export.runtimes.tvm_lstm.target.targets import parse_target
-        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
-        avail = TvmLlvmRuntime.availability()
-        if not avail:
-            raise _Unavailable(avail.reason)
-        tgt = parse_target(target or "llvm", threads)
-        if precision == "bf16" and not features(tgt)[0]:
-            raise _Unavailable("no AVX512-BF16 on this CPU (or the target)")
-        if precision == "int8" and not has_vnni(tgt):
-            raise _Unavailable("no AVX-512 VNNI on this CPU (or the target)")
-        self.threads, self.target, self.precision = threads, target, precision
-        self.static_shapes = None
-        self.rt, self.tmp = None, None
-
-    def prepare(self, graph) -> None:
-        from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
-        from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
-        self.tmp = tempfile.TemporaryDirectory(prefix="lstm-export-lowp-")
-        out = Path(self.tmp.name) / self.precision
-        compile_onnx(graph, out, self.target or "llvm", threads=self.threads, progress=False,
-                     precision=self.precision, input_shapes=self.static_shapes)
-        self.rt = TvmLlvmRuntime(threads=self.threads)
-        self.rt.prepare(out)
-
-    def run(self, feeds):
-        return self.rt.run(feeds)
-
-    def run_checked(self, feeds):
-        return self.rt.run_checked(feeds)
-
-    def release(self) -> None:
-        if self.rt is not None:
-            self.rt.release()
-        if self.tmp is not None:
-            self.tmp.cleanup()
+    shapes = {k: v.shape for k, v in feeds.items()} if feeds is not None else None
+    return create(name, RuntimeOptions(threads=threads, target=target, model=model, static_shapes=shapes))
 
 
 class _Unavailable(Exception):
@@ -234,8 +160,7 @@ def _recorded(t: Timing):
 def machine_description(threads: int, target: str | None = None) -> dict:
     """Where the bench runs: this CPU's ISA and caches, the target our kernel is built for, and the
     FP32 FMA peak measured now on `threads` cores (this machine's widest ISA, and our kernel's)."""
-    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import cpu_info
-    from lstm_export.runtimes.tvm_lstm.target.targets import host_target, parse_target
+    from lstm_export.runtimes.tvm_lstm import cpu_info, host_target, parse_target
 
     from .fma_peak import fma_peak
     host = host_target(threads)
@@ -258,7 +183,7 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     each peer entry alone in a fresh process too (bench_alone.py), each row's `alone_ms`."""
 
     from lstm_export.common.machine import cpu_name
-    from lstm_export.runtimes.tvm_lstm.target.targets import usable_cores
+    from lstm_export.runtimes.tvm_lstm import usable_cores
     threads = threads or usable_cores()
     shapes = shapes or DEFAULT_SHAPES
     table = {label: (rt, graph) for label, rt, graph in ENTRIES + GPU_ENTRIES}
@@ -269,7 +194,7 @@ def bench(shapes=None, entries=None, threads: int | None = None, atol: float = 1
     if rounds < 1:
         raise UserError(f"--rounds {rounds} must be at least 1")
     report = BenchReport(cpu_name(), threads)
-    from lstm_export.runtimes.tvm_lstm.target.thread_pool import pool_threads
+    from lstm_export.runtimes.tvm_lstm import pool_threads
     with pool_threads(threads):  # TVM's pool starts during the bench, sized for `threads`
         _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress, target, describe_machine,
                check_alone)
@@ -304,9 +229,7 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                 bar.set_postfix_str(f"{shape.name}: {label}")
                 t = Timing(label, shape.name)
                 with _recorded(t):
-                    rt = _runtime(rt_name, model, threads, target)
-                    if isinstance(rt, _Bf16):
-                        rt.static_shapes = {k: v.shape for k, v in feeds.items()}
+                    rt = _runtime(rt_name, model, threads, target, feeds)
                     rt.prepare(graphs.get(graph))
                     out = rt.run(feeds)
                     # a reduced-precision row is held to its format's tolerance (compare does the same)
@@ -331,10 +254,8 @@ def _bench(report, shapes, labels, table, threads, atol, min_s, rounds, progress
                     if t.status == "ok":
                         with _recorded(t):
                             # peers and the deployed entry time in their own processes; ours here
-                            timer = getattr(rt, "time_runs", None) or (
-                                lambda f, rt=rt, **kw: time_runs(lambda: rt.run_checked(f), **kw))
                             settle()  # no runtime timed before keeps a core: its pool spinning after a run
-                            secs.extend(timer(feeds, **kw))
+                            secs.extend(rt.time_runs(feeds, **kw))
                             if t.entry in alone:
                                 alone[t.entry] += time_alone(t.entry, shape, threads, target, kw)
                     bar.update(1)

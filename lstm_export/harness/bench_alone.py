@@ -28,7 +28,7 @@ from pathlib import Path
 from lstm_export.harness import bench as B
 from lstm_export.common.timing import time_runs
 from lstm_export.export import export_onnx
-from lstm_export.runtimes.tvm_lstm.target.thread_pool import pool_threads
+from lstm_export.runtimes.tvm_lstm import pool_threads
 
 label, shape, threads, target = pickle.loads(bytes.fromhex(sys.argv[1]))  # shape: a bench.Shape
 rt_name, graph = {l: (r, g) for l, r, g in B.ENTRIES}[label]
@@ -51,9 +51,7 @@ def reply(obj):
 
 
 with pool_threads(threads):
-    rt = B._runtime(rt_name, model, threads, target)
-    if isinstance(rt, B._Bf16):
-        rt.static_shapes = {k: v.shape for k, v in feeds.items()}
+    rt = B._runtime(rt_name, model, threads, target, feeds)
     rt.prepare(path)
     rt.run(feeds)
     while True:

@@ -106,8 +106,7 @@ def machine_slug(target: str | None = None) -> str:
     import re
 
     from lstm_export.common.machine import cpu_name
-    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import isa_of
-    from lstm_export.runtimes.tvm_lstm.target.targets import host_target, parse_target
+    from lstm_export.runtimes.tvm_lstm import host_target, isa_of, parse_target
     model = re.sub(r"\(r\)|\(tm\)|\(\d+ cores\)|cpu|@.*", "", cpu_name().lower())
     slug = "-".join(re.findall(r"[a-z0-9]+", model))
     isa, built = isa_of(host_target()), isa_of(parse_target(target)) if target else None

@@ -39,9 +39,9 @@ def compile_scaling(seq_lens=(16, 64, 256, 1024), input_size: int = 64, hidden: 
             if mode in stopped:
                 rows.append(ScalingRow(mode, T, None, None, nodes, stopped[mode]))
                 continue
-            code = ("import sys, time; from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx; "
+            code = ("import sys, time; from lstm_export.runtimes.tvm_lstm import compile_onnx; "
                     "t = time.perf_counter(); "
-                    "lib = compile_onnx(sys.argv[1], sys.argv[2], 'llvm'); "
+                    "lib = compile_onnx(sys.argv[1], sys.argv[2], target='llvm'); "
                     "print(time.perf_counter() - t, lib.stat().st_size)")
             try:
                 r = subprocess.run([sys.executable, "-c", code, str(path), str(Path(d) / "out")], capture_output=True,

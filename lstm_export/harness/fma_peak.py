@@ -24,8 +24,7 @@ def fma_peak(target=None, threads: int | None = None, iters: int = 400_000, repe
     import numpy as np
     import tvm
 
-    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import plan_for
-    from lstm_export.runtimes.tvm_lstm.target.targets import host_target
+    from lstm_export.runtimes.tvm_lstm import host_target, plan_for
     target = target or host_target(threads)
     plan = plan_for(target)
     n_threads, lanes = threads or plan.threads, plan.lanes

@@ -23,7 +23,7 @@ def fresh_vs_warm(shapes, threads: int, rounds: int = 3, progress: bool = True) 
     from lstm_export.export import export_onnx
     from lstm_export.runtimes.deployed import DeployedArtifact
     from lstm_export.runtimes.source import open_model
-    from lstm_export.runtimes.tvm_lstm.pipeline.cache import cached_compile
+    from lstm_export.runtimes.tvm_lstm import cached_compile
 
     from .bench import _feeds, _model
     from .settle import settle
@@ -34,7 +34,7 @@ def fresh_vs_warm(shapes, threads: int, rounds: int = 3, progress: bool = True) 
                 print(f"fresh start: {shape.name}", flush=True)
             model, feeds = _model(shape), _feeds(shape)
             graph = export_onnx(model, Path(tmp) / "native.onnx", "native")
-            folder = cached_compile(open_model(graph), "llvm", threads=threads)[0].folder
+            folder = cached_compile(open_model(graph), target="llvm", threads=threads)[0].folder
             n = calls_for(shape)
             fresh_s, warm_s, first = [], [], []
             for _ in range(rounds):

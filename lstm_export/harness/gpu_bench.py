@@ -45,7 +45,7 @@ def prepare(out_dir, hiddens=HIDDENS, arch: str = "sm_90", seed: int = 0) -> lis
     import tempfile
 
     from lstm_export.export import export_onnx
-    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm import compile_onnx
     done = []
     for h in hiddens:
         d = Path(out_dir) / f"h{h}"

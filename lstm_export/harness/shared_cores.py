@@ -101,7 +101,7 @@ def measure(shapes, threads: int, rounds: int = 3, min_s: float = 0.3, progress:
 def _measure_shape(shape, threads: int, rounds: int, min_s: float, busy: BusyThread, tmp: Path) -> list[Row]:
     from lstm_export.export import export_onnx
     from lstm_export.runtimes.ort import OrtCpuRuntime
-    from lstm_export.runtimes.tvm_lstm.target.thread_pool import one_task, share_cores
+    from lstm_export.runtimes.tvm_lstm import one_task, share_cores
     from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
 
     from .bench import _feeds, _model

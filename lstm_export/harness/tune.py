@@ -13,10 +13,9 @@ def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | No
     reads (default: the committed one for this CPU), `trials` per graph; then compiles each graph with
     it. Native graphs have dynamic T and B, so only their static kernels (none, today) are tuned.
     Returns one row per graph: tuned kernels, their ms before and after, tuning and compile seconds."""
-    import json
 
     from lstm_export.export import export_onnx
-    from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
+    from lstm_export.runtimes.tvm_lstm import compile_onnx
     rows = []
     with tempfile.TemporaryDirectory(prefix="lstm-export-tune-") as tmp:
         for shape in shapes or DEFAULT_SHAPES:
@@ -27,12 +26,11 @@ def tune_shapes(shapes=None, trials: int = 64, tuning_db=None, threads: int | No
                 export_onnx(model, path, graph, **kwargs)
                 if progress:
                     print(f"{shape.name} {graph}", flush=True)
-                compile_onnx(path, Path(tmp) / "out", "llvm", threads=threads, tuning_db=tuning_db,
-                             tune_trials=trials, progress=progress)
-                meta = json.loads((Path(tmp) / "out" / "meta.json").read_text())
-                tuning = meta.get("tuning") or {}
+                meta = compile_onnx(path, Path(tmp) / "out", target="llvm", threads=threads, tuning_db=tuning_db,
+                                    tune_trials=trials, progress=progress).meta
+                tuning = meta.tuning or {}
                 rows.append({"shape": shape.name, "graph": graph, "kernels": len(tuning.get("tasks", [])),
                              "trials": tuning.get("trials", 0), "tune_s": tuning.get("seconds", 0.0),
                              "before_ms": tuning.get("before_ms", {}), "best_ms": tuning.get("best_ms", {}),
-                             "kernels_from_db": meta["kernels_from_db"], "compile_s": meta["compile_s"]})
+                             "kernels_from_db": meta.kernels_from_db, "compile_s": meta.compile_s})
     return rows

@@ -97,6 +97,12 @@ class Runtime(ABC):
         except Exception as e:
             raise RuntimeFailure(f"{self.name} failed to run: {describe(e)}") from e
 
+    def time_runs(self, feeds: dict[str, np.ndarray], **kwargs) -> list[float]:
+        """Seconds per call on `feeds` that `run` has accepted (common.timing.time_runs's keyword
+        arguments); a runtime whose calls happen elsewhere (tvm-deployed) times them there."""
+        from lstm_export.common.timing import time_runs
+        return time_runs(lambda: self.run_checked(feeds), **kwargs)
+
     @property
     def prepared(self) -> bool:
         return self._prepared
@@ -139,6 +145,10 @@ REGISTRY: dict[str, str] = {
     # ONNX Runtime on the model dynamically quantized (int8 weights: DynamicQuantizeLSTM)
     "openvino-default": "lstm_export.runtimes.openvino_runtime:OpenVinoDefaultRuntime",
     "ort-cpu-int8": "lstm_export.runtimes.ort:OrtInt8Runtime",
+    # ours at reduced precision (compile --precision), and ours as deployed (a fresh process)
+    "tvm-bf16": "lstm_export.runtimes.tvm_runtime:TvmLowpRuntime",
+    "tvm-int8": "lstm_export.runtimes.tvm_runtime:TvmInt8Runtime",
+    "tvm-deployed": "lstm_export.runtimes.tvm_runtime:TvmDeployedRuntime",
 }
 ONNX_RUNTIMES = (
     "onnx-reference",
@@ -150,7 +160,7 @@ ONNX_RUNTIMES = (
 )  # run any ONNX file (torch* need a checkpoint); what compare, bench MODEL and the demo run by default
 # run any ONNX file too, at reduced precision: named explicitly (--runtimes), never a default, so an
 # equality check does not turn into a bf16/int8 tolerance check unasked
-REDUCED_RUNTIMES = ("openvino-default", "ort-cpu-int8")
+REDUCED_RUNTIMES = ("openvino-default", "ort-cpu-int8", "tvm-bf16", "tvm-int8")
 
 
 def runtime_class(name: str) -> type[Runtime]:
@@ -173,6 +183,7 @@ class RuntimeOptions:
     model: object = None  # torch, torch-nn: our model, in memory
     device: str | None = None  # torch, torch-nn: "cpu" or "cuda"
     spin: bool | None = None  # ort-*: whether ONNX Runtime's threads spin between runs
+    static_shapes: dict | None = None  # tvm-bf16, tvm-int8: compile an .onnx for these input shapes
 
 
 def create(name: str, options: RuntimeOptions | None = None) -> Runtime:

@@ -119,7 +119,7 @@ class OrtCpuRuntime(Runtime):
 
 def _has_vnni() -> bool:
     """Whether this CPU has an int8 dot-product instruction ORT's quantized kernels use."""
-    from .tvm_lstm.target.targets import cpu_flags
+    from .tvm_lstm import cpu_flags
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,66 @@ from .model_io import (
 SOURCE_ONNX = "model.onnx"  # the copy of its ONNX model a compiled folder keeps
 
 
+META_JSON = "meta.json"
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """meta.json: what a compiled folder holds and what it was compiled for. `compile` writes it
+    through `write` and every reader takes it through `read`, so a key is spelled in one place.
+    Fields a target or precision does not have stay None and are not written."""
+
+    inputs: list[dict]  # {"name", "dtype", "shape"}: the main's arguments, in order
+    outputs: list[dict]
+    target: str
+    target_kind: str  # "llvm" or "cuda"
+    tvm_version: str
+    library: str = "model.so"  # or model.tar: the objects of a cross-compile without a linker here
+    source: str = ""
+    onnx_sha256: str = ""
+    index_bounds: dict = field(default_factory=dict)
+    length_inputs: dict = field(default_factory=dict)
+    dims: dict = field(default_factory=dict)  # --dim
+    input_shapes: dict = field(default_factory=dict)  # --input-shape: the only shapes it takes
+    input_values: dict = field(default_factory=dict)  # --input-value: folded in, no longer inputs
+    compile_s: float = 0.0
+    tuning_db: str | None = None
+    kernels_from_db: int = 0
+    owned_outputs: list = field(default_factory=list)  # per output: a call may keep it without a copy
+    precision: str = "fp32"  # compile --precision
+    lowp_layers: list | None = None  # bf16/int8: each LSTM layer's engine (lowp.engine.layer_record)
+    num_cores: int | None = None  # llvm: the threads the kernels are laid out for
+    cpu: str | None = None
+    kernel_plan: dict | None = None
+    plan_selection: dict | None = None  # plan_select.PlanChoice
+    cross_compiled: bool | None = None
+    arch: str | None = None
+    tuning: dict | None = None  # compile --tune: what it measured
+    library_sha256: str | None = None  # set by the compile cache for the entries it keeps
+    cache_key: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, indent=1) + "\n"
+
+    def write(self, folder: Path) -> None:
+        """Written last and whole (a folder with meta.json is complete)."""
+        tmp = folder / f".{META_JSON}.tmp"
+        tmp.write_text(self.to_json())
+        tmp.replace(folder / META_JSON)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ArtifactMeta:
+        d = dict(d)
+        if "bf16_layers" in d:  # folders compiled before reduced precision was named lowp
+            d.setdefault("lowp_layers", d.pop("bf16_layers"))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})  # keys of a newer release: ignored
+
+    @classmethod
+    def read(cls, folder: Path) -> ArtifactMeta:
+        return cls.from_dict(json.loads((folder / META_JSON).read_text()))
+
+
 @dataclass(frozen=True)
 class CompiledModel:
     """What `compile` wrote: the folder, its library (model.so, or model.tar when cross-compiled
@@ -34,15 +94,15 @@ class CompiledModel:
 
     folder: Path
     library: Path
-    meta: dict
+    meta: ArtifactMeta
 
     @classmethod
     def open(cls, folder: str | Path) -> CompiledModel:
         folder = Path(folder)
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            library = folder / meta.get("library", "model.so")
-        except (OSError, ValueError, AttributeError) as e:
+            meta = ArtifactMeta.read(folder)
+            library = folder / meta.library
+        except (OSError, ValueError, AttributeError, TypeError) as e:
             raise UserError(f"{folder} is not a compiled model (meta.json: {type(e).__name__}); "
                             f"make one with `lstm-export compile MODEL.onnx --out {folder}`") from None
         if not library.is_file():
@@ -99,11 +159,11 @@ def open_model(path: str | Path | ModelSource) -> ModelSource:
         onnx_path = path / SOURCE_ONNX
         if onnx_path.is_file():
             return _from_onnx(path, onnx_path, compiled)
-        specs = [[TensorSpec(s["name"], np.dtype(s["dtype"]), tuple(s["shape"])) for s in compiled.meta[k]]
-                 for k in ("inputs", "outputs")]
-        return ModelSource(path, *specs, compiled=compiled, digest=compiled.meta.get("onnx_sha256", ""),
-                           index_bounds=compiled.meta.get("index_bounds", {}),
-                           length_inputs=compiled.meta.get("length_inputs", {}))
+        meta = compiled.meta
+        specs = [[TensorSpec(s["name"], np.dtype(s["dtype"]), tuple(s["shape"])) for s in group]
+                 for group in (meta.inputs, meta.outputs)]
+        return ModelSource(path, *specs, compiled=compiled, digest=meta.onnx_sha256,
+                           index_bounds=meta.index_bounds, length_inputs=meta.length_inputs)
     return _from_onnx(path, path, None)
 
 
@@ -111,8 +171,8 @@ def _from_onnx(path: Path, onnx_path: Path, compiled: CompiledModel | None) -> M
     proto = load_onnx(onnx_path)
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     inputs = input_specs(proto)
-    if compiled is not None and compiled.meta.get("input_shapes"):  # compiled for static shapes: those only
-        fixed = compiled.meta["input_shapes"]
+    if compiled is not None and compiled.meta.input_shapes:  # compiled for static shapes: those only
+        fixed = compiled.meta.input_shapes
         inputs = [TensorSpec(s.name, s.dtype, tuple(fixed[s.name])) if s.name in fixed else s for s in inputs]
     return ModelSource(path, inputs, output_specs(proto), proto, onnx_path, compiled, digest,
                        index_bounds(proto), length_inputs(proto))

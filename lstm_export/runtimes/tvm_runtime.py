@@ -49,9 +49,10 @@ class TvmLlvmRuntime(Runtime):
     def _prepare(self, source) -> None:
         if source.compiled is not None:
             compiled, where = source.compiled, source.path
-            if compiled.meta.get("target_kind", "llvm") != self.target:
-                raise UserError(f"{source.path} was compiled for {compiled.meta.get('target_kind')}; run it with "
-                                f"--runtime tvm-{compiled.meta.get('target_kind')}, or compile it for {self.target}")
+            kind = compiled.meta.target_kind
+            if kind != self.target:
+                raise UserError(f"{source.path} was compiled for {kind}; run it with "
+                                f"--runtime tvm-{kind}, or compile it for {self.target}")
         else:
             try:
                 compiled, where = self._compile(source), self.compile_target
@@ -69,30 +70,34 @@ class TvmLlvmRuntime(Runtime):
         if compiled.library.suffix != ".so":
             raise UserError(f"{where} holds no model.so; make it with `lstm-export compile MODEL.onnx --out DIR`")
         self.compiled = compiled
-        self.input_names = [i["name"] for i in meta["inputs"]]
-        self.output_names = [o["name"] for o in meta["outputs"]]
+        self.input_names = [i["name"] for i in meta.inputs]
+        self.output_names = [o["name"] for o in meta.outputs]
         # outputs the call allocates are handed out without a copy (artifacts from before
         # owned_outputs was recorded: none); see compile.owned_outputs
-        self._owned = meta.get("owned_outputs") or [False] * len(self.output_names)
-        self._values = meta.get("input_values") or {}
-        self.precision = meta.get("precision", "fp32")  # compile --precision
+        self._owned = meta.owned_outputs or [False] * len(self.output_names)
+        self._values = meta.input_values
+        self.precision = meta.precision  # compile --precision
         self.dev = self._device()
         self.vm = VirtualMachine(tvm.runtime.load_module(str(compiled.library)), self.dev)
         self._main = self.vm["main"]  # looked up once, not per call
 
     def _compile(self, source, input_shapes=None, input_values=None):
         """An .onnx: from the compile cache, or compiled into a temporary folder with cache=False."""
+        opts = self._options(input_shapes, input_values)
         if self.cache:
-            from .tvm_lstm.pipeline.cache import cached_compile
-            compiled, self.cache_hit = cached_compile(source, self.compile_target, self.arch, self.threads, self.plan,
-                                                      input_shapes=input_shapes, input_values=input_values)
+            from .tvm_lstm import cached_compile
+            compiled, self.cache_hit = cached_compile(source, opts)
             return compiled
-        from .tvm_lstm.pipeline.compile import compile_onnx
+        from .tvm_lstm import compile_onnx
         tmp = tempfile.TemporaryDirectory(prefix="lstm-export-tvm-")
         self._tmps.append(tmp)
-        return compile_onnx(source, tmp.name, self.compile_target, self.arch, self.threads,
-                            progress=False, plan=self.plan, input_shapes=input_shapes,
-                            input_values=input_values)
+        return compile_onnx(source, tmp.name, opts)
+
+    def _options(self, input_shapes=None, input_values=None):
+        """The CompileOptions an .onnx is compiled with."""
+        from .tvm_lstm import CompileOptions
+        return CompileOptions(target=self.compile_target, arch=self.arch, threads=self.threads, plan=self.plan,
+                              progress=False, input_shapes=input_shapes or {}, input_values=input_values or {})
 
     def _specialise(self, feeds) -> None:
         """Loads the build for these feeds' shapes (compiled, or from the cache, on first sight)."""
@@ -184,17 +189,17 @@ def _x(shape) -> str:
 ISA_FLAGS = {"avx512": ("avx512f",), "avx2": ("avx2", "fma")}
 
 
-def _check_runs_here(meta: dict, where) -> None:
+def _check_runs_here(meta, where) -> None:
     """Refuses, in one line, an llvm artifact this machine cannot run: another architecture, or an
     ISA this CPU lacks (loading it would fail, running it would die of an illegal instruction)."""
-    from .tvm_lstm.target.targets import machine_arch
-    if meta.get("target_kind") != "llvm":
+    from .tvm_lstm import machine_arch
+    if meta.target_kind != "llvm":
         return
-    arch = meta.get("arch")
-    if meta.get("library", "model.so") != "model.so" or (arch and arch != machine_arch()):
+    arch = meta.arch
+    if meta.library != "model.so" or (arch and arch != machine_arch()):
         raise UserError(f"{where} was cross-compiled for {arch or 'another machine'}; run it there "
                         "(or `lstm-export compile MODEL.onnx --target llvm` here)")
-    isa = (meta.get("kernel_plan") or {}).get("isa")
+    isa = (meta.kernel_plan or {}).get("isa")
     flags = _cpu_flags()
     missing = [f for f in ISA_FLAGS.get(isa, ()) if f not in flags]
     if missing and flags:
@@ -203,7 +208,7 @@ def _check_runs_here(meta: dict, where) -> None:
 
 
 def _cpu_flags() -> set[str]:  # a seam for tests that fake another CPU
-    from .tvm_lstm.target.targets import cpu_flags
+    from .tvm_lstm import cpu_flags
     return cpu_flags()
 
 
@@ -225,3 +230,64 @@ class TvmCudaRuntime(TvmLlvmRuntime):
     def _device(self):
         import tvm
         return tvm.cuda(0)
+
+
+class TvmLowpRuntime(TvmLlvmRuntime):
+    """tvm-llvm with its LSTM layers in reduced precision (`compile --precision bf16`; tvm-int8:
+    int8): an .onnx is compiled into a temporary folder (for `static_shapes` when given: the bench
+    gives its feeds' shapes) and loaded as users load it; a compiled folder runs as it is."""
+    name = "tvm-bf16"
+    OPTIONS = ("threads", "target", "static_shapes")
+    lowp = "bf16"
+    CPU_FLAGS = ("avx512_bf16",)  # what the kernel needs of this CPU (lowp/engine.require checks the target)
+
+    def __init__(self, threads: int | None = None, target: str | None = None, static_shapes: dict | None = None):
+        super().__init__(threads=threads, target=target, cache=False)
+        self.static_shapes = static_shapes
+        self.precision = self.lowp
+
+    @classmethod
+    def availability(cls) -> Availability:
+        base = super().availability()
+        if not base:
+            return base
+        missing = [f for f in cls.CPU_FLAGS if f not in _cpu_flags()]
+        return Availability(False, f"no {', '.join(missing)} on this CPU") if missing else Availability(True)
+
+    def _options(self, input_shapes=None, input_values=None):
+        return super()._options(self.static_shapes or input_shapes, input_values).replace(precision=self.lowp)
+
+
+class TvmInt8Runtime(TvmLowpRuntime):
+    name = "tvm-int8"
+    lowp = "int8"
+    CPU_FLAGS = ("avx512_vnni",)
+
+
+class TvmDeployedRuntime(TvmLlvmRuntime):
+    """tvm-llvm as a user deploys it: the compiled folder (an .onnx through the compile cache)
+    served by a fresh worker process that imports nothing of ours (deployed.py); `time_runs` times
+    the calls inside that process, where a deployment makes them."""
+    name = "tvm-deployed"
+    OPTIONS = ("threads", "target")
+    worker = None
+
+    def _prepare(self, source) -> None:
+        from .deployed import DeployedArtifact
+        compiled = source.compiled if source.compiled is not None else self._compile(source)
+        _check_runs_here(compiled.meta, source.path)
+        self.compiled, self.precision = compiled, compiled.meta.precision
+        self.worker = DeployedArtifact(compiled.folder)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.worker.run(feeds)
+
+    def time_runs(self, feeds: dict[str, np.ndarray], **kwargs) -> list[float]:
+        """Seconds per call of checked feeds, timed in the worker (common.timing.time_runs's arguments)."""
+        return self.worker.time_runs(feeds, **kwargs)
+
+    def _release(self) -> None:
+        if self.worker is not None:
+            self.worker.release()
+            self.worker = None
+        super()._release()

@@ -88,13 +88,13 @@ def test_the_native_kernel_builds_through_it(tmp_path, cache, monkeypatch):
 
 
 def test_the_reduced_precision_kernel_keys_its_compiler(tmp_path, cache):
-    """bf16.host_library (the kernel timed while compiling) once keyed its cache on the source and
+    """engine.host_library (the kernel timed while compiling) once keyed its cache on the source and
     flags only, so a .so built by another compiler survived a change of CC."""
     pytest.importorskip("tvm")
-    from lstm_export.runtimes.tvm_lstm.kernels.lowp import bf16
+    from lstm_export.runtimes.tvm_lstm.kernels.lowp import engine
     try:
-        bf16.host_library(CC)
+        engine.host_library(CC)
     except Exception as e:  # an older compiler without the AMX / AVX512-BF16 intrinsics
         pytest.skip(f"{CC} cannot build the reduced-precision kernel here: {e}")
-    bf16.host_library(_wrapper(tmp_path, "cc-other", "other 2.0"))
-    assert len(list((cache / "bf16").glob("bf16_lstm-*.so"))) == 2
+    engine.host_library(_wrapper(tmp_path, "cc-other", "other 2.0"))
+    assert len(list((cache / "lowp").glob("lowp_lstm-*.so"))) == 2

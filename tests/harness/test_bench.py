@@ -27,6 +27,10 @@ class _Logged:
     def run_checked(self, feeds):  # what the timing loop calls, feeds checked once by run
         return self.run(feeds)
 
+    def time_runs(self, feeds, **kwargs):  # Runtime.time_runs, through the logged calls
+        from lstm_export.common.timing import time_runs
+        return time_runs(lambda: self.run_checked(feeds), **kwargs)
+
     def release(self):
         self.rt.release()
 
@@ -49,8 +53,8 @@ def _logging_runtimes(monkeypatch, log, wrong=()):
     real = bench_mod._runtime
     monkeypatch.setattr(bench_mod, "FreshPeer", _TimedHere)
 
-    def logged(name, model, threads, target=None):
-        return _Logged(real(name, model, threads, target), name, log, shift=1e-2 if name in wrong else 0.0)
+    def logged(name, model, threads, target=None, feeds=None):
+        return _Logged(real(name, model, threads, target, feeds), name, log, shift=1e-2 if name in wrong else 0.0)
 
     monkeypatch.setattr(bench_mod, "_runtime", logged)
 
@@ -95,7 +99,7 @@ def test_an_entry_that_fails_mid_timing_keeps_the_others(monkeypatch):
                 raise RuntimeError("device lost")
             return self.rt.run(feeds)
 
-    monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads, target=None: (
+    monkeypatch.setattr(bench_mod, "_runtime", lambda name, model, threads, target=None, feeds=None: (
         Flaky(real(name, model, threads), name, []) if name == "ort-cpu" else real(name, model, threads)))
     monkeypatch.setattr(bench_mod, "FreshPeer", _TimedHere)
     report = bench([TINY], ENTRIES, threads=1, min_s=0.03, rounds=2, progress=False)

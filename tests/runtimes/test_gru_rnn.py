@@ -171,7 +171,7 @@ def test_cuda_compiles_here(tmp_path, op, attrs):
     if shutil.which("nvcc") is None:
         pytest.skip("no nvcc on PATH")
     onnx.save(rnn_model(op, 2, 0, direction="bidirectional", hidden=40, **attrs), tmp_path / "m.onnx")
-    art = compile_onnx(tmp_path / "m.onnx", tmp_path / "cuda", "cuda", arch="sm_90", progress=False)
+    art = compile_onnx(tmp_path / "m.onnx", tmp_path / "cuda", target="cuda", arch="sm_90", progress=False)
     assert art.library.stat().st_size > 0
     assert json.loads((tmp_path / "cuda" / "meta.json").read_text())["target_kind"] == "cuda"
 

@@ -8,8 +8,9 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not installed")
 pytestmark = pytest.mark.tvm
 
+from lstm_export.runtimes.tvm_lstm.frontend.convert_options import ConvertOptions  # noqa: E402
 from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import plan_for  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.pipeline.compile import import_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.importer import import_onnx  # noqa: E402
 from lstm_export.runtimes.tvm_lstm.target.targets import host_target, parse_target  # noqa: E402
 
 from ..marks import one_fast  # noqa: E402
@@ -25,7 +26,7 @@ def host_plan(**changes):
 
 def kernels(model) -> set[str]:
     """The names of the PrimFuncs the import emits for the model's recurrent node."""
-    mod = import_onnx(model, plan=host_plan())
+    mod = import_onnx(model, ConvertOptions(plan=host_plan()))
     return {gv.name_hint for gv in mod.functions if "layer_cpu" in gv.name_hint or "_loop_" in gv.name_hint}
 
 

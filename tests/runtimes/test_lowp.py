@@ -1,4 +1,4 @@
-"""compile --precision bf16 (lstm_export/runtimes/tvm_lstm/bf16*.py, bf16_lstm.c): the kernel against a float64
+"""compile --precision bf16 (lstm_export/runtimes/tvm_lstm/kernels/lowp/): the kernel against a float64
 oracle that rounds the same operands to bf16, the compiled artifact against ONNX Runtime, and the
 refusals."""
 import shutil
@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not installed")
 
 from lstm_export.common.errors import UserError  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.kernels.lowp import bf16, bf16_pack  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.kernels.lowp import engine, pack  # noqa: E402
 from lstm_export.runtimes.tvm_lstm.target.targets import cpu_flags  # noqa: E402
 from tests.runtimes.lstm_cases import feeds_for, lstm_model  # noqa: E402
 
@@ -22,7 +22,7 @@ needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc")
 
 
 def _round(a):
-    return bf16_pack.from_bf16(bf16_pack.to_bf16(np.asarray(a, np.float32))).astype(np.float64)
+    return pack.from_bf16(pack.to_bf16(np.asarray(a, np.float32))).astype(np.float64)
 
 
 def oracle(x, W, R, b, p, h0, c0, lens, reverse, rounded=True):
@@ -52,14 +52,14 @@ def oracle(x, W, R, b, p, h0, c0, lens, reverse, rounded=True):
 
 @pytest.fixture(scope="module")
 def kernel():
-    return bf16.host_library(shutil.which("gcc") or shutil.which("cc"))
+    return engine.host_library(shutil.which("gcc") or shutil.which("cc"))
 
 
 def _run(kernel, x, W, R, b, p, h0, c0, lens, flags):
     T, B, I = x.shape
     H = R.shape[1]
-    packed = [bf16_pack.pack_weights(W, H), bf16_pack.pack_weights(R, H), bf16_pack.pack_bias(b, H),
-              bf16_pack.pack_peepholes(p, H)]
+    packed = [pack.pack_weights(W, H), pack.pack_weights(R, H), pack.pack_bias(b, H),
+              pack.pack_peepholes(p, H)]
     y, hn, cn = np.full((T, B, H), np.nan, np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
     ln = np.ascontiguousarray(lens if lens is not None else np.zeros(1), np.int32)
     args = [x, *packed, h0, c0, ln, y, hn, cn]
@@ -73,10 +73,10 @@ CASES = [  # (T, B, I, H): a row tile's remainder, a narrow last unit block, k n
 
 @needs_bf16
 @needs_cc
-@pytest.mark.parametrize("engine", ["dot", pytest.param("amx", marks=needs_amx)])
+@pytest.mark.parametrize("kind", ["dot", pytest.param("amx", marks=needs_amx)])
 @pytest.mark.parametrize("mode", ["unit", "batch", "project", "auto"])
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
-def test_kernel_matches_the_bf16_rounded_oracle(kernel, engine, mode, shape):
+def test_kernel_matches_the_bf16_rounded_oracle(kernel, kind, mode, shape):
     """Every engine and split, with initial state, peepholes, lengths (0 and T among them) and the
     reverse direction: within 5e-4 of the oracle that rounds the same operands, while plain fp32
     math is ~1e-2 away (so the test sees a kernel that rounds too much or too little)."""
@@ -88,10 +88,10 @@ def test_kernel_matches_the_bf16_rounded_oracle(kernel, engine, mode, shape):
     h0, c0 = rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32)
     lens = rng.integers(0, T + 1, B).astype(np.int32)
     lens[0] = T
-    layer = bf16.Bf16Layer(engine, mode)
+    layer = engine.LowpLayer(kind, mode)
     for reverse, use_lens in ((False, False), (True, True)):
-        flags = layer.flags(2 << 20) | bf16.HAS_STATE | bf16.HAS_PEEP | (bf16.REVERSE if reverse else 0) | \
-            (bf16.HAS_LENS if use_lens else 0)
+        flags = layer.flags(2 << 20) | engine.HAS_STATE | engine.HAS_PEEP | (engine.REVERSE if reverse else 0) | \
+            (engine.HAS_LENS if use_lens else 0)
         got = _run(kernel, x, W, R, b, p, h0, c0, lens if use_lens else None, flags)
         want = oracle(x, W, R, b, p, h0, c0, lens if use_lens else None, reverse)
         for g, w in zip(got, want):
@@ -110,7 +110,7 @@ def test_no_initial_state_starts_from_zero(kernel):
     W, R = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.3 for k in (I, H))
     b, zero = np.zeros(4 * H, np.float32), np.zeros((B, H), np.float32)
     junk = np.full((1, H), np.nan, np.float32)  # the placeholders are never read
-    got = _run(kernel, x, W, R, b, None, junk, junk, None, bf16.Bf16Layer("dot", "unit").flags())
+    got = _run(kernel, x, W, R, b, None, junk, junk, None, engine.LowpLayer("dot", "unit").flags())
     for g, w in zip(got, oracle(x, W, R, b, None, zero, zero, None, False)):
         np.testing.assert_allclose(g, w, atol=2e-3, rtol=0)
 
@@ -128,8 +128,8 @@ def test_compiled_bf16_artifact_against_onnx_runtime(tmp_path, case):
                        optional=("B", "sequence_lens", "initial_h", "initial_c", "P") if full else ("B",))
     onnx.save(model, tmp_path / "m.onnx")
     compiled = compile_onnx(tmp_path / "m.onnx", tmp_path / "out", precision="bf16", plan_budget_s=0.5)
-    assert compiled.meta["precision"] == "bf16"
-    assert len(compiled.meta["bf16_layers"]) == (2 if full else 1)
+    assert compiled.meta.precision == "bf16"
+    assert len(compiled.meta.lowp_layers) == (2 if full else 1)
     rt = TvmLlvmRuntime()
     rt.prepare(tmp_path / "out")
     for T, B in ((6, 3), (4, 20)):
@@ -169,27 +169,27 @@ def test_derived_rule():
     """AMX where there is one, but not for one step of a few rows; the projection first below 16
     rows; the batch split while the bf16 weights fit one core's L2; the kernel's own rule for
     symbolic shapes."""
-    assert bf16.derived(32, 1, 128, 256, True, 2 << 20) == bf16.Bf16Layer("amx", "project")
-    assert bf16.derived(1, 1, 256, 256, True, 2 << 20) == bf16.Bf16Layer("dot", "unit")
-    assert bf16.derived(50, 128, 20, 100, True, 2 << 20) == bf16.Bf16Layer("amx", "batch")
-    assert bf16.derived(64, 64, 256, 512, False, 2 << 20) == bf16.Bf16Layer("dot", "unit")  # 3 MB of weights
-    assert bf16.derived(None, 64, 256, 512, True, 2 << 20).mode == "auto"
+    assert engine.derived(32, 1, 128, 256, True, 2 << 20) == engine.LowpLayer("amx", "project")
+    assert engine.derived(1, 1, 256, 256, True, 2 << 20) == engine.LowpLayer("dot", "unit")
+    assert engine.derived(50, 128, 20, 100, True, 2 << 20) == engine.LowpLayer("amx", "batch")
+    assert engine.derived(64, 64, 256, 512, False, 2 << 20) == engine.LowpLayer("dot", "unit")  # 3 MB of weights
+    assert engine.derived(None, 64, 256, 512, True, 2 << 20).mode == "auto"
     # int8 allowed: int8 weights below 16 rows and for symbolic shapes, AMX bf16 for big batches
-    assert bf16.derived(32, 1, 128, 256, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "project")
-    assert bf16.derived(1, 1, 128, 256, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "unit")
-    assert bf16.derived(64, 64, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("amx", "unit")
-    assert bf16.derived(None, None, 256, 512, True, 2 << 20, int8=True) == bf16.Bf16Layer("vnni", "auto")
+    assert engine.derived(32, 1, 128, 256, True, 2 << 20, int8=True) == engine.LowpLayer("vnni", "project")
+    assert engine.derived(1, 1, 128, 256, True, 2 << 20, int8=True) == engine.LowpLayer("vnni", "unit")
+    assert engine.derived(64, 64, 256, 512, True, 2 << 20, int8=True) == engine.LowpLayer("amx", "unit")
+    assert engine.derived(None, None, 256, 512, True, 2 << 20, int8=True) == engine.LowpLayer("vnni", "auto")
     # with AMX-INT8: that for 16 rows and more, and for symbolic shapes (the kernel takes VPDPBUSD below 16)
-    assert bf16.derived(64, 64, 256, 512, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("amx8", "unit")
-    assert bf16.derived(32, 1, 128, 256, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("vnni", "project")
-    assert bf16.derived(None, 8, 256, 512, True, 2 << 20, int8=True, amx8=True) == bf16.Bf16Layer("amx8", "auto")
-    assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
-    assert bf16.choose(bf16.Bf16Layer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
+    assert engine.derived(64, 64, 256, 512, True, 2 << 20, int8=True, amx8=True) == engine.LowpLayer("amx8", "unit")
+    assert engine.derived(32, 1, 128, 256, True, 2 << 20, int8=True, amx8=True) == engine.LowpLayer("vnni", "project")
+    assert engine.derived(None, 8, 256, 512, True, 2 << 20, int8=True, amx8=True) == engine.LowpLayer("amx8", "auto")
+    assert engine.choose(engine.LowpLayer("amx", "unit"), {"amx/unit": 1.0, "amx/batch": 0.97}).mode == "unit"
+    assert engine.choose(engine.LowpLayer("amx", "unit"), {"amx/unit": 1.0, "dot/batch": 0.9}).name == "dot/batch"
 
 
 def test_bf16_rounding_is_round_to_nearest_even():
     v = np.array([1.0, 1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -2.5, np.inf], np.float32)
-    np.testing.assert_array_equal(bf16_pack.from_bf16(bf16_pack.to_bf16(v)),
+    np.testing.assert_array_equal(pack.from_bf16(pack.to_bf16(v)),
                                   np.array([1.0, 1.0, 1.0 + 2 ** -6, -2.5, np.inf], np.float32))
 
 
@@ -202,7 +202,7 @@ def oracle_int8(x, W, R, b, p, h0, c0, lens, reverse):
     as the kernel rounds (float32 products, nearest even)."""
     T, B, _ = x.shape
     H = R.shape[1]
-    Wq, Rq = (bf16_pack.dequantize_int8(a).astype(np.float64) for a in (W, R))
+    Wq, Rq = (pack.dequantize_int8(a).astype(np.float64) for a in (W, R))
     f32 = np.float32
     hscale = f32(max(1.0, float(np.abs(h0).max())) / f32(127))
 
@@ -237,10 +237,10 @@ needs_amx8 = pytest.mark.skipif(not {"amx_int8", "amx_tile"} <= FLAGS, reason="n
 
 @needs_vnni
 @needs_cc
-@pytest.mark.parametrize("engine", ["vnni", pytest.param("amx8", marks=needs_amx8)])
+@pytest.mark.parametrize("kind", ["vnni", pytest.param("amx8", marks=needs_amx8)])
 @pytest.mark.parametrize("mode", ["unit", "batch", "project", "auto"])
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "T{}B{}I{}H{}".format(*s))
-def test_int8_kernel_matches_its_oracle(kernel, engine, mode, shape):
+def test_int8_kernel_matches_its_oracle(kernel, kind, mode, shape):
     """The int8 engines (VPDPBUSD; AMX TDPBUSD, which the kernel replaces by VPDPBUSD for the
     projection first) with state, peepholes, lengths and reverse: within 2e-3 of the oracle that
     quantizes the same way, while the bf16 answer is measurably further."""
@@ -252,13 +252,13 @@ def test_int8_kernel_matches_its_oracle(kernel, engine, mode, shape):
     h0, c0 = rng.standard_normal((B, H)).astype(np.float32), rng.standard_normal((B, H)).astype(np.float32)
     lens = rng.integers(0, T + 1, B).astype(np.int32)
     lens[0] = T
-    layer = bf16.Bf16Layer(engine, mode)
+    layer = engine.LowpLayer(kind, mode)
     for reverse, use_lens in ((False, False), (True, True)):
-        flags = layer.flags(2 << 20) | bf16.HAS_STATE | bf16.HAS_PEEP | (bf16.REVERSE if reverse else 0) | \
-            (bf16.HAS_LENS if use_lens else 0)
+        flags = layer.flags(2 << 20) | engine.HAS_STATE | engine.HAS_PEEP | (engine.REVERSE if reverse else 0) | \
+            (engine.HAS_LENS if use_lens else 0)
         T_, B_ = x.shape[:2]
-        packed = [bf16_pack.pack_int8(W, H), bf16_pack.pack_int8(R, H), bf16_pack.pack_bias(b, H),
-                  bf16_pack.pack_peepholes(p, H)]
+        packed = [pack.pack_int8(W, H), pack.pack_int8(R, H), pack.pack_bias(b, H),
+                  pack.pack_peepholes(p, H)]
         y = np.full((T_, B_, H), np.nan, np.float32)
         hn, cn = np.empty((B_, H), np.float32), np.empty((B_, H), np.float32)
         ln = np.ascontiguousarray(lens if use_lens else np.zeros(1), np.int32)
@@ -290,8 +290,8 @@ def test_compiled_int8_artifact_against_onnx_runtime(tmp_path):
     path = export_onnx(LSTM(16, 64, 2).eval(), tmp_path / "m.onnx", "native")
     compiled = compile_onnx(path, tmp_path / "out", precision="int8", plan_budget_s=1.0,
                             input_shapes={"input": (24, 1, 16)})
-    layers = compiled.meta["bf16_layers"]
-    assert compiled.meta["precision"] == "int8" and len(layers) == 2 and all(la["timed_ms"] for la in layers)
+    layers = compiled.meta.lowp_layers
+    assert compiled.meta.precision == "int8" and len(layers) == 2 and all(la["timed_ms"] for la in layers)
     feeds = {"input": np.random.default_rng(0).standard_normal((24, 1, 16)).astype(np.float32)}
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
     with TvmLlvmRuntime() as rt, OrtInt8Runtime() as peer:

@@ -60,9 +60,9 @@ def test_compile_measures_plans_caches_the_choice_and_the_artifact_is_right(monk
     choice in meta.json; the second compile takes it from the plan cache; both artifacts agree
     with ONNX Runtime."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    first = compile_onnx(small, tmp_path / "a", "llvm", plan_budget_s=60, input_shapes={"input": TIMED_AT},
+    first = compile_onnx(small, tmp_path / "a", target="llvm", plan_budget_s=60, input_shapes={"input": TIMED_AT},
                          progress=False)
-    choice = first.meta["plan_selection"]
+    choice = first.meta.plan_selection
     assert choice["source"] == "measured" and choice["timed_at"] == {"input": list(TIMED_AT)}
     names = [c["name"] for c in choice["candidates"]]
     assert names == [n for n, _ in plan_select.candidates(plan_for(parse_target("llvm", None, "sm_90")))]
@@ -70,14 +70,14 @@ def test_compile_measures_plans_caches_the_choice_and_the_artifact_is_right(monk
     assert "derived" in timed and len(timed) >= 2 and all(ms > 0 for ms in timed.values())
     assert all("skipped" in c for c in choice["candidates"] if "ms" not in c)
     assert choice["chosen"] == plan_select.pick({n: ms for n, ms in timed.items()})
-    assert first.meta["kernel_plan"] == next(c["plan"] for c in choice["candidates"] if c["name"] == choice["chosen"])
+    assert first.meta.kernel_plan == next(c["plan"] for c in choice["candidates"] if c["name"] == choice["chosen"])
     assert len(list((tmp_path / "xdg" / "lstm-export" / "plans").glob("*.json"))) == 1
 
-    again = compile_onnx(small, tmp_path / "b", "llvm", plan_budget_s=60, input_shapes={"input": TIMED_AT},
+    again = compile_onnx(small, tmp_path / "b", target="llvm", plan_budget_s=60, input_shapes={"input": TIMED_AT},
                          progress=False)
-    assert again.meta["plan_selection"]["source"] == "cache"
-    assert again.meta["plan_selection"]["chosen"] == choice["chosen"]
-    assert again.meta["kernel_plan"] == first.meta["kernel_plan"]
+    assert again.meta.plan_selection["source"] == "cache"
+    assert again.meta.plan_selection["chosen"] == choice["chosen"]
+    assert again.meta.kernel_plan == first.meta.kernel_plan
     from lstm_export.runtimes.tvm_runtime import TvmLlvmRuntime
     x = np.random.default_rng(1).standard_normal(TIMED_AT).astype(np.float32)
     for folder in (tmp_path / "a", tmp_path / "b"):
@@ -89,22 +89,22 @@ def test_compile_measures_plans_caches_the_choice_and_the_artifact_is_right(monk
 
 def test_a_small_budget_times_the_derived_plan_only(monkeypatch, small, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    out = compile_onnx(small, tmp_path / "o", "llvm", plan_budget_s=0.001, input_shapes={"input": TIMED_AT},
+    out = compile_onnx(small, tmp_path / "o", target="llvm", plan_budget_s=0.001, input_shapes={"input": TIMED_AT},
                        progress=False)
-    cands = out.meta["plan_selection"]["candidates"]
+    cands = out.meta.plan_selection["candidates"]
     assert [c["name"] for c in cands if "ms" in c] == ["derived"]
     assert {c.get("skipped") for c in cands[1:]} <= {"over the budget"}
-    assert out.meta["plan_selection"]["chosen"] == "derived"
+    assert out.meta.plan_selection["chosen"] == "derived"
 
 
 def test_cross_compiles_and_budget_zero_take_the_derived_plan(small, tmp_path):
-    avx2 = compile_onnx(small, tmp_path / "x", "llvm -mcpu=haswell", plan_budget_s=10, progress=False)
-    assert avx2.meta["plan_selection"]["source"] == "derived"
-    assert "not this machine" in avx2.meta["plan_selection"]["why"]
-    zero = compile_onnx(small, tmp_path / "z", "llvm", plan_budget_s=0, progress=False)
-    assert zero.meta["plan_selection"] == dict(zero.meta["plan_selection"], source="derived", chosen="derived")
+    avx2 = compile_onnx(small, tmp_path / "x", target="llvm -mcpu=haswell", plan_budget_s=10, progress=False)
+    assert avx2.meta.plan_selection["source"] == "derived"
+    assert "not this machine" in avx2.meta.plan_selection["why"]
+    zero = compile_onnx(small, tmp_path / "z", target="llvm", plan_budget_s=0, progress=False)
+    assert zero.meta.plan_selection == dict(zero.meta.plan_selection, source="derived", chosen="derived")
     derived = plan_for(parse_target("llvm", None, "sm_90"))
-    assert zero.meta["kernel_plan"]["batch_split_bytes"] == derived.batch_split_bytes
+    assert zero.meta.kernel_plan["batch_split_bytes"] == derived.batch_split_bytes
 
 
 def test_the_plan_budget_on_the_command_line(cli, small, tmp_path):

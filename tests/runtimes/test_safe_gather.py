@@ -34,7 +34,7 @@ def _model(path):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     d = tmp_path_factory.mktemp("gather")
-    return compile_onnx(_model(d / "g.onnx"), d / "art", "llvm", progress=False)
+    return compile_onnx(_model(d / "g.onnx"), d / "art", target="llvm", progress=False)
 
 
 DEPLOYED = r'''
@@ -125,7 +125,7 @@ def test_indexing_ops_check_each_index_in_the_artifact(tmp_path, name):
     import onnxruntime as ort
     op, shape, attrs, good, bad, refusal = CASES[name]
     path = _indexing_model(tmp_path / "m.onnx", op, shape, **attrs)
-    art = compile_onnx(path, tmp_path / "art", "llvm", progress=False)
+    art = compile_onnx(path, tmp_path / "art", target="llvm", progress=False)
     arrays = [np.asarray(a, np.int64).tolist() for a in good + bad]
     r = subprocess.run([sys.executable, "-c", RUN_ALONE, str(art.folder), json.dumps(arrays)], capture_output=True,
                        text=True, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"), timeout=120)
@@ -145,7 +145,7 @@ def test_gather_elements_index_dims_past_the_data_are_refused_at_import(tmp_path
     from lstm_export.common.errors import UserError
     path = _indexing_model(tmp_path / "m.onnx", "GatherElements", [1, 6, 2], axis=0)  # dim 1: 6 > 5
     with pytest.raises(UserError, match="GatherElements node 'pick': indices dim 1 is 6, past data's 5"):
-        compile_onnx(path, tmp_path / "art", "llvm", progress=False)
+        compile_onnx(path, tmp_path / "art", target="llvm", progress=False)
 
 
 def test_gather_elements_graph_inputs_are_bounded_by_the_contract(tmp_path):

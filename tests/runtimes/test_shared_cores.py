@@ -31,7 +31,7 @@ def artifact(tmp_path_factory):
     d = tmp_path_factory.mktemp("shared")
     T, B, I, H = SHAPE
     onnx_path = export_onnx(LSTM(I, H, 1).eval(), d / "n.onnx", "native")
-    return compile_onnx(onnx_path, d / "out", "llvm", threads=2, progress=False).library
+    return compile_onnx(onnx_path, d / "out", target="llvm", threads=2, progress=False).library
 
 
 def _fresh(script: str, lib, **env_changes) -> dict:
@@ -112,14 +112,14 @@ def test_a_taken_core_costs_neither_a_slice_per_step_nor_a_bit(artifact, tmp_pat
 @needs_two
 @needs_bf16
 def test_the_bf16_engine_runs_alone_while_a_core_is_taken(tmp_path):
-    """The bf16/int8 engine (bf16_lstm.c) splits each step over its threads with a barrier, through
+    """The bf16/int8 engine (lowp_lstm.c) splits each step over its threads with a barrier, through
     thread_pool.c's launch and barrier: after waits that mean a taken core it runs its launches on
     the calling thread alone, with the same bits, far faster than TVM's launches."""
     import torch
     torch.manual_seed(0)
     T, B, I, H = SHAPE
     onnx_path = export_onnx(LSTM(I, H, 1).eval(), tmp_path / "n.onnx", "native")
-    lib = compile_onnx(onnx_path, tmp_path / "out", "llvm", threads=2, precision="bf16", plan_budget_s=0,
+    lib = compile_onnx(onnx_path, tmp_path / "out", target="llvm", threads=2, precision="bf16", plan_budget_s=0,
                        progress=False).library
     script = _after_ort(tmp_path) + (
         "ours, same = timed(60)\n"

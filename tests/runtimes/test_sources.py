@@ -14,8 +14,9 @@ from lstm_export import LSTM, export_onnx  # noqa: E402
 from lstm_export.runtimes.base import get_runtime  # noqa: E402
 from lstm_export.runtimes.model_io import random_feeds  # noqa: E402
 from lstm_export.runtimes.source import open_model  # noqa: E402
-from lstm_export.runtimes.tvm_lstm.pipeline.cache import cache_key, cached_compile, evict  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.cache import cache_key, cached_compile, evict, resolved  # noqa: E402
 from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx  # noqa: E402
+from lstm_export.runtimes.tvm_lstm.pipeline.options import CompileOptions  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -31,7 +32,7 @@ def compiled(tmp_path_factory):
     """One native LSTM compiled once for this CPU; the folder the tests read (never write)."""
     d = tmp_path_factory.mktemp("compiled")
     onnx_path = _export(d / "lstm.onnx")
-    return onnx_path, compile_onnx(onnx_path, d / "art", "llvm", progress=False)
+    return onnx_path, compile_onnx(onnx_path, d / "art", target="llvm", progress=False)
 
 
 def _ort(path, feeds):
@@ -94,7 +95,7 @@ def test_serve_a_compiled_streaming_folder(tmp_path):
 
     from lstm_export.serving.server import ServerConfig, create_app
     onnx_path = _export(tmp_path / "s.onnx", mode="streaming")
-    art = compile_onnx(onnx_path, tmp_path / "art", "llvm", progress=False)
+    art = compile_onnx(onnx_path, tmp_path / "art", target="llvm", progress=False)
     x = np.random.default_rng(0).standard_normal((4, 1, 3)).astype(np.float32)  # (T, B, I)
     want = _ort(onnx_path, {"input": x, "h_0": np.zeros((1, 1, 6), np.float32),
                             "c_0": np.zeros((1, 1, 6), np.float32)})
@@ -109,19 +110,19 @@ def test_cache_hit_miss_corruption_and_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     root = tmp_path / "lstm-export" / "tvm"  # cache_root() under XDG_CACHE_HOME
     a, b = open_model(_export(tmp_path / "a.onnx", seed=0)), open_model(_export(tmp_path / "b.onnx", seed=1))
-    first, hit = cached_compile(a, "llvm")
+    first, hit = cached_compile(a, target="llvm")
     assert not hit and first.folder.parent == root
-    assert first.meta["cache_key"] == cache_key(a, "llvm", "sm_90", None, _plan())
-    again, hit = cached_compile(a, "llvm")
+    assert first.meta.cache_key == cache_key(a, resolved(CompileOptions(target="llvm")))
+    again, hit = cached_compile(a, target="llvm")
     assert hit and again.folder == first.folder
-    assert not cached_compile(b, "llvm")[1]  # other weights: other bytes, other entry
-    haswell, hit = cached_compile(a, "llvm -mcpu=haswell")  # other target: other entry
-    assert not hit and haswell.folder != first.folder and haswell.meta["kernel_plan"]["isa"] == "avx2"
+    assert not cached_compile(b, target="llvm")[1]  # other weights: other bytes, other entry
+    haswell, hit = cached_compile(a, target="llvm -mcpu=haswell")  # other target: other entry
+    assert not hit and haswell.folder != first.folder and haswell.meta.kernel_plan["isa"] == "avx2"
     entries = sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
     assert len(entries) == 3
     # a truncated library is noticed and compiled again, and the new one runs
     first.library.write_bytes(first.library.read_bytes()[:1000])
-    fixed, hit = cached_compile(a, "llvm")
+    fixed, hit = cached_compile(a, target="llvm")
     assert not hit and fixed.folder == first.folder
     feeds = random_feeds(a, seed=0, dims={"batch": 2, "time": 3})
     want = _ort(a.path, feeds)["output"]
@@ -162,15 +163,9 @@ def test_a_changed_compiler_source_is_a_new_cache_entry(tmp_path, monkeypatch):
         assert cache.compiler_digest.__wrapped__(copy) != before, changed
         before = cache.compiler_digest.__wrapped__(copy)
     a = open_model(_export(tmp_path / "a.onnx", seed=0))
-    key = cache_key(a, "llvm", "sm_90", None, _plan())
+    key = cache_key(a, resolved(CompileOptions(target="llvm")))
     monkeypatch.setattr(cache, "compiler_digest", lambda: "another compiler")
-    assert cache_key(a, "llvm", "sm_90", None, _plan()) != key
-
-
-def _plan():
-    from lstm_export.runtimes.tvm_lstm.kernels.cpu_plan import plan_for
-    from lstm_export.runtimes.tvm_lstm.target.targets import parse_target
-    return plan_for(parse_target("llvm"))
+    assert cache_key(a, resolved(CompileOptions(target="llvm"))) != key
 
 
 def test_bench_times_a_compiled_folder_as_it_is(cli_here, compiled, tmp_path, monkeypatch):

@@ -161,4 +161,4 @@ def test_the_committed_database_serves_the_benchmark_shapes(tmp_path):
 def test_tuning_is_for_llvm_only(tmp_path):
     from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     with pytest.raises(UserError, match="--tune works with llvm targets only"):
-        compile_onnx(_export(tmp_path, "native"), tmp_path / "o", "cuda", tune_trials=2)
+        compile_onnx(_export(tmp_path, "native"), tmp_path / "o", target="cuda", tune_trials=2)

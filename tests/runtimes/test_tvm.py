@@ -177,7 +177,7 @@ def test_cuda_target_compiles_here(tmp_path):
     from lstm_export.runtimes.tvm_lstm.pipeline.compile import compile_onnx
     m = LSTM(I, H, 2, bidirectional=True).eval()
     path = export_onnx(m, tmp_path / "n.onnx", "native", initial_state=True, lengths=True)
-    lib = compile_onnx(path, tmp_path / "cuda", "cuda", arch="sm_90").library
+    lib = compile_onnx(path, tmp_path / "cuda", target="cuda", arch="sm_90").library
     assert lib.stat().st_size > 0
     assert json.loads((tmp_path / "cuda" / "meta.json").read_text())["target_kind"] == "cuda"
 

@@ -1,4 +1,5 @@
 """Targets: full TVM targets on the command line, cross-compiling, and the artifact's own thread pool."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,7 +98,7 @@ def test_aarch64_cross_compile_packs_an_aarch64_object(small_native, tmp_path, m
         monkeypatch.setattr(thread_pool, "compiler_for", lambda triple, host: None)
     elif shutil.which("aarch64-linux-gnu-gcc") is None:
         pytest.skip("no aarch64 cross linker (apt-get install gcc-aarch64-linux-gnu)")
-    lib = compile_onnx(small_native, tmp_path / "arm", '{"kind": "llvm", "mtriple": "aarch64-linux-gnu", '
+    lib = compile_onnx(small_native, tmp_path / "arm", target='{"kind": "llvm", "mtriple": "aarch64-linux-gnu", '
                        '"mcpu": "neoverse-n1", "num-cores": 4}', progress=False).library
     meta = json.loads((tmp_path / "arm" / "meta.json").read_text())
     assert meta["kernel_plan"]["isa"] == "neon" and meta["kernel_plan"]["lanes"] == 4 and meta["num_cores"] == 4
@@ -143,7 +144,7 @@ def test_plain_load_runs_on_the_cores_it_was_compiled_for(small_native, tmp_path
     fresh process runs its thread pool on the target's num-cores (at most the usable CPUs), not
     TVM's default of half the logical CPUs; a TVM_NUM_THREADS the user set wins. (Made for 3 cores:
     on a 2-CPU machine that also shows the cap.)"""
-    lib = compile_onnx(small_native, tmp_path / "c3", "llvm", threads=3, progress=False).library
+    lib = compile_onnx(small_native, tmp_path / "c3", target="llvm", threads=3, progress=False).library
     assert _threads_in_fresh_process(lib) == min(3, usable_cores())
     assert _threads_in_fresh_process(lib, TVM_NUM_THREADS="1") == 1
 
@@ -156,10 +157,11 @@ def test_an_artifact_for_an_isa_this_cpu_lacks_is_refused(monkeypatch):
     from lstm_export.runtimes import tvm_runtime
     monkeypatch.setattr(tvm_runtime, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
     here = {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine().lower(), platform.machine().lower())
-    meta = {"target_kind": "llvm", "arch": here, "library": "model.so", "kernel_plan": {"isa": "avx512"}}
+    from lstm_export.runtimes.source import ArtifactMeta
+    meta = ArtifactMeta([], [], "llvm", "llvm", "0.27", arch=here, kernel_plan={"isa": "avx512"})
     with pytest.raises(UserError, match="built for avx512 and this CPU lacks avx512f"):
         tvm_runtime._check_runs_here(meta, "DIR")
-    tvm_runtime._check_runs_here(dict(meta, kernel_plan={"isa": "avx2"}), "DIR")  # runs: no error
+    tvm_runtime._check_runs_here(dataclasses.replace(meta, kernel_plan={"isa": "avx2"}), "DIR")  # runs: no error
 
 
 def test_our_runtime_on_an_onnx_file_runs_on_every_core(small_native):

@@ -1,7 +1,36 @@
-"""TVM as an LSTM compiler: a Relax converter for ONNX LSTM and the compile step (imports tvm)."""
+"""TVM as a compiler of recurrent ONNX models, in four stage folders that import downward only:
+target/ (targets, the thread pool, TVM's log) < kernels/ (the TIR and C kernels) < frontend/ (the
+ONNX converters) < pipeline/ (compile's stages, plan selection, tuning, the caches).
+
+Code outside this folder takes the names below from here, never from a stage folder (a layout test
+holds it): they are the compiler's public face, each looked up in its module on first use, so that
+taking one name does not import every stage.
+"""
 import functools as _functools
+import importlib as _importlib
 import inspect as _inspect
 import sys as _sys
+
+_PUBLIC = {
+    "compile_onnx": "pipeline.compile", "CompileOptions": "pipeline.options", "cached_compile": "pipeline.cache",
+    "import_onnx": "pipeline.importer", "PlanChoice": "pipeline.plan_select", "shape_hint": "pipeline.shape_hint",
+    "ConvertOptions": "frontend.convert_options",
+    "cpu_info": "kernels.cpu_plan", "plan_for": "kernels.cpu_plan", "isa_of": "kernels.cpu_plan",
+    "lowp_features": "kernels.lowp.engine:features", "has_vnni": "kernels.lowp.engine",
+    "parse_target": "target.targets", "host_target": "target.targets", "cpu_flags": "target.targets",
+    "machine_arch": "target.targets", "usable_cores": "target.targets",
+    "pool_threads": "target.thread_pool", "one_task": "target.thread_pool", "share_cores": "target.thread_pool",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _PUBLIC[name].partition(":")
+    value = getattr(_importlib.import_module(f"{__name__}.{module}"), attr or name)
+    globals()[name] = value
+    return value
 
 
 def _remember_frames_outside_modules(frame) -> None:

@@ -18,6 +18,7 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from lstm_export.common.errors import UserError
 
 from ..kernels.marks import mark
+from .convert_options import DEFAULT
 from .rnn_node import static_shape
 
 
@@ -85,13 +86,13 @@ def checked_indices(bb, indices, bounds, node: str, op: str):
 class SafeGather(onnx_frontend.Gather):
     """TVM's Gather with its indices checked first (see the module docstring)."""
 
-    cuda = False
+    options = DEFAULT  # this import's (registry._bound)
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         data, indices = inputs[0], inputs[1]
         axis = attr.get("axis", 0)
-        n = None if cls.cuda or isinstance(data, relax.ShapeExpr) else _extent(data, axis)
+        n = None if cls.options.cuda or isinstance(data, relax.ShapeExpr) else _extent(data, axis)
         checked = None if n is None else checked_indices(bb, indices, n, _name(attr, "Gather"), "Gather")
         if checked is None:
             return super()._impl_v13(bb, inputs, attr, params)
@@ -105,7 +106,7 @@ class SafeGatherElements(onnx_frontend.GatherElements):
     """TVM's GatherElements with its indices checked first; index dims that exceed the data's off
     the axis (known at import) are refused there."""
 
-    cuda = False
+    options = DEFAULT  # this import's (registry._bound)
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
@@ -119,7 +120,7 @@ class SafeGatherElements(onnx_frontend.GatherElements):
             for k, (a, b) in enumerate(zip(dd, di)):
                 if k != axis % len(dd) and a is not None and b is not None and b > a:
                     raise UserError(f"GatherElements node {node!r}: indices dim {k} is {b}, past data's {a}")
-        n = None if cls.cuda else _extent(data, axis)
+        n = None if cls.options.cuda else _extent(data, axis)
         checked = None if n is None else checked_indices(bb, indices, n, node, "GatherElements")
         return super()._impl_v13(bb, [data, checked if checked is not None else indices], attr, params)
 
@@ -127,7 +128,7 @@ class SafeGatherElements(onnx_frontend.GatherElements):
 class SafeGatherND(onnx_frontend.GatherND):
     """TVM's GatherND with each coordinate of each index checked against the data dim it reads."""
 
-    cuda = False
+    options = DEFAULT  # this import's (registry._bound)
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
@@ -135,7 +136,7 @@ class SafeGatherND(onnx_frontend.GatherND):
         batch_dims = attr.get("batch_dims", 0)
         dd, di = static_shape(data), static_shape(indices)
         bounds = None
-        if not cls.cuda and dd and di and di[-1] is not None and batch_dims + di[-1] <= len(dd):
+        if not cls.options.cuda and dd and di and di[-1] is not None and batch_dims + di[-1] <= len(dd):
             bounds = dd[batch_dims:batch_dims + di[-1]]
         checked = None
         if bounds and all(b is not None for b in bounds):

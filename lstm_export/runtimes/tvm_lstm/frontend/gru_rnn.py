@@ -14,9 +14,10 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from ..kernels.cpu_layer import emit_cpu_layer
+from ..kernels.cpu_layer import DirectionIO, emit_cpu_layer
 from ..kernels.gru_rnn_loop import LoopSpec, make_loop, schedule_loop
 from ..kernels.marks import mark
+from .convert_options import DEFAULT, ConvertOptions
 from .rnn_node import (
     activation_triples,
     cast_back,
@@ -36,17 +37,15 @@ GATES = {"GRU": 3, "RNN": 1}
 class GRU(onnx_frontend.OnnxOpConverter):
     """ONNX GRU -> input projection GEMM + the GRU loop per direction."""
 
-    cuda = False
-    plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: the portable loop only
-    bf16 = False  # compile --precision bf16: GRU and RNN have no bf16 kernel, so they are refused
+    options = DEFAULT  # this import's (registry._bound)
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.options)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "GRU", cls.cuda, cls.plan, cls.bf16)
+        return convert_rnn(bb, inputs, attr, "GRU", cls.options)
 
 
 class RNN(GRU):
@@ -54,11 +53,11 @@ class RNN(GRU):
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.options)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_rnn(bb, inputs, attr, "RNN", cls.cuda, cls.plan, cls.bf16)
+        return convert_rnn(bb, inputs, attr, "RNN", cls.options)
 
 
 def _check_shape(got, want, what, op, node):
@@ -66,9 +65,10 @@ def _check_shape(got, want, what, op, node):
         raise UserError(f"{op} node {node!r}: {what} has shape {got}, expected {want}")
 
 
-def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool = False, plan=None, bf16=False):
+def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, options: ConvertOptions = DEFAULT):
     node = attr.get("tvm_custom", {}).get("name", op)
-    if bf16:
+    cuda, plan = options.cuda, options.plan
+    if options.lowp is not None:  # GRU and RNN have no reduced-precision kernel
         raise UserError(f"{op} node {node!r}: --precision bf16 has a kernel for LSTM layers only; compile this "
                         "model at fp32 (the default)")
     parsed = parse_rnn_node(bb, op, inputs, attr, 6,
@@ -108,8 +108,9 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
                         reverse, seq_lens is not None, lbr)
         h_d = bb.emit(direction_slice(h0, d)) if h0 is not None else zeros
         if fast:
-            y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights],
-                                       h0 is not None, h_d, lens, n_t, n_b, int(x_shape[2]), plan)
+            io = DirectionIO(h_d, h_d, lens, n_t, n_b, has_state=h0 is not None)
+            y, h = _fast_cpu_direction(bb, X, spec, [w[d] if w is not None else None for w in weights], io,
+                                       int(x_shape[2]), plan)
             ys.append(y)
             hs.append(zero_where_empty(bb, h, lens) if seq_lens is not None else h)
             continue
@@ -148,7 +149,7 @@ def convert_rnn(bb: relax.BlockBuilder, inputs, attr: dict, op: str, cuda: bool 
     return cast_back(bb, [Y, Y_h], back)
 
 
-def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_t, n_b, I: int, plan):
+def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, io: DirectionIO, I: int, plan):
     """Constant weights on the CPU: the LSTM's packed kernel with this cell (cpu_cells.py), each of
     its passes' weights packed and concatenated in pass order."""
     from ..kernels import packing
@@ -164,6 +165,7 @@ def _fast_cpu_direction(bb, X, spec: LoopSpec, weights, has_state, h_d, lens, n_
               np.concatenate([packing.pack_bias(b4, b4.shape[0] // 4, lanes) for _, _, b4 in parts]),
               np.concatenate([packing.pack_gates(r4, r4.shape[0] // 4, lanes) for _, r4, _ in parts])]
     no_peepholes = relax.const(np.zeros((3, 1), np.float32))
-    y, h, _ = emit_cpu_layer(bb, spec, I, plan, has_state, False,
-                             [X, *(relax.const(a) for a in packed), no_peepholes, h_d, h_d, lens], n_t, n_b)
+    y, h, _ = emit_cpu_layer(bb, spec, I, plan, io.has_state, False,
+                             [X, *(relax.const(a) for a in packed), no_peepholes, io.h0, io.c0, io.lens],
+                             io.n_t, io.n_b)
     return y, h

@@ -12,9 +12,10 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
-from ..kernels.cpu_layer import emit_cpu_layer
+from ..kernels.cpu_layer import DirectionIO, emit_cpu_layer
 from ..kernels.marks import mark
 from ..kernels.recurrence import CellSpec, make_recurrence
+from .convert_options import DEFAULT, ConvertOptions
 from .rnn_node import (
     activation_triples,
     attribute_string,
@@ -48,20 +49,19 @@ def _cell_specs(attr: dict, hidden: int, num_dirs: int, node: str, has_lens: boo
 class LSTM(onnx_frontend.OnnxOpConverter):
     """ONNX LSTM -> one GEMM for every step's input projection, then a TIR time loop per direction."""
 
-    cuda = False  # emit the persistent CUDA kernel instead of the CPU loop
-    plan = None  # the CPU kernel's KernelPlan (cpu_plan); None: no fast CPU kernel (CUDA)
-    bf16 = None  # bf16_layer.Bf16Options: constant-weight layers in bf16 (compile --precision bf16)
+    options = DEFAULT  # this import's (registry._bound)
 
     @classmethod
     def _impl_v7(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan, cls.bf16)
+        return convert_lstm(bb, inputs, attr, cls.options)
 
     @classmethod
     def _impl_v14(cls, bb, inputs, attr, params):
-        return convert_lstm(bb, inputs, attr, cls.cuda, cls.plan, cls.bf16)
+        return convert_lstm(bb, inputs, attr, cls.options)
 
 
-def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False, plan=None, bf16=None):
+def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, options: ConvertOptions = DEFAULT):
+    cuda, plan, lowp = options.cuda, options.plan, options.lowp
     parsed = parse_rnn_node(bb, "LSTM", inputs, attr, 8, KNOWN_ATTRS)
     node, back, D, layout, H, X, x_shape = (parsed.name, parsed.back, parsed.D, parsed.layout, parsed.H, parsed.X,
                                             parsed.x_shape)
@@ -110,20 +110,16 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
         c_d = bb.emit(direction_slice(c0, d)) if c0 is not None else zeros_state
         if fast_cpu and h_d is None:  # no initial state: (1, H) placeholders the kernel never reads
             h_d = c_d = relax.const(np.zeros((1, H), np.float32))
-        if fast_cpu and bf16 is not None:
-            from ..kernels.lowp.bf16_layer import emit_bf16_direction
-            y, h, c = emit_bf16_direction(bb, X, spec, weights[0][d], weights[1][d],
-                                          _bias(weights, d, H, B is not None),
-                                          weights[-1][d] if P is not None else None, h_d, c_d, lens,
-                                          h0 is not None or c0 is not None, n_t, n_b, int(I), bf16)
-        elif fast_cpu:  # constant weights: packed once here, at import time
-            y, h, c = _fast_cpu_direction(bb, X, d, spec, weights, B is not None, P is not None,
-                                          h0 is not None or c0 is not None, h_d, c_d, lens, n_t, n_b, I, plan)
-        elif bf16 is not None:
+        io = DirectionIO(h_d, c_d, lens, n_t, n_b, has_state=h0 is not None or c0 is not None)
+        if fast_cpu:  # constant weights: packed once here, at import time
+            consts = (weights[0][d], weights[1][d], _bias(weights, d, H, B is not None),
+                      weights[-1][d] if P is not None else None)  # W (4H, I), R (4H, H), Wb + Rb (4H,), P (3H,)
+            y, h, c = _fast_cpu_direction(bb, X, spec, consts, io, int(I), options)
+        elif lowp is not None:
             raise UserError(f"LSTM node {node!r}: --precision bf16 needs constant weights and a static input "
                             "size (this node computes them, or leaves I open): compile it at fp32 (the default)")
         else:
-            y, h, c = _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda)
+            y, h, c = _generic_direction(bb, X, (W, R, B, P), d, spec, io, cuda)
         if seq_lens is not None:
             h, c = zero_where_empty(bb, h, lens), zero_where_empty(bb, c, lens)
         ys.append(y)
@@ -144,9 +140,11 @@ def convert_lstm(bb: relax.BlockBuilder, inputs, attr: dict, cuda: bool = False,
     return cast_back(bb, [Y, Y_h, Y_c], back)
 
 
-def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cuda):
-    """Any weights (constant or computed): a Relax GEMM, then the portable (or CUDA) time loop."""
-    H = spec.hidden
+def _generic_direction(bb, X, node_weights, d: int, spec: CellSpec, io: DirectionIO, cuda: bool):
+    """Any weights (constant or computed): a Relax GEMM, then the portable (or CUDA) time loop.
+    node_weights: the node's W, R, B, P (B, P or None), direction d taken here."""
+    W, R, B, P = node_weights
+    H, n_t, n_b = spec.hidden, io.n_t, io.n_b
     w_d = bb.emit(direction_slice(W, d))  # (4H, I)
     xw = bb.emit(relax.op.matmul(X, relax.op.permute_dims(w_d, [1, 0])))  # (T, B, 4H): all steps, one GEMM
     if B is not None:
@@ -161,25 +159,28 @@ def _generic_direction(bb, X, W, R, B, P, d, spec, h_d, c_d, lens, n_t, n_b, cud
     else:
         func = make_recurrence(spec)
     gvar = bb.add_func(mark(func), f"lstm_recurrence_{'rev' if spec.reverse else 'fwd'}")
-    out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, h_d, c_d, lens],
+    out = bb.emit(relax.call_tir(gvar, [xw, r_t, p_d, io.h0, io.c0, io.lens],
                                  [relax.TensorType([n_t, n_b, H], "float32"), relax.TensorType([n_b, H], "float32"),
                                   relax.TensorType([n_b, H], "float32")]))
     return tuple(bb.emit(relax.TupleGetItem(out, i)) for i in range(3))
 
 
-def _fast_cpu_direction(bb, X, d, spec, weights, has_b, has_p, has_state, h_d, c_d, lens, n_t, n_b, I, plan):
-    """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py)."""
+def _fast_cpu_direction(bb, X, spec: CellSpec, consts, io: DirectionIO, I: int, options: ConvertOptions):
+    """Constant weights on the CPU: packed projection GEMM + fused recurrent step (see cpu.py), or
+    the reduced-precision layer (kernels/lowp) with options.lowp. consts: this direction's W (4H, I),
+    R (4H, H), Wb + Rb (4H,) and P (3H,) or None, in ONNX order."""
+    if options.lowp is not None:
+        from ..kernels.lowp.layer import emit_lowp_direction
+        return emit_lowp_direction(bb, X, spec, consts, io, I, options.lowp)
     from ..kernels import packing
-    H, lanes = spec.hidden, plan.lanes
-    HP = packing.padded(H, lanes)
-    w, r = weights[0][d], weights[1][d]
-    bias = _bias(weights, d, H, has_b)
-    p = np.zeros((3, HP), np.float32)
-    if has_p:
-        p[:, :H] = weights[-1][d].reshape(3, H)
+    w, r, bias, peep = consts
+    H, lanes = spec.hidden, options.plan.lanes
+    p = np.zeros((3, packing.padded(H, lanes)), np.float32)
+    if peep is not None:
+        p[:, :H] = peep.reshape(3, H)
     packed = (packing.pack_gates(w, H, lanes), packing.pack_bias(bias, H, lanes), packing.pack_gates(r, H, lanes), p)
-    return emit_cpu_layer(bb, spec, int(I), plan, has_state, has_p,
-                          [X, *(relax.const(a) for a in packed), h_d, c_d, lens], n_t, n_b)
+    return emit_cpu_layer(bb, spec, I, options.plan, io.has_state, peep is not None,
+                          [X, *(relax.const(a) for a in packed), io.h0, io.c0, io.lens], io.n_t, io.n_b)
 
 
 def _bias(weights, d, H, has_b):

@@ -11,30 +11,37 @@ from tvm.relax.frontend.onnx import onnx_frontend
 
 from lstm_export.common.errors import UserError
 
+from .convert_options import DEFAULT, ConvertOptions
 from .gather import SafeGather, SafeGatherElements, SafeGatherND
 from .gru_rnn import GRU, RNN
 from .lstm import LSTM
 
+CONVERTERS = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN, "Gather": SafeGather, "GatherElements": SafeGatherElements,
+              "GatherND": SafeGatherND}
+
+
+def _bound(converter, options: ConvertOptions):
+    """`converter` holding this import's options. TVM 0.27's importer calls a converter class's
+    `_impl_vN` class methods with (bb, inputs, attr, params) and passes nothing of the caller's, so
+    a subclass whose `options` attribute is this import's is the one way in; it is made here only."""
+    return type(converter.__name__, (converter,), {"options": options})
+
 
 @contextlib.contextmanager
-def lstm_registered(cuda: bool = False, plan=None, bf16=None):
+def lstm_registered(options: ConvertOptions = DEFAULT):
     """Within this block TVM's ONNX importer knows LSTM, GRU and RNN, and its Gather, GatherElements and
-    GatherND check indices on the CPU (gather.py); TVM's files are not touched. CPU kernels are
-    laid out by `plan` (a cpu_plan.KernelPlan; None: the portable TIR loop only); with `bf16`
-    (bf16_layer.Bf16Options) LSTM layers compute in bf16 and GRU and RNN nodes are refused.
+    GatherND check indices on the CPU (gather.py), each converter with `options`; TVM's files are
+    not touched.
 
     TVM 0.27 takes no converter table from the caller, so the block swaps the frontend's table
-    getter; the lock makes imports in other threads wait instead of seeing another block's plan."""
-    converter = type("LSTM", (LSTM,), {"cuda": cuda, "plan": plan, "bf16": bf16})
-    gathers = {c.__name__[4:]: type(c.__name__[4:], (c,), {"cuda": cuda})
-               for c in (SafeGather, SafeGatherElements, SafeGatherND)}
-    gru, rnn = (type(c.__name__, (c,), {"cuda": cuda, "plan": plan, "bf16": bf16 is not None}) for c in (GRU, RNN))
+    getter; the lock makes imports in other threads wait instead of seeing another block's options."""
+    ours = {op: _bound(c, options) for op, c in CONVERTERS.items()}
     with _CONVERT_MAP_LOCK:
         original = onnx_frontend._get_convert_map
 
         def with_lstm():
             table = dict(original())
-            table.update(gathers, LSTM=converter, GRU=gru, RNN=rnn)
+            table.update(ours)
             return table
 
         importer = onnx_frontend.ONNXGraphImporter

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 
 from tvm import relax, tirx
 
 from .marks import mark
+
+
+@dataclass(frozen=True)
+class DirectionIO:
+    """One direction's Relax values as a converter hands them to a kernel: the initial state h0, c0
+    (B, H) each, or (1, H) placeholders the kernel never reads when has_state is False; the int32
+    lengths (B,), or a (1,) placeholder without sequence_lens; the run's T and B (symbolic or not)."""
+
+    h0: object
+    c0: object
+    lens: object
+    n_t: object
+    n_b: object
+    has_state: bool
 
 
 @functools.lru_cache(maxsize=16)  # built once for both directions, and for a layer compiled again

@@ -14,6 +14,7 @@ loads an entry it did not build). Invariants:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from lstm_export.common import cbuild
 
 from ...source import CompiledModel, ModelSource
+from .options import CompileOptions, options_from
 from .source_digest import compiler_digest  # noqa: F401 (tests patch it here: cache_key reads it here)
 
 DEFAULT_CAP_MB = 2048
@@ -34,9 +36,10 @@ def cache_root() -> Path:
     return cbuild.cache_root("tvm")
 
 
-def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan, input_shapes=None,
-              input_values=None, plan_budget_s: float | None = None) -> str:
-    """The entry's name: a hash of the model's bytes and everything the compiled library depends on."""
+def cache_key(source: ModelSource, opts: CompileOptions) -> str:
+    """The entry's name: a hash of the model's bytes and everything the compiled library depends on
+    (opts as cached_compile resolves them: the plan given or derived, and the plan budget where
+    compile measures plans)."""
     import tvm
 
     from lstm_export import __version__
@@ -47,17 +50,31 @@ def cache_key(source: ModelSource, target, arch: str, threads: int | None, plan,
         ffi = version("apache-tvm-ffi")
     except Exception:  # not installed as a distribution (a source build): TVM's version covers it
         ffi = ""
-    tgt = parse_target(target, threads, arch)
-    parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": arch if tgt.kind.name == "cuda" else "",
+    tgt = parse_target(opts.target, opts.threads, opts.arch)
+    plan = opts.plan
+    parts = {"onnx": source.digest, "target": str(tgt.export()), "arch": opts.arch if tgt.kind.name == "cuda" else "",
              "plan": {k: v for k, v in asdict(plan).items() if k != "info"} if plan is not None else None,
              "tvm": tvm.__version__, "tvm_ffi": ffi, "lstm_export": __version__, "compiler": compiler_digest()}
-    if plan_budget_s:  # the plan is measured from `plan` (the derived one) within this budget
-        parts["plan_budget_s"] = plan_budget_s
-    if input_shapes:  # a build specialised to these input shapes (absent: the key of a symbolic build)
-        parts["input_shapes"] = {k: list(v) for k, v in sorted(input_shapes.items())}
-    if input_values:
-        parts["input_values"] = dict(sorted(input_values.items()))
+    if opts.plan_budget_s:  # the plan is measured from `plan` (the derived one) within this budget
+        parts["plan_budget_s"] = opts.plan_budget_s
+    if opts.input_shapes:  # a build specialised to these input shapes (absent: the key of a symbolic build)
+        parts["input_shapes"] = {k: list(v) for k, v in sorted(opts.input_shapes.items())}
+    if opts.input_values:
+        parts["input_values"] = dict(sorted(opts.input_values.items()))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def resolved(opts: CompileOptions) -> CompileOptions:
+    """The options an entry is keyed and compiled with: for llvm without a plan given, the plan
+    derived on this machine (its caches are part of the key), measured from within the plan budget
+    where the target is this machine, else taken as derived (budget 0)."""
+    from ..kernels.cpu_plan import is_host, plan_for
+    from ..target.targets import parse_target
+    tgt = parse_target(opts.target, opts.threads, opts.arch)
+    if opts.plan is not None or tgt.kind.name != "llvm":
+        return opts.replace(plan_budget_s=0, progress=False)
+    measure = opts.plan_budget_s if is_host(tgt) else 0
+    return opts.replace(plan=plan_for(tgt), plan_budget_s=measure, progress=False)
 
 
 def _sha256(path: Path) -> str:
@@ -72,29 +89,21 @@ def _valid(folder: Path) -> CompiledModel | None:
     """The entry, if it is whole: meta.json readable and the library's bytes as recorded."""
     try:
         compiled = CompiledModel.open(folder)
-        if compiled.meta.get("library_sha256") == _sha256(compiled.library):
+        if compiled.meta.library_sha256 == _sha256(compiled.library):
             return compiled
     except Exception:  # unreadable, half-deleted or foreign: treated as absent and rewritten
         pass
     return None
 
 
-def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", threads: int | None = None,
-                   plan=None, root: Path | None = None, cap_mb: float | None = None,
-                   input_shapes: dict | None = None, input_values: dict | None = None) -> tuple[CompiledModel, bool]:
-    """The compiled model for `source` on `target` (specialised to `input_shapes`, if given), from
-    the cache or compiled now. Returns (compiled, hit)."""
-    from ..target.targets import parse_target
+def cached_compile(source: ModelSource, options: CompileOptions | None = None, root: Path | None = None,
+                   cap_mb: float | None = None, **fields) -> tuple[CompiledModel, bool]:
+    """The compiled model for `source` with `options` (or CompileOptions(**fields)), from the cache
+    or compiled now. Returns (compiled, hit)."""
     from .compile import compile_onnx
     root = root or cache_root()
-    tgt = parse_target(target, threads, arch)
-    measure = None  # the plan budget, where compile_onnx measures plans (plan_select.py)
-    if plan is None and tgt.kind.name == "llvm":  # the plan from this machine's caches: part of the key
-        from ..kernels.cpu_plan import is_host, plan_for
-        from .plan_select import budget_from
-        plan = plan_for(tgt)
-        measure = (max(budget_from(None), 0.0) or None) if is_host(tgt) else None
-    key = cache_key(source, target, arch, threads, plan, input_shapes, input_values, measure)
+    opts = resolved(options_from(options, fields))
+    key = cache_key(source, opts)
     entry = root / key
     if entry.exists():
         compiled = _valid(entry)
@@ -105,11 +114,9 @@ def cached_compile(source: ModelSource, target="llvm", arch: str = "sm_90", thre
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        compiled = compile_onnx(source, work, target, arch, threads, progress=False,
-                                plan=None if measure else plan, plan_budget_s=measure if measure else 0,
-                                input_shapes=input_shapes, input_values=input_values)
-        meta = dict(compiled.meta, library_sha256=_sha256(compiled.library), cache_key=key)
-        (work / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        # a measured plan starts from the derived one, which compile derives itself
+        compiled = compile_onnx(source, work, opts.replace(plan=None) if opts.plan_budget_s else opts)
+        dataclasses.replace(compiled.meta, library_sha256=_sha256(compiled.library), cache_key=key).write(work)
         try:
             work.rename(entry)
         except OSError:  # another process wrote the same entry meanwhile: theirs is as good

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,13 +161,14 @@ def timing_feeds(source, static: dict, dims: dict | None) -> dict[str, np.ndarra
     return feeds
 
 
-def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray], budget_s: float,
-           derived_mod=None, progress=None):
+def select(model, target, base, builder, feeds: dict[str, np.ndarray], budget_s: float, derived_mod=None,
+           progress=None):
     """(plan, built, PlanChoice): the fastest of `candidates(base)` on `feeds` (main's arguments, in
-    order) within `budget_s`. import_model(model, plan) -> IRModule; build(plan, mod) -> (executable,
-    ...) compiles the imported module;
-    `built` is the chosen plan's result, None when the choice came from the cache (build it then).
-    derived_mod: the model already imported with `base`. progress(text) is called per candidate."""
+    order) within `budget_s`. builder.module(plan) -> the IRModule imported with plan;
+    builder.build(plan, module) -> a builder.Built. `built` is the chosen plan's, never run (each
+    candidate is timed from a library exported from it); None when the choice came from the cache
+    (build it then). derived_mod: the model already imported with `base`. progress(text) is called
+    per candidate."""
     key = cache_key(model, target, base, feeds)
     timed_at = {k: list(v.shape) for k, v in feeds.items()}
     hit = cached_choice(key)
@@ -174,6 +176,19 @@ def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray
     if hit and hit.get("chosen") in by_name:
         return by_name[hit["chosen"]], None, PlanChoice("cache", hit["chosen"], budget_s=budget_s,
                                                         timed_at=timed_at, candidates=hit.get("candidates", []))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lstm-export-plans-") as libs:
+        medians, built, records = _measure(base, builder, feeds, budget_s, derived_mod, progress, Path(libs))
+    chosen = pick(medians)
+    spent = round(time.perf_counter() - start, 2)
+    store_choice(key, {"chosen": chosen, "candidates": records, "spent_s": spent, "timed_at": timed_at})
+    choice = PlanChoice("measured", chosen, budget_s=budget_s, spent_s=spent, timed_at=timed_at, candidates=records)
+    return by_name[chosen], built[chosen], choice
+
+
+def _measure(base, builder, feeds, budget_s: float, derived_mod, progress, libs: Path):
+    """({name: median seconds}, {name: Built}, records): the candidates built and timed within the
+    budget, their libraries exported into `libs` to be timed."""
     import tvm_ffi
     start = time.perf_counter()
     built, runs, records, seen, costs, timing_s = {}, {}, [], {}, [], 0.0
@@ -184,7 +199,7 @@ def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray
             records.append({"name": name, "plan": plan_fields(plan), "skipped": "over the budget"})
             continue
         t0 = time.perf_counter()
-        mod = derived_mod if name == "derived" and derived_mod is not None else import_model(model, plan)
+        mod = derived_mod if name == "derived" and derived_mod is not None else builder.module(plan)
         digest = tvm_ffi.structural_hash(mod)
         if digest in seen:
             records.append({"name": name, "plan": plan_fields(plan),
@@ -193,8 +208,8 @@ def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray
         seen[digest] = name
         if progress:
             progress(f"plan {name!r}")
-        built[name] = build(plan, mod)
-        runs[name] = _runner(built[name][0], feeds)
+        built[name] = builder.build(plan, mod)
+        runs[name] = _runner(built[name].executable, feeds, libs / f"{len(built)}.so")
         if name == "derived":  # one call after a warm-up says what timing a candidate will cost
             call_s = _time_interleaved({name: runs[name]}, base.threads, rounds=1, quick=True)[name]
             timing_s = ROUNDS * min(MAX_S, max(MIN_S, 7 * call_s))
@@ -204,11 +219,7 @@ def select(model, target, base, import_model, build, feeds: dict[str, np.ndarray
     for r in records:
         if r["name"] in medians:
             r["ms"] = round(medians[r["name"]] * 1e3, 6)
-    chosen = pick(medians)
-    spent = round(time.perf_counter() - start, 2)
-    store_choice(key, {"chosen": chosen, "candidates": records, "spent_s": spent, "timed_at": timed_at})
-    choice = PlanChoice("measured", chosen, budget_s=budget_s, spent_s=spent, timed_at=timed_at, candidates=records)
-    return by_name[chosen], built[chosen], choice
+    return medians, built, records
 
 
 def pick(medians: dict[str, float]) -> str:
@@ -217,16 +228,19 @@ def pick(medians: dict[str, float]) -> str:
     return best if medians[best] <= (1 - MARGIN) * medians["derived"] else "derived"
 
 
-def _runner(executable, feeds):
+def _runner(executable, feeds, path: Path):
     """A call of the executable's main on `feeds` (inputs in graph order; the VM made lazily, in the
-    timing thread, so that its launches use that thread's pool)."""
+    timing thread, so that its launches use that thread's pool). The VM runs a library exported to
+    `path` and loaded back, the same code: the executable itself never runs, so the winner is
+    exported as built (one that a VM has run exports with its VM's state)."""
     import tvm
     from tvm import relax
+    executable.export_library(str(path))
     state = {}
 
     def run():
         if "main" not in state:
-            vm = relax.VirtualMachine(executable, tvm.cpu())
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), tvm.cpu())
             state["args"] = [tvm.runtime.tensor(a) for a in feeds.values()]
             state["main"] = vm["main"]
         return state["main"](*state["args"])

@@ -20,7 +20,7 @@
  *    every step for a scheduler slice (one streaming step took 7.5 ms instead of 0.075): the
  *    threads that run take its share (docs/cpu_kernel.md, "Sharing the cores", has the numbers).
  *
- * 4. Launches that ask for tasks (the bf16/int8 engine, bf16_lstm.c, with a barrier per step) call
+ * 4. Launches that ask for tasks (the bf16/int8 engine, lowp_lstm.c, with a barrier per step) call
  *    TVM's own functions (the runtime's symbols are global: TVM loads libtvm_runtime RTLD_GLOBAL,
  *    and a C++ deployment links it), under a policy: a wait at a barrier, or for the other tasks
  *    at a launch's end, that is both long and longer than the work before it (taken() below), three

@@ -62,7 +62,7 @@ def thread_pool_object(workdir: str | Path, cores: int, cc: str) -> Path:
     return obj
 
 
-# reentrant: the bench holds it for its whole run, and a compile inside (plan_select, bf16.measure)
+# reentrant: the bench holds it for its whole run, and a compile inside (plan_select, engine.measure)
 # enters it again in the same thread; a plain Lock deadlocked `lstm-export bench` there
 _POOL_LOCK = threading.RLock()
 

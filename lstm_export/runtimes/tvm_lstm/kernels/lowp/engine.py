@@ -1,12 +1,12 @@
 """compile --precision bf16 (and int8): LSTM layers with bf16 weights and fp32 accumulation, or
-int8 weights where they pay (bf16_lstm.c).
+int8 weights where they pay (lowp_lstm.c).
 
 The kernel is C with the AMX and AVX-512 BF16 intrinsics, because TVM 0.27's TIR cannot emit
 VDPBF16PS (its BF16 legalization rewrites the bfloat16x32 operands the LLVM intrinsic wants) and
 has no AMX schedule. A TIR PrimFunc calls it by `call_extern`; its object is linked into model.so
 beside the thread-pool constructor, and it runs on TVM's own thread pool.
 
-Each layer's engine and work split (`Bf16Layer`) is chosen by timing the candidates on the layer's
+Each layer's engine and work split (`LowpLayer`) is chosen by timing the candidates on the layer's
 own shapes on this machine, as plan_select does for fp32; the derived rule (`derived`) stands for
 a cross-compile, symbolic shapes or a zero budget. The rule, from the Intel Xeon (AMX) VM:
 AMX where the CPU has it, except for one step of under 16 rows (AVX-512 BF16 there: an AMX tile
@@ -29,9 +29,9 @@ import numpy as np
 from lstm_export.common.cbuild import CBuildError, cached_library, compile_c
 from lstm_export.common.errors import UserError
 
-from . import bf16_pack
+from . import pack
 
-SOURCE = Path(__file__).with_name("bf16_lstm.c")
+SOURCE = Path(__file__).with_name("lowp_lstm.c")
 SYMBOL = "lstm_export_bf16_layer"
 CFLAGS = ["-O3", "-fPIC", "-fno-strict-aliasing"]
 # the C file's flags
@@ -42,7 +42,7 @@ MARGIN = 0.05  # as plan_select: another candidate replaces the derived one only
 
 
 @dataclass(frozen=True)
-class Bf16Layer:
+class LowpLayer:
     """How one layer runs: engine "amx" or "dot" (AVX-512 BF16), or with int8 weights (compile
     --precision int8) "vnni" (VPDPBUSD) or "amx8" (AMX TDPBUSD; not with the projection first);
     mode "unit" (unit blocks shared
@@ -122,9 +122,9 @@ def require(target, precision: str = "bf16") -> tuple[bool, bool]:
 
 
 def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: int, int8: bool = False,
-            dot: bool = True, amx8: bool = False) -> Bf16Layer:
+            dot: bool = True, amx8: bool = False) -> LowpLayer:
     """The rule (module docstring) for T steps of B rows (None: symbolic; the kernel applies the
-    rule to the shapes of each call, bf16_lstm.c's MODE_AUTO). int8 (compile --precision int8):
+    rule to the shapes of each call, lowp_lstm.c's MODE_AUTO). int8 (compile --precision int8):
     int8 weights below 16 rows, where a step reads every weight for a row or two and int8 halves
     those bytes (T256 B1 I512 H512: 2.7 ms against 6.9 with AMX bf16); at 16 rows and more AMX int8
     where the CPU has it (T64 B64: 7.9 ms against 12.0 with AMX bf16), else the bf16 engines
@@ -136,26 +136,26 @@ def derived(T: int | None, B: int | None, I: int, H: int, amx: bool, l2_bytes: i
     elif int8 and (T is None or B is None or B < 16 or not (amx or dot)):
         engine = "vnni"
     if T is None or B is None:
-        return Bf16Layer(engine, "auto")
+        return LowpLayer(engine, "auto")
     if B < 16 and T == 1:
-        return Bf16Layer("vnni" if int8 else "dot", "unit")
+        return LowpLayer("vnni" if int8 else "dot", "unit")
     if B < 16:
-        return Bf16Layer(engine, "project")
-    weights = (bf16_pack.ceil_to(I, 32) + bf16_pack.ceil_to(H, 32)) * 4 * bf16_pack.ceil_to(H, 16) * 2
-    return Bf16Layer(engine, "batch" if weights <= l2_bytes else "unit")
+        return LowpLayer(engine, "project")
+    weights = (pack.ceil_to(I, 32) + pack.ceil_to(H, 32)) * 4 * pack.ceil_to(H, 16) * 2
+    return LowpLayer(engine, "batch" if weights <= l2_bytes else "unit")
 
 
-def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True, amx8: bool = False) -> list[Bf16Layer]:
+def candidates(B: int, amx: bool, int8: bool = False, dot: bool = True, amx8: bool = False) -> list[LowpLayer]:
     engines = (["amx"] if amx else []) + (["dot"] if dot else []) + (["vnni"] if int8 else []) + \
         (["amx8"] if int8 and amx8 else [])
-    return [Bf16Layer(e, m) for e in engines for m in ("project", "unit", "batch")
+    return [LowpLayer(e, m) for e in engines for m in ("project", "unit", "batch")
             if not (m == "batch" and B < (32 if e in ("amx", "amx8") else 2 if e == "dot" else 6))
             and not (e == "amx8" and m == "project")]
 
 
 def object_file(workdir: str | Path, cc: str) -> Path:
     """Compiles the kernel with `cc` into an object to link into model.so."""
-    obj = Path(workdir) / "lstm_export_bf16.o"
+    obj = Path(workdir) / "lstm_export_lowp.o"
     with _cc_errors(cc):
         compile_c(cc, ["-c", *CFLAGS, "-o", str(obj), str(SOURCE)])
     return obj
@@ -177,19 +177,19 @@ def host_library(cc: str):
     """The kernel as a shared library in this process, for timing candidates (cached per source)."""
     import tvm  # noqa: F401 -- loads libtvm_runtime with its symbols global: the kernel's thread pool
     with _LIB_LOCK, _cc_errors(cc):  # the key holds the compiler: a change of CC is a new build
-        lib = ctypes.CDLL(str(cached_library("bf16", "bf16_lstm", SOURCE, cc, ["-shared", *CFLAGS])))
+        lib = ctypes.CDLL(str(cached_library("lowp", "lowp_lstm", SOURCE, cc, ["-shared", *CFLAGS])))
     fn = getattr(lib, SYMBOL)
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 6
     return fn
 
 
-def pack(layer: Bf16Layer, w: np.ndarray, hidden: int) -> np.ndarray:
+def packed(layer: LowpLayer, w: np.ndarray, hidden: int) -> np.ndarray:
     """The layer's weights in its engine's packing."""
-    return bf16_pack.pack_int8(w, hidden) if layer.int8 else bf16_pack.pack_weights(w, hidden)
+    return pack.pack_int8(w, hidden) if layer.int8 else pack.pack_weights(w, hidden)
 
 
-def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads: int, budget_s: float,
+def measure(fn, T: int, B: int, I: int, H: int, layers: list[LowpLayer], threads: int, budget_s: float,
             rounds: int = 3) -> dict[str, float]:
     """Median ms of each candidate on random data of the layer's shapes, interleaved rounds; a
     candidate not started within the budget is left out."""
@@ -197,10 +197,10 @@ def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T, B, I)).astype(np.float32)
     w_f, r_f = (rng.standard_normal((4 * H, k)).astype(np.float32) * 0.1 for k in (I, H))
-    packed = {False: (bf16_pack.pack_weights(w_f, H), bf16_pack.pack_weights(r_f, H))}
+    packed = {False: (pack.pack_weights(w_f, H), pack.pack_weights(r_f, H))}
     if any(c.int8 for c in layers):
-        packed[True] = (bf16_pack.pack_int8(w_f, H), bf16_pack.pack_int8(r_f, H))
-    bias, p = bf16_pack.pack_bias(np.zeros(4 * H, np.float32), H), bf16_pack.pack_peepholes(None, H)
+        packed[True] = (pack.pack_int8(w_f, H), pack.pack_int8(r_f, H))
+    bias, p = pack.pack_bias(np.zeros(4 * H, np.float32), H), pack.pack_peepholes(None, H)
     y, hn, cn = np.empty((T, B, H), np.float32), np.empty((B, H), np.float32), np.empty((B, H), np.float32)
     state, lens = np.zeros((1, H), np.float32), np.zeros(1, np.int32)
     ptrs = {k: [a.ctypes.data for a in (x, *wr, bias, p, state, state, lens, y, hn, cn)] for k, wr in packed.items()}
@@ -234,15 +234,15 @@ def measure(fn, T: int, B: int, I: int, H: int, layers: list[Bf16Layer], threads
     return result
 
 
-def choose(base: Bf16Layer, timed: dict[str, float]) -> Bf16Layer:
+def choose(base: LowpLayer, timed: dict[str, float]) -> LowpLayer:
     """The derived layer unless another timed candidate is at least MARGIN faster."""
     best = min(timed, key=timed.get, default=base.name)
     if base.name in timed and timed[best] > timed[base.name] * (1 - MARGIN):
         return base
     engine, mode = best.split("/")
-    return Bf16Layer(engine, mode)
+    return LowpLayer(engine, mode)
 
 
-def record(layer: Bf16Layer, how: str, timed: dict[str, float], shape) -> dict:
-    """One layer's entry in meta.json's `bf16_layers`."""
+def record(layer: LowpLayer, how: str, timed: dict[str, float], shape) -> dict:
+    """One layer's entry in meta.json's `lowp_layers`."""
     return {**asdict(layer), "chosen_by": how, "timed_ms": timed, "shape_TBIH": list(shape)}

@@ -5,7 +5,7 @@
  * called from a TIR PrimFunc by T.call_extern; the parallel work runs on TVM's own thread pool
  * (TVMBackendParallelLaunch).
  *
- * Two bf16 engines compute a tile's gates; both read the same packed weights (bf16_pack.py):
+ * Two bf16 engines compute a tile's gates; both read the same packed weights (pack.py):
  *  - AMX (TDPBF16PS): a tile of 16 batch rows x 16 units per gate, k in blocks of 32;
  *  - AVX-512 BF16 (VDPBF16PS): a register tile of up to 6 batch rows x 16 units x 4 gates.
  * Weight layout, for unit block u (16 units), k pair kp (k = 2kp, 2kp+1), gate g (ONNX order
@@ -42,7 +42,7 @@ extern int lstm_export_barrier(int task_id, TVMParallelGroupEnv *penv) __attribu
 enum { HAS_STATE = 1, HAS_PEEP = 2, HAS_LENS = 4, REVERSE = 8, ENGINE_AMX = 16, SPLIT_BATCH = 32, PROJECT_FIRST = 64, MODE_AUTO = 128,
        ENGINE_INT8 = 256 /* int8 weights, VPDPBUSD: see the int8 engine below */ };
 /* MODE_AUTO (shapes unknown at compile time): the mode, and AVX-512 BF16 instead of AMX for one
- * step of a few rows, by bf16.derived's rule; one core's L2 in KB in flags' bits 16 and up */
+ * step of a few rows, by engine.derived's rule; one core's L2 in KB in flags' bits 16 and up */
 enum { MR = 6 }; /* AVX-512 BF16 register tile rows: 24 accumulators + 4 weights + 1 broadcast */
 enum { MR8 = 3 }; /* int8 tile rows: 12 int32 + 12 fp32 accumulators + 4 weights + 1 broadcast */
 
@@ -562,7 +562,7 @@ int lstm_export_bf16_layer(const float *x, const uint16_t *w, const uint16_t *r,
       }
     return 0;
   }
-  if (flags & MODE_AUTO) { /* bf16.derived, the same rule */
+  if (flags & MODE_AUTO) { /* engine.derived, the same rule */
     j.flags &= ~(SPLIT_BATCH | PROJECT_FIRST);
     if (B < 16 && T > 1) j.flags |= PROJECT_FIRST;
     if (B < 16 && T == 1) j.flags &= ~ENGINE_AMX; /* one step of a few rows: AMX's 16-row tiles are padding */

@@ -1,4 +1,4 @@
-"""Weight packing for the bf16 LSTM kernel (bf16_lstm.c): plain NumPy, no TVM.
+"""Weight packing for the bf16 LSTM kernel (lowp_lstm.c): plain NumPy, no TVM.
 
 bf16 is the upper half of a float32, rounded to nearest even here as VCVTNEPS2BF16 rounds x and h
 in the kernel. Layout (the C file's header says why both engines read it): unit blocks of 16
@@ -66,7 +66,7 @@ def pack_peepholes(p: np.ndarray | None, hidden: int) -> np.ndarray:
 
 
 def pack_int8(w: np.ndarray, hidden: int) -> np.ndarray:
-    """ONNX-ordered (4H, K) float32 weights -> the int8 engine's bytes (bf16_lstm.c): per output row
+    """ONNX-ordered (4H, K) float32 weights -> the int8 engine's bytes (lowp_lstm.c): per output row
     (gate and unit) the scale max|row| / 127 and round(w / scale) as int8, laid out like
     pack_weights with four k per 32-bit lane, w[u, kq, g, j, s] = q[g*H + 16u + j, 4kq + s]; then
     the scales (UB, 4, 16) float32 and 128 x each row's sum of q (UB, 4, 16) int32, which the kernel
