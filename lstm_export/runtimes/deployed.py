@@ -28,6 +28,8 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 art = sys.argv[1]
+# read as a deployment reads it, without our package: the two keys source.ArtifactMeta writes as
+# lists of {"name", ...}, in main's argument and result order
 meta = json.load(open(art + "/meta.json"))
 names = [i["name"] for i in meta["inputs"]]
 vm = VirtualMachine(tvm.runtime.load_module(art + "/model.so"), tvm.cpu())
