@@ -87,7 +87,8 @@ def metadata(model) -> dict:
 
 
 def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: dict[str, int] | None = None,
-                allow_nonfinite: bool = False, lengths: dict[str, list] | None = None) -> None:
+                allow_nonfinite: bool = False, lengths: dict[str, list] | None = None,
+                widths: dict[str, list] | None = None) -> None:
     """The runtime contract's feed check, once per run; raises UserError naming the first problem.
 
     Names, dtypes, ranks, fixed and symbolic dims against the graph's declared inputs; no empty
@@ -97,7 +98,9 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
     unless `allow_nonfinite` (runtimes disagree on what NaN state gives: some NaN, some finite);
     sequence lengths (`lengths`: input -> [the X input it measures, its time axis]) in [0, T], as the
     ONNX spec and ORT allow (a 0 gives zeros and a zero final state; ORT refuses lengths past T,
-    which TVM and OpenVINO ran; OpenVINO gets a zero length wrong, which compare reports).
+    which TVM and OpenVINO ran; OpenVINO gets a zero length wrong, which compare reports); an
+    undeclared input width that a recurrent node's W fixes (`widths`: input -> [axis, width, node])
+    at that width.
     """
     names = [s.name for s in specs]
     missing = [n for n in names if n not in feeds]
@@ -125,6 +128,12 @@ def check_feeds(specs: list[TensorSpec], feeds: dict[str, np.ndarray], bounds: d
                 if want in bound and bound[want][0] != got:
                     raise UserError(f"dimension {want!r} is {bound[want][0]} in {bound[want][1]} but {got} in {s.name}")
                 bound.setdefault(want, (got, s.name))
+        if s.name in (widths or {}):
+            axis, width, node = widths[s.name]
+            if a.shape[axis] != width:
+                raise UserError(f"input {s.name} has width {a.shape[axis]} (dimension {axis}, shape {list(a.shape)}), "
+                                f"but the {node} that reads it has W for width {width}; feed {s.name} with "
+                                f"{width} features")
         if a.size == 0:
             raise UserError(f"input {s.name} is empty (shape {list(a.shape)}); every dimension needs at least 1 "
                             "(an empty batch or zero time steps has nothing to run)")
@@ -213,6 +222,22 @@ def length_inputs(model) -> dict[str, list]:
     return out
 
 
+def input_widths(model) -> dict[str, list]:
+    """Graph inputs used as a recurrent node's X whose last dimension is not declared (symbolic or an
+    exporter's -1) while the node's W is a constant -> [that axis, the width W needs, the node]: the
+    width is known all the same, and a feed of another width is refused in one line."""
+    inits = {i.name: i for i in model.graph.initializer}
+    specs = {s.name: s for s in input_specs(model)}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in RNN_OPS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        x, w = specs.get(node.input[0]), inits[node.input[1]]
+        if x is not None and len(x.shape) == 3 and len(w.dims) == 3 and not fixed_dim(x.shape[2]):
+            out[x.name] = [2, int(w.dims[2]), f"{node.op_type} node {node.name!r}"]
+    return out
+
+
 def index_bounds(model) -> dict[str, int]:
     """Graph inputs used as a Gather's or GatherElements' indices over a constant table -> the table's
     size on that axis. (GatherND's coordinates each have their own bound: the artifact checks them.)"""
@@ -241,16 +266,18 @@ def random_feeds(model, seed: int = 0, dims: dict[str, int] | None = None) -> di
     dims = dict(dims or {})
     rng = np.random.default_rng(seed)
     if hasattr(model, "index_bounds"):  # a ModelSource (maybe a compiled folder with no proto)
-        specs, bounds = model.inputs, model.index_bounds
+        specs, bounds, widths = model.inputs, model.index_bounds, model.input_widths
     else:
-        specs, bounds = input_specs(model), index_bounds(model)
+        specs, bounds, widths = input_specs(model), index_bounds(model), input_widths(model)
     defaults = {"batch": 2, "time": 8}
     feeds = {}
     for s in specs:
         shape = []
-        for d in s.shape:
+        for axis, d in enumerate(s.shape):
             if isinstance(d, int) and d > 0:
                 shape.append(d)
+            elif s.name in widths and widths[s.name][0] == axis:  # what the node's W reads
+                shape.append(widths[s.name][1])
             elif d in dims:
                 shape.append(dims[d])
             elif d in defaults:

@@ -18,6 +18,7 @@ from .model_io import (
     check_feeds,
     index_bounds,
     input_specs,
+    input_widths,
     length_inputs,
     load_onnx,
     metadata,
@@ -46,6 +47,7 @@ class ArtifactMeta:
     onnx_sha256: str = ""
     index_bounds: dict = field(default_factory=dict)
     length_inputs: dict = field(default_factory=dict)
+    input_widths: dict = field(default_factory=dict)  # X input -> [axis, width, node] (model_io.input_widths)
     dims: dict = field(default_factory=dict)  # --dim
     input_shapes: dict = field(default_factory=dict)  # --input-shape: the only shapes it takes
     input_values: dict = field(default_factory=dict)  # --input-value: folded in, no longer inputs
@@ -125,6 +127,7 @@ class ModelSource:
     digest: str = ""  # sha256 of the ONNX bytes: the compile cache's key
     index_bounds: dict[str, int] = field(default_factory=dict)  # index input -> rows of its table
     length_inputs: dict[str, list] = field(default_factory=dict)  # sequence_lens input -> [X input, time axis]
+    input_widths: dict[str, list] = field(default_factory=dict)  # X input -> [axis, width W needs, node]
 
     @property
     def input_names(self) -> list[str]:
@@ -136,7 +139,7 @@ class ModelSource:
 
     def check_feeds(self, feeds: dict[str, np.ndarray], allow_nonfinite: bool = False) -> None:
         """The runtime contract's feed check against this model (model_io.check_feeds)."""
-        check_feeds(self.inputs, feeds, self.index_bounds, allow_nonfinite, self.length_inputs)
+        check_feeds(self.inputs, feeds, self.index_bounds, allow_nonfinite, self.length_inputs, self.input_widths)
 
     def metadata(self) -> dict:
         return metadata(self.proto) if self.proto is not None else {}
@@ -163,7 +166,8 @@ def open_model(path: str | Path | ModelSource) -> ModelSource:
         specs = [[TensorSpec(s["name"], np.dtype(s["dtype"]), tuple(s["shape"])) for s in group]
                  for group in (meta.inputs, meta.outputs)]
         return ModelSource(path, *specs, compiled=compiled, digest=meta.onnx_sha256,
-                           index_bounds=meta.index_bounds, length_inputs=meta.length_inputs)
+                           index_bounds=meta.index_bounds, length_inputs=meta.length_inputs,
+                           input_widths=meta.input_widths)
     return _from_onnx(path, path, None)
 
 
@@ -175,4 +179,4 @@ def _from_onnx(path: Path, onnx_path: Path, compiled: CompiledModel | None) -> M
         fixed = compiled.meta.input_shapes
         inputs = [TensorSpec(s.name, s.dtype, tuple(fixed[s.name])) if s.name in fixed else s for s in inputs]
     return ModelSource(path, inputs, output_specs(proto), proto, onnx_path, compiled, digest,
-                       index_bounds(proto), length_inputs(proto))
+                       index_bounds(proto), length_inputs(proto), input_widths(proto))

@@ -7,7 +7,7 @@ import tempfile
 
 import numpy as np
 
-from lstm_export.common.errors import SymbolicShapeError, UserError
+from lstm_export.common.errors import UserError, describe
 
 from .base import Availability, Runtime
 
@@ -55,11 +55,14 @@ class TvmLlvmRuntime(Runtime):
                                 f"--runtime tvm-{kind}, or compile it for {self.target}")
         else:
             try:
-                compiled, where = self._compile(source), self.compile_target
-            except SymbolicShapeError as e:
-                # the feeds fix every dim: run compiles for their shapes (compile --input-shape does this)
+                self._load(self._compile(source), self.compile_target)
+            except Exception as e:  # noqa: BLE001 -- any failure of the symbolic build, compiling or loading
+                if not _open_inputs(source):
+                    raise
+                # the feeds fix every dim (and the switches' values): run compiles for them, as
+                # `compile --input-shape --input-value` would (a failure of both names the node then)
                 self._deferred = (source, e)
-                return
+            return
         self._load(compiled, where)
 
     def _load(self, compiled, where) -> None:
@@ -108,11 +111,11 @@ class TvmLlvmRuntime(Runtime):
         key = (tuple(sorted(shapes.items())), tuple(sorted(values.items())))
         if key not in self._loaded:
             try:
-                compiled = self._compile(source, shapes, values)
-            except UserError as e:
+                self._load(self._compile(source, shapes, values), self.compile_target)
+            except Exception as e:  # noqa: BLE001 -- the symbolic build failed too: one line, the node's
                 fixed = [f"{n}={_x(s)}" for n, s in shapes.items()] + [f"{n}={v}" for n, v in values.items()]
-                raise UserError(f"{e} (with the inputs fixed from the feeds: {', '.join(fixed)})") from None
-            self._load(compiled, self.compile_target)
+                text = str(e) if isinstance(e, UserError) else f"tvm-llvm cannot load its build: {describe(e)}"
+                raise UserError(f"{text} (with the inputs fixed from the feeds: {', '.join(fixed)})") from None
             self._loaded[key] = (self.compiled, self.vm, self._main, self._owned, self._values)
         self.compiled, self.vm, self._main, self._owned, self._values = self._loaded[key]
 
@@ -169,6 +172,13 @@ class TvmLlvmRuntime(Runtime):
         for tmp in self._tmps:
             tmp.cleanup()
         self._tmps = []
+
+
+def _open_inputs(source) -> bool:
+    """Whether the feeds would tell a build more than the model declares: an input dim left open,
+    or a scalar switch whose value picks an If branch."""
+    from .model_io import fixed_dim
+    return any(not fixed_dim(d) for s in source.inputs for d in s.shape) or bool(_switch_inputs(source))
 
 
 def _switch_inputs(source) -> list[str]:

@@ -1,9 +1,9 @@
 """LSTM models that other people exported, shipped as ONNX files inside public Python packages
 (installed by scripts/setup.sh with --no-deps, for their data files only), against ONNX Runtime.
 
-- silero-vad (snakers4/silero-vad): the voice-activity detector in four exports: the default one
-  (If branches on the sample rate, unnamed dynamic dims), opset 15 16 kHz, half precision, and the
-  one without If nodes; state in and out.
+- silero-vad (snakers4/silero-vad): the voice-activity detector in five exports: the default one
+  (If branches on the sample rate, unnamed dynamic dims), opset 15 16 kHz, half precision, the
+  one without If nodes, and the one for OpenVINO (its pads computed from constants); state in and out.
 - faster-whisper (SYSTRAN): its bundled silero_vad_v6.onnx (LSTM with explicit h and c).
 - ddddocr: the captcha OCR model (conv stem + LSTM + per-step classifier), whose declared output
   shape [1, seqlen] disagrees with the [T, 1, 8210] its graph computes.
@@ -55,6 +55,9 @@ MODELS = {
     "silero_vad_16k_op15": ("silero_vad", "data/silero_vad_16k_op15.onnx", lambda: _vad_feeds(batch=2)),
     "silero_vad_half": ("silero_vad", "data/silero_vad_half.onnx", lambda: _vad_feeds(sr=False)),
     "silero_vad_op18_ifless": ("silero_vad", "data/silero_vad_op18_ifless.onnx", lambda: _vad_feeds(batch=2)),
+    # static shapes, and a Pad whose pads ConstantOfShape -> Concat -> Reshape -> Slice -> ... compute
+    "silero_vad_openvino_16k": ("silero_vad", "data/silero_vad_openvino_16k.onnx",
+                                lambda: _vad_feeds(samples=576, sr=False)),
     "faster_whisper_silero_v6": ("faster_whisper", "assets/silero_vad_v6.onnx", lambda: _v6_feeds()),
     "ddddocr_common": ("ddddocr", "common.onnx", lambda: _ocr_feeds()),
 }
@@ -85,7 +88,7 @@ def test_a_model_someone_else_exported_matches_onnx_runtime(name, tmp_path):
             tol = 2e-3 if "half" in name else 1e-4
             np.testing.assert_allclose(got[k], want[k], rtol=tol, atol=tol, err_msg=f"{name} {k}")
         # a second shape through the same runtime (its symbolic dims, or a build for these shapes)
-        if name.startswith("silero_vad") and name != "silero_vad_half":
+        if name.startswith("silero_vad") and name not in ("silero_vad_half", "silero_vad_openvino_16k"):
             feeds2 = _vad_feeds(batch=3, samples=512, seed=1)
         elif name == "faster_whisper_silero_v6":
             feeds2 = _v6_feeds(steps=7, seed=1)

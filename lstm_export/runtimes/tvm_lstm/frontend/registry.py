@@ -12,12 +12,13 @@ from tvm.relax.frontend.onnx import onnx_frontend
 from lstm_export.common.errors import UserError
 
 from .convert_options import DEFAULT, ConvertOptions
+from .flip import FlipSlice
 from .gather import SafeGather, SafeGatherElements, SafeGatherND
 from .gru_rnn import GRU, RNN
 from .lstm import LSTM
 
 CONVERTERS = {"LSTM": LSTM, "GRU": GRU, "RNN": RNN, "Gather": SafeGather, "GatherElements": SafeGatherElements,
-              "GatherND": SafeGatherND}
+              "GatherND": SafeGatherND, "Slice": FlipSlice}
 
 
 def _bound(converter, options: ConvertOptions):

@@ -136,5 +136,12 @@ def parse_rnn_node(bb, op: str, inputs, attr: dict, n_inputs: int, known: set[st
         x_shape = [x_shape[1], x_shape[0], x_shape[2]] if len(x_shape) == 3 else x_shape
     if len(x_shape) != 3:
         raise UserError(f"{op} node {node!r}: X must be 3-D, got rank {len(x_shape)}")
+    w_shape = static_shape(W)
+    if x_shape[2] is None and len(w_shape) == 3 and w_shape[2] is not None:
+        # X's width is open and W says what it is, as ONNX Runtime takes it: a width of its own
+        # for the kernels, checked on every call (a graph input is refused before: check_feeds)
+        T_, B_ = X.ty.shape.values[:2]
+        X = bb.match_cast(X, relax.TensorType([T_, B_, w_shape[2]], "float32"))
+        x_shape = [x_shape[0], x_shape[1], w_shape[2]]
     return RnnNode(node, inputs, back, direction, 2 if direction == "bidirectional" else 1, layout, int(hidden),
                    X, x_shape)

@@ -32,7 +32,15 @@ def all_nodes(graph):
 
 
 def needs_simplifying(model) -> bool:
-    return any(n.op_type in SHAPE_OPS for n in all_nodes(model.graph))
+    """Shape arithmetic to fold, or a Pad whose pads are computed: TVM takes pads as constants only
+    ("Dynamic pads are not supported yet"), and an exporter may compute them from constants alone
+    (silero-vad's OpenVINO export: ConstantOfShape -> Concat -> Reshape -> Slice -> ... -> Pad),
+    which the folding below turns into one constant."""
+    nodes = list(all_nodes(model.graph))
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in nodes if n.op_type == "Constant" for o in n.output}
+    computed_pads = (n for n in nodes if n.op_type == "Pad" and len(n.input) > 1 and n.input[1])
+    return any(n.op_type in SHAPE_OPS for n in nodes) or any(n.input[1] not in constants for n in computed_pads)
 
 
 def simplify(model, dims: dict[str, int] | None = None, shapes: dict[str, tuple] | None = None,

@@ -100,9 +100,10 @@ def compile_onnx(model_path: str | Path | ModelSource, out_dir: str | Path, opti
 
 def prepare_graph(source: ModelSource, opts: CompileOptions) -> PreparedGraph:
     """The graph with the options' shapes, dims and values folded in, and what TVM's importer cannot
-    take simplified away (simplify.py); slice bounds clamped (a flip's end=-INT64_MAX overflows
-    TVM's int64 on a symbolic axis)."""
+    take simplified away (simplify.py); open input dims named (open_dims.py: unnamed and -1 dims);
+    slice bounds clamped (a flip's end=-INT64_MAX overflows TVM's int64 on a symbolic axis)."""
     from ...model_io import bind_shapes
+    from ..frontend.open_dims import name_open_dims
     from ..frontend.simplify import needs_simplifying, simplify
     from ..frontend.slice_bounds import clamp_slice_bounds
     model, dims, values = source.onnx(), dict(opts.dims), dict(opts.input_values)
@@ -111,7 +112,7 @@ def prepare_graph(source: ModelSource, opts: CompileOptions) -> PreparedGraph:
         static, dims = bind_shapes(source.inputs, dict(opts.input_shapes), dims)
     if dims or static or values or needs_simplifying(model):  # shape arithmetic TVM cannot take: folded first
         model = simplify(model, dims, static, values, source.inputs)
-    return PreparedGraph(source, clamp_slice_bounds(model), static, dims or {}, values)
+    return PreparedGraph(source, clamp_slice_bounds(name_open_dims(model)), static, dims or {}, values)
 
 
 def kernel_setup(tgt, opts: CompileOptions) -> KernelSetup:
@@ -254,7 +255,8 @@ def artifact_meta(graph: PreparedGraph, setup: KernelSetup, built: Built, tuning
         outputs=[_spec(s) for s in source.outputs],
         target=str(tgt.export()) if hasattr(tgt, "export") else str(tgt), target_kind=tgt.kind.name,
         tvm_version=tvm.__version__, source=str(source.path), onnx_sha256=source.digest,
-        index_bounds=source.index_bounds, length_inputs=source.length_inputs, dims=dict(graph.dims),
+        index_bounds=source.index_bounds, length_inputs=source.length_inputs, input_widths=source.input_widths,
+        dims=dict(graph.dims),
         input_shapes={k: list(v) for k, v in graph.static.items()}, input_values=graph.values,
         compile_s=round(compile_s, 3), tuning_db=str(tuning.folder) if tuning.database is not None else None,
         kernels_from_db=built.kernels_from_db, owned_outputs=built.owned_outputs, library=library,
