@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from lstm_export.common.errors import UserError
+
 from .types import PORT, count, real
 
 # the rule for each ServerConfig limit: every one positive (a zero batch would spin the batcher)
@@ -21,6 +23,8 @@ def add_command(sub) -> None:
     p.add_argument("model", help="MODEL.onnx exported with --mode streaming, or its folder from `compile`")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=PORT, default=8000)
+    p.add_argument("--grpc-port", type=PORT, default=None, metavar="P",
+                   help="also serve the Open Inference Protocol over gRPC (Triton's GRPCInferenceService) on P")
     p.add_argument("--name", default=None,
                    help="the model's name in the Open Inference Protocol's /v2 routes (default: the file's stem)")
     p.add_argument("--state-key-file", default=None, metavar="FILE",
@@ -51,7 +55,14 @@ def cmd_serve(args) -> int:
     cfg = ServerConfig(**{f.name: getattr(args, f.name) for f in fields(ServerConfig)})
     key = load_key(args.state_key_file)
     _check_port(args.host, args.port)  # before the model loads: uvicorn would exit 3 with a log line
+    if args.grpc_port is not None:
+        if args.grpc_port == args.port:
+            raise UserError(f"--grpc-port {args.grpc_port} is --port too: give gRPC a port of its own")
+        _check_port(args.host, args.grpc_port)
     if args.replicas > 1 or args.ray_address:
+        if args.grpc_port is not None:
+            raise UserError("--grpc-port serves from this process; with --replicas or --ray-address only HTTP "
+                            "is served: leave --grpc-port out")
         from lstm_export.serving import ray_serve
         from lstm_export.serving.server import _model_name
         name = args.name or _model_name(source)
@@ -60,9 +71,11 @@ def cmd_serve(args) -> int:
               flush=True)
         ray_serve.run(source, cfg, name, key, args.replicas, args.host, args.port, args.ray_address, args.ray_logs)
         return 0
-    app = create_app(source, cfg, name=args.name, state_key=key)
-    print(f"serving {args.model} on http://{args.host}:{args.port} with {cfg.runtime} "
-          f"(max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
+    grpc_address = f"{args.host}:{args.grpc_port}" if args.grpc_port is not None else None
+    app = create_app(source, cfg, name=args.name, state_key=key, grpc_address=grpc_address)
+    print(f"serving {args.model} on http://{args.host}:{args.port}"
+          + (f" and grpc://{grpc_address}" if grpc_address else "")
+          + f" with {cfg.runtime} (max batch {cfg.max_batch}, wait {cfg.max_wait_ms} ms)", flush=True)
     # uvicorn's server (uvloop) with serving.http11's connection protocol, which answers the infer
     # route itself: per request, uvicorn's own protocol cost a fifth of the server's CPU (docs/serving.md)
     from lstm_export.serving.http11 import run

@@ -221,6 +221,27 @@ class V2Model:
         return response, blobs
 
 
+# Triton's ModelConfig data types by v2 datatype
+CONFIG_TYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32",
+                "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8", "INT16": "TYPE_INT16", "INT32": "TYPE_INT32",
+                "INT64": "TYPE_INT64", "FP16": "TYPE_FP16", "FP32": "TYPE_FP32", "FP64": "TYPE_FP64"}
+
+
+def model_config(model: V2Model) -> dict:
+    """Triton's ModelConfig of the served model, as a dict of its fields (JSON on HTTP, the message
+    on gRPC): batch axis first makes max_batch_size 1 (one stream a request) and dims the rest;
+    sequence_batching says requests carry sequence_id / start / end."""
+    inp, outs = model.metadata["inputs"][0], model.metadata["outputs"]
+    batched = model.batch_axis == 0
+
+    def tensor(t):
+        return {"name": t["name"], "data_type": CONFIG_TYPES[t["datatype"]],
+                "dims": [int(d) for d in (t["shape"][1:] if batched else t["shape"])]}
+    return {"name": model.name, "platform": "onnxruntime_onnx", "backend": "lstm-export",
+            "max_batch_size": 1 if batched else 0, "input": [tensor(inp)], "output": [tensor(o) for o in outs],
+            "sequence_batching": {"max_sequence_idle_microseconds": str(int(model.session.idle_timeout * 1e6))}}
+
+
 class V2Infer:
     """POST /v2/models/{name}/infer (and under /versions/{v}/), the hot path: answer_soon() for
     serve's own protocol (http11), answer() for the ASGI edge (front.Front) under any other server,
@@ -343,6 +364,13 @@ def add_v2_routes(app, model: V2Model, infer: V2Infer) -> None:
     async def metadata(model_name: str, version: str = "1"):
         known(model_name)
         return model.metadata
+
+    @app.get("/v2/models/{model_name}/config")
+    @app.get("/v2/models/{model_name}/versions/{version}/config")
+    async def config(model_name: str, version: str = "1"):
+        """Triton's model configuration extension: what perf_analyzer and Triton's clients ask first."""
+        known(model_name)
+        return model_config(model)
 
     @app.get("/v2/models/{model_name}/ready")
     @app.get("/v2/models/{model_name}/versions/{version}/ready")

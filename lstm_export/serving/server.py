@@ -39,10 +39,12 @@ class ServerConfig:
     ort_threads: int = 1
 
 
-def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None):
+def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, state_key: bytes | None = None,
+               grpc_address: str | None = None):
     """The ASGI app serving one streaming model: the /v1 routes (module docstring) and the Open
     Inference Protocol's /v2 routes (oip.py) under `name` (default: the model file's stem), with
-    signed state tokens when `state_key` is given."""
+    signed state tokens when `state_key` is given; with `grpc_address` (host:port), the protocol's
+    gRPC service too (grpc_oip.py), started on the app's event loop when the app starts."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse, Response
@@ -66,7 +68,15 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
     batches.set_function(lambda: session.stats.batches)
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        grpc_server = None
+        if grpc_address:
+            from lstm_export import __version__
+
+            from .grpc_oip import start
+            grpc_server = await start(v2, grpc_address, __version__)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         session.shutdown()
 
     app = FastAPI(title="lstm-export serve", version="1", lifespan=lifespan)
