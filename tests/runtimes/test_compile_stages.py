@@ -28,6 +28,17 @@ def _ort(path, feeds):
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
 
 
+def _agrees_with_ort(folder, onnx_path, shape):
+    """The compiled folder, loaded as users load it, computes what ONNX Runtime does on `onnx_path`."""
+    from lstm_export.runtimes.base import get_runtime
+    x = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    with get_runtime("tvm-llvm") as rt:
+        rt.prepare(folder)
+        got = rt.run({"input": x})
+    for name, want in _ort(onnx_path, {"input": x}).items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"precision": "fp16"}, "choose fp32, bf16 or int8"),
     ({"plan_budget_s": -1}, r"give 0 \(the derived plan\) or more seconds"),
@@ -77,7 +88,6 @@ def test_kernel_setup_says_why_a_plan_is_derived():
 def test_the_stages_called_one_by_one_make_the_artifact(small, tmp_path):
     """prepare -> setup -> import -> tuning -> build -> write, each alone: the folder opens as a
     compiled model whose meta.json reads back equal, and it computes what ONNX Runtime does."""
-    from lstm_export.runtimes.base import get_runtime
     opts = CompileOptions(plan_budget_s=0, tuning_db="none", progress=False)
     graph = stages.prepare_graph(open_model(small), opts)
     setup = stages.kernel_setup(parse_target(opts.target), opts)
@@ -88,12 +98,7 @@ def test_the_stages_called_one_by_one_make_the_artifact(small, tmp_path):
     compiled = stages.write_artifact(tmp_path / "art", graph, setup, built, tuning, 1.25)
     opened = CompiledModel.open(tmp_path / "art")
     assert opened.meta == compiled.meta and opened.meta.compile_s == 1.25 and opened.meta.lowp_layers is None
-    x = np.random.default_rng(1).standard_normal((5, 2, 6)).astype(np.float32)
-    with get_runtime("tvm-llvm") as rt:
-        rt.prepare(tmp_path / "art")
-        got = rt.run({"input": x})
-    for name, want in _ort(small, {"input": x}).items():
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5)
+    _agrees_with_ort(tmp_path / "art", small, (5, 2, 6))
 
 
 def test_meta_json_reads_folders_of_earlier_releases(tmp_path):
@@ -126,10 +131,4 @@ def test_the_winning_plan_is_built_once(monkeypatch, small, tmp_path):
     timed = [c for c in choice["candidates"] if "ms" in c]
     assert choice["source"] == "measured" and len(timed) >= 2
     assert len(builds) == len(timed)  # one build per timed candidate, none for the winner again
-    x = np.random.default_rng(2).standard_normal((5, 8, 6)).astype(np.float32)
-    from lstm_export.runtimes.base import get_runtime
-    with get_runtime("tvm-llvm") as rt:
-        rt.prepare(tmp_path / "o")
-        got = rt.run({"input": x})
-    for name, want in _ort(small, {"input": x}).items():
-        np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-5)
+    _agrees_with_ort(tmp_path / "o", small, (5, 8, 6))

@@ -11,28 +11,18 @@ import socket
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
-
-from lstm_export.charlm import CharLM
-from lstm_export.config import ModelConfig
-from lstm_export.data import Vocab
-from lstm_export.export import export_onnx
 
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
-from .test_oip import serving  # noqa: E402
-
-VOCAB = "abcdefghij .\n"
+from .test_oip import VOCAB, serving, small_lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    torch.manual_seed(0)
-    m = CharLM(ModelConfig(vocab_size=len(VOCAB), embed=6, hidden=16, layers=2), Vocab(VOCAB)).eval()
-    return m, export_onnx(m, tmp_path_factory.mktemp("grpc") / "lm.streaming.onnx", "streaming")
+    return small_lm(tmp_path_factory.mktemp("grpc"))
 
 
 @pytest.fixture(scope="module")

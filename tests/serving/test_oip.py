@@ -27,11 +27,16 @@ VOCAB = "abcdefghij .\n"
 KEY = b"0123456789abcdef-test-key"
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
+def small_lm(folder):
+    """The served model of these tests (and test_grpc's): a 2-layer char LM, exported for streaming."""
     torch.manual_seed(0)
     m = CharLM(ModelConfig(vocab_size=len(VOCAB), embed=6, hidden=16, layers=2), Vocab(VOCAB)).eval()
-    return m, export_onnx(m, tmp_path_factory.mktemp("oip") / "lm.streaming.onnx", "streaming")
+    return m, export_onnx(m, folder / "lm.streaming.onnx", "streaming")
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return small_lm(tmp_path_factory.mktemp("oip"))
 
 
 @contextlib.contextmanager
