@@ -35,10 +35,18 @@ def _status(code: int):
                                                   else grpc.StatusCode.INVALID_ARGUMENT)
 
 
+# Triton's gRPC clients (perf_analyzer among them) ask whether a decoupled model's stream ends with an
+# empty response; each request here has one response, which is the final one and says so
+FINAL = "triton_enable_empty_final_response"
+
+
 def request_body(req) -> tuple[dict, bytes]:
     """A ModelInferRequest in the HTTP form V2Model.begin takes: (body, binary bytes). Every output
-    is asked for as binary (gRPC answers in raw_output_contents)."""
+    is asked for as binary (gRPC answers in raw_output_contents). Triton's FINAL parameter, a bool,
+    is gRPC's business and not the model's: taken off here (infer marks the response final)."""
     params = {k: _param(v) for k, v in req.parameters.items()}
+    if isinstance(params.get(FINAL), bool):
+        del params[FINAL]
     if isinstance(params.get("binary_data_output", True), bool):  # gRPC's outputs are raw bytes, always
         params["binary_data_output"] = True  # (not a bool: left for V2Model to refuse, as on HTTP)
     inputs, blob = [], b""
@@ -111,7 +119,10 @@ def make_servicer(model: V2Model, version: str):
             raise V2Error(404, f"unknown model {request.model_name!r}; this server serves {model.name!r}")
         body, blob = request_body(request)
         response, blobs = await model.infer(body, blob)
-        return response_message(service_pb2, response, blobs)
+        msg = response_message(service_pb2, response, blobs)
+        if FINAL in request.parameters:  # one response a request: this one is the last
+            msg.parameters["triton_final_response"].bool_param = True
+        return msg
 
     class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         async def ServerLive(self, request, context):
