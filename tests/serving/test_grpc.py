@@ -203,3 +203,24 @@ def test_any_request_is_answered_or_refused_never_an_internal_error(addresses, c
     assert ok, req
     assert [o.name for o in r.outputs] == ["logits"] and r.id == req.id
     assert len(r.raw_output_contents[0]) == 4 * int(np.prod(r.outputs[0].shape))
+
+
+def test_the_final_response_flag_of_tritons_clients(addresses):
+    """perf_analyzer's gRPC requests ask for an empty final response (decoupled models): the one
+    response a request gets here is marked final; a flag that is not a bool is refused."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+    req = service_pb2.ModelInferRequest(model_name="lm", id="f")
+    req.inputs.add(name="tokens", datatype="INT64", shape=[1, 2])
+    req.raw_input_contents.append(np.array([1, 2], np.int64).tobytes())
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    with grpc.insecure_channel(addresses[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([req]), timeout=30))
+        assert len(answers) == 1 and not answers[0].error_message
+        assert answers[0].infer_response.parameters["triton_final_response"].bool_param is True
+        req.parameters["triton_enable_empty_final_response"].string_param = "yes"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(req, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "triton_enable_empty_final_response" in \
+            e.value.details()
