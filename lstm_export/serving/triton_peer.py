@@ -158,10 +158,13 @@ class TritonServer:
 
     label = "triton"
 
-    def __init__(self, model_path: str | Path, name: str = "lm.streaming", vocab: int = 64, ort_threads: int = 0):
+    def __init__(self, model_path: str | Path, name: str = "lm.streaming", vocab: int = 64, ort_threads: int = 0,
+                 grpc: bool = False):
+        """grpc: serve Triton's gRPC endpoint too, on grpc_port (else HTTP only)."""
         self.model_path, self.name, self.vocab, self.threads = Path(model_path), name, vocab, ort_threads
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port() if grpc else None
 
     def __enter__(self):
         sp = setup()
@@ -179,7 +182,9 @@ class TritonServer:
         self.proc = subprocess.Popen(
             [str(ROOT / "bin" / "tritonserver"), f"--model-repository={self.dir / 'models'}",
              f"--backend-directory={ROOT / 'backends'}", f"--cache-directory={ROOT / 'caches'}",
-             "--http-address=127.0.0.1", f"--http-port={self.port}", "--allow-grpc=false",
+             "--http-address=127.0.0.1", f"--http-port={self.port}",
+             *(["--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}"] if self.grpc_port else
+               ["--allow-grpc=false"]),
              "--allow-metrics=false", "--allow-sagemaker=false", "--allow-vertex-ai=false", "--log-verbose=0",
              "--log-info=false", "--exit-timeout-secs=5", "--pinned-memory-pool-byte-size=0"],
             env=env, cwd=self.dir, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
