@@ -163,13 +163,15 @@ def make_servicer(model: V2Model, version: str):
                 await context.abort(_status(e.status), str(e))
 
         async def ModelStreamInfer(self, request_iterator, context):
-            # one call at a time, in order: a stream's requests are one sequence's chunks
-            async for request in request_iterator:
+            # one call at a time, in order: a stream's requests are one sequence's chunks. read() and
+            # write() on the context, not an async generator: one coroutine hop less a message
+            while (request := await context.read()) is not grpc.aio.EOF:
                 try:
-                    yield service_pb2.ModelStreamInferResponse(infer_response=await infer(request))
+                    answer = service_pb2.ModelStreamInferResponse(infer_response=await infer(request))
                 except (V2Error, StreamError) as e:
-                    yield service_pb2.ModelStreamInferResponse(
+                    answer = service_pb2.ModelStreamInferResponse(
                         error_message=str(e), infer_response=service_pb2.ModelInferResponse(id=request.id))
+                await context.write(answer)
 
     return Servicer()
 
