@@ -15,6 +15,8 @@ nothing but its own unfinished call.
 """
 from __future__ import annotations
 
+from lstm_export.common.errors import describe
+
 from .oip import V2Model, model_config
 from .streaming import StreamError
 from .v2_tensors import V2Error
@@ -161,6 +163,8 @@ def make_servicer(model: V2Model, version: str):
                 return await infer(request)
             except (V2Error, StreamError) as e:
                 await context.abort(_status(e.status), str(e))
+            except Exception as e:  # noqa: BLE001 -- the runtime's failure: INTERNAL in one line, as HTTP's 500
+                await context.abort(grpc.StatusCode.INTERNAL, describe(e))
 
         async def ModelStreamInfer(self, request_iterator, context):
             # one call at a time, in order: a stream's requests are one sequence's chunks. read() and
@@ -168,9 +172,10 @@ def make_servicer(model: V2Model, version: str):
             while (request := await context.read()) is not grpc.aio.EOF:
                 try:
                     answer = service_pb2.ModelStreamInferResponse(infer_response=await infer(request))
-                except (V2Error, StreamError) as e:
+                except Exception as e:  # noqa: BLE001 -- refused or failed: said on the stream, which goes on
+                    why = str(e) if isinstance(e, (V2Error, StreamError)) else describe(e)
                     answer = service_pb2.ModelStreamInferResponse(
-                        error_message=str(e), infer_response=service_pb2.ModelInferResponse(id=request.id))
+                        error_message=why, infer_response=service_pb2.ModelInferResponse(id=request.id))
                 await context.write(answer)
 
     return Servicer()

@@ -224,3 +224,33 @@ def test_the_final_response_flag_of_tritons_clients(addresses):
             stub.ModelInfer(req, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "triton_enable_empty_final_response" in \
             e.value.details()
+
+
+def test_a_runtime_failure_is_internal_in_one_line_and_the_stream_goes_on(lm):
+    """What HTTP answers with a JSON 500 (the runtime failed) is INTERNAL with one line on gRPC, and
+    an error_message on a stream, whose next request is answered."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=64), name="lm", grpc_address=f"127.0.0.1:{port}")
+    real, calls = app.state.session.feed_async, []
+
+    def flaky(sid, chunk):
+        calls.append(1)
+        if len(calls) in (1, 2):
+            raise RuntimeError("device lost\nsecond line")
+        return real(sid, chunk)
+    app.state.session.feed_async = flaky
+    with serving(app):
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        with pytest.raises(InferenceServerException, match="device lost") as e:
+            client.infer("lm", [_input([1, 2])])
+        assert e.value.status() == "StatusCode.INTERNAL" and "second line" not in e.value.message()
+        results = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer("lm", [_input([1, 2])], request_id="a")
+        client.async_stream_infer("lm", [_input([3])], request_id="b")
+        (_, e1), (r2, e2) = results.get(timeout=30), results.get(timeout=30)
+        client.stop_stream()
+        client.close()
+    assert e1 is not None and "device lost" in str(e1) and e2 is None and r2.as_numpy("logits").shape[1] == 1
