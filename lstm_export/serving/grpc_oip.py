@@ -28,13 +28,23 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "FP64": "fp64_contents"}
 
 
-def _status(code: int):
-    import grpc
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
-            408: grpc.StatusCode.DEADLINE_EXCEEDED, 409: grpc.StatusCode.ALREADY_EXISTS,
-            413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-            503: grpc.StatusCode.UNAVAILABLE}.get(code, grpc.StatusCode.INTERNAL if code >= 500
-                                                  else grpc.StatusCode.INVALID_ARGUMENT)
+# gRPC status codes (grpc/status.h) by the HTTP status of the same refusal
+OK, INVALID_ARGUMENT, DEADLINE_EXCEEDED, NOT_FOUND, ALREADY_EXISTS = 0, 3, 4, 5, 6
+RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE = 8, 12, 13, 14
+STATUS = {400: INVALID_ARGUMENT, 404: NOT_FOUND, 408: DEADLINE_EXCEEDED, 409: ALREADY_EXISTS,
+          413: RESOURCE_EXHAUSTED, 429: RESOURCE_EXHAUSTED, 503: UNAVAILABLE}
+
+
+class GrpcError(Exception):
+    """A call's failure: its gRPC status code and one-line message."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _status(http_status: int) -> int:
+    return STATUS.get(http_status, INTERNAL if http_status >= 500 else INVALID_ARGUMENT)
 
 
 # Triton's gRPC clients (perf_analyzer among them) ask whether a decoupled model's stream ends with an
@@ -101,94 +111,105 @@ def response_message(pb, response: dict, blobs: list[bytes]):
     return msg
 
 
-def make_servicer(model: V2Model, version: str):
-    """The GRPCInferenceService implementation for `model` (grpc.aio: the coroutines run on the
-    event loop the server was started on, which must be the HTTP server's: the micro-batcher's)."""
-    import grpc
-    from google.protobuf import json_format
-    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+class Service:
+    """GRPCInferenceService for `model`, on serialized messages, whatever carries them (grpc_h2.py):
+    `call(method, request bytes)` answers the health, metadata and config methods or raises
+    GrpcError; `infer_soon` answers ModelInfer and each ModelStreamInfer message on HTTP's
+    hot path, a refusal or failure on a stream as error_message, as Triton does. Everything runs on
+    the event loop of the HTTP server (the micro-batcher's)."""
 
-    config = json_format.ParseDict(model_config(model), model_config_pb2.ModelConfig())
-    meta = model.metadata
+    STREAM = "ModelStreamInfer"
 
-    def known(name: str):
-        if name != model.name:
-            return f"unknown model {name!r}; this server serves {model.name!r}"
-        return None
+    def __init__(self, model: V2Model, version: str):
+        from google.protobuf import json_format
+        from tritonclient.grpc import model_config_pb2
+        from tritonclient.grpc import service_pb2 as pb
+        self.model, self.pb = model, pb
+        config = pb.ModelConfigResponse(config=json_format.ParseDict(model_config(model),
+                                                                     model_config_pb2.ModelConfig()))
+        meta = model.metadata
+        tensors = [pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=t["shape"])
+                   for t in meta["inputs"] + meta["outputs"]]
+        metadata = pb.ModelMetadataResponse(name=model.name, versions=meta["versions"], platform=meta["platform"],
+                                            inputs=tensors[:1], outputs=tensors[1:])
+        server = pb.ServerMetadataResponse(name="lstm-export", version=version,
+                                           extensions=["binary_tensor_data", "parameters", "sequence",
+                                                       "model_configuration"])
+        # method -> (request type, the answer: a fixed message, or a function of the request)
+        self.fixed = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse(live=True).SerializeToString()),
+                      "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse(ready=True).SerializeToString()),
+                      "ServerMetadata": (pb.ServerMetadataRequest, server.SerializeToString())}
+        self.per_model = {"ModelMetadata": (pb.ModelMetadataRequest, metadata.SerializeToString()),
+                          "ModelConfig": (pb.ModelConfigRequest, config.SerializeToString())}
 
-    async def infer(request):
-        if request.model_name != model.name:
-            raise V2Error(404, f"unknown model {request.model_name!r}; this server serves {model.name!r}")
-        body, blob = request_body(request)
-        response, blobs = await model.infer(body, blob)
-        msg = response_message(service_pb2, response, blobs)
-        if FINAL in request.parameters:  # one response a request: this one is the last
-            msg.parameters["triton_final_response"].bool_param = True
-        return msg
+    async def call(self, method: str, data: bytes) -> bytes:
+        pb = self.pb
+        if method in self.fixed:
+            self._parse(self.fixed[method][0], data)
+            return self.fixed[method][1]
+        if method in self.per_model:
+            request = self._parse(self.per_model[method][0], data)
+            self._known(request.name)
+            return self.per_model[method][1]
+        if method == "ModelReady":
+            request = self._parse(pb.ModelReadyRequest, data)
+            return pb.ModelReadyResponse(ready=request.name == self.model.name).SerializeToString()
+        raise GrpcError(UNIMPLEMENTED, f"{method} is not served here (inference.GRPCInferenceService: health, "
+                                       "metadata, config, ModelInfer, ModelStreamInfer)")
 
-    class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-        async def ServerLive(self, request, context):
-            return service_pb2.ServerLiveResponse(live=True)
+    def infer_soon(self, data: bytes, reply, stream: bool = False) -> None:
+        """ModelInfer (or, with `stream`, one ModelStreamInfer message) without a coroutine, as HTTP's
+        hot path answers (oip.V2Infer.answer_soon): checked now, its chunk queued for this loop turn's
+        batch, and reply(answer bytes, None) or reply(None, GrpcError) called once, at once for a
+        refusal, else from the batch run. On a stream a refusal or failure is the answer's
+        error_message instead."""
+        pb, rid = self.pb, ""
+        try:
+            request = self._parse(pb.ModelInferRequest, data)
+            rid = request.id
+            if request.model_name != self.model.name:
+                raise V2Error(404, f"unknown model {request.model_name!r}; this server serves {self.model.name!r}")
+            call = self.model.begin(*request_body(request))
+        except Exception as e:  # noqa: BLE001 -- refused: answered now, in the protocol's shape
+            return reply(*self._failed(e, rid, stream))
 
-        async def ServerReady(self, request, context):
-            return service_pb2.ServerReadyResponse(ready=True)
-
-        async def ModelReady(self, request, context):
-            return service_pb2.ModelReadyResponse(ready=request.name == model.name)
-
-        async def ServerMetadata(self, request, context):
-            return service_pb2.ServerMetadataResponse(name="lstm-export", version=version,
-                                                      extensions=["binary_tensor_data", "parameters", "sequence",
-                                                                  "model_configuration"])
-
-        async def ModelMetadata(self, request, context):
-            why = known(request.name)
-            if why:
-                await context.abort(grpc.StatusCode.NOT_FOUND, why)
-            tensors = [service_pb2.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"],
-                                                                         shape=t["shape"])
-                       for t in meta["inputs"] + meta["outputs"]]
-            return service_pb2.ModelMetadataResponse(name=model.name, versions=meta["versions"],
-                                                     platform=meta["platform"], inputs=tensors[:1],
-                                                     outputs=tensors[1:])
-
-        async def ModelConfig(self, request, context):
-            why = known(request.name)
-            if why:
-                await context.abort(grpc.StatusCode.NOT_FOUND, why)
-            return service_pb2.ModelConfigResponse(config=config)
-
-        async def ModelInfer(self, request, context):
+        def done(outs, error):
             try:
-                return await infer(request)
-            except (V2Error, StreamError) as e:
-                await context.abort(_status(e.status), str(e))
-            except Exception as e:  # noqa: BLE001 -- the runtime's failure: INTERNAL in one line, as HTTP's 500
-                await context.abort(grpc.StatusCode.INTERNAL, describe(e))
+                response, blobs = self.model.end(call, outs, error)
+                msg = response_message(pb, response, blobs)
+                if FINAL in request.parameters:  # one response a request: this one is the last
+                    msg.parameters["triton_final_response"].bool_param = True
+                answer = pb.ModelStreamInferResponse(infer_response=msg) if stream else msg
+            except Exception as e:  # noqa: BLE001 -- the session's refusal, or the runtime's failure
+                return reply(*self._failed(e, rid, stream))
+            reply(answer.SerializeToString(), None)
 
-        async def ModelStreamInfer(self, request_iterator, context):
-            # one call at a time, in order: a stream's requests are one sequence's chunks. read() and
-            # write() on the context, not an async generator: one coroutine hop less a message
-            while (request := await context.read()) is not grpc.aio.EOF:
-                try:
-                    answer = service_pb2.ModelStreamInferResponse(infer_response=await infer(request))
-                except Exception as e:  # noqa: BLE001 -- refused or failed: said on the stream, which goes on
-                    why = str(e) if isinstance(e, (V2Error, StreamError)) else describe(e)
-                    answer = service_pb2.ModelStreamInferResponse(
-                        error_message=why, infer_response=service_pb2.ModelInferResponse(id=request.id))
-                await context.write(answer)
+        try:
+            self.model.session.submit(call.sid, call.chunk, done)
+        except Exception as e:  # noqa: BLE001 -- the session refused the chunk: closed as after a run
+            done(None, e)
 
-    return Servicer()
+    def _failed(self, e: Exception, rid: str, stream: bool):
+        """(answer bytes, None) on a stream, else (None, GrpcError): a refusal's status, else INTERNAL."""
+        if isinstance(e, GrpcError):
+            code, why = e.code, str(e)
+        elif isinstance(e, (V2Error, StreamError)):
+            code, why = _status(e.status), str(e)
+        else:
+            code, why = INTERNAL, describe(e)
+        if not stream:
+            return None, GrpcError(code, why)
+        pb = self.pb
+        return pb.ModelStreamInferResponse(error_message=why,
+                                           infer_response=pb.ModelInferResponse(id=rid)).SerializeToString(), None
 
+    @staticmethod
+    def _parse(kind, data: bytes):
+        try:
+            return kind.FromString(data)
+        except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError: a request that is not the message
+            raise GrpcError(INVALID_ARGUMENT, f"the request is not a {kind.__name__}: {describe(e)}") from None
 
-async def start(model: V2Model, address: str, version: str):
-    """A grpc.aio server for `model` on `address` (host:port), started on the running loop."""
-    import grpc
-    from tritonclient.grpc import service_pb2_grpc
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                      ("grpc.max_send_message_length", 64 << 20)])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(make_servicer(model, version), server)
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot listen on {address} for gRPC")
-    await server.start()
-    return server
+    def _known(self, name: str) -> None:
+        if name != self.model.name:
+            raise GrpcError(NOT_FOUND, f"unknown model {name!r}; this server serves {self.model.name!r}")

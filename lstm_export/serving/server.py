@@ -72,11 +72,13 @@ def create_app(model, cfg: ServerConfig | None = None, name: str | None = None, 
         if grpc_address:
             from lstm_export import __version__
 
-            from .grpc_oip import start
-            grpc_server = await start(v2, grpc_address, __version__)
+            from .grpc_h2 import start
+            from .grpc_oip import Service
+            host, _, port = grpc_address.rpartition(":")
+            grpc_server = await start(Service(v2, __version__), host.strip("[]"), int(port))
         yield
         if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
+            grpc_server.close()
         session.shutdown()
 
     app = FastAPI(title="lstm-export serve", version="1", lifespan=lifespan)

@@ -233,14 +233,14 @@ def test_a_runtime_failure_is_internal_in_one_line_and_the_stream_goes_on(lm):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=64), name="lm", grpc_address=f"127.0.0.1:{port}")
-    real, calls = app.state.session.feed_async, []
+    real, calls = app.state.session.submit, []
 
-    def flaky(sid, chunk):
+    def flaky(sid, chunk, done):  # the batch gRPC's hot path hands its chunks to (StreamingSession.submit)
         calls.append(1)
         if len(calls) in (1, 2):
             raise RuntimeError("device lost\nsecond line")
-        return real(sid, chunk)
-    app.state.session.feed_async = flaky
+        return real(sid, chunk, done)
+    app.state.session.submit = flaky
     with serving(app):
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         with pytest.raises(InferenceServerException, match="device lost") as e:
@@ -254,3 +254,44 @@ def test_a_runtime_failure_is_internal_in_one_line_and_the_stream_goes_on(lm):
         client.stop_stream()
         client.close()
     assert e1 is not None and "device lost" in str(e1) and e2 is None and r2.as_numpy("logits").shape[1] == 1
+
+
+def test_a_method_not_served_and_a_message_that_is_not_the_request_are_one_line(addresses):
+    import grpc
+    with grpc.insecure_channel(addresses[1]) as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")(b"", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "RepositoryIndex" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(b"\xff\xff\xff", timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a ModelInferRequest" in e.value.details()
+        assert "\n" not in e.value.details()
+
+
+def test_a_stream_that_breaks_leaves_the_others_working(addresses, lm):
+    """One client drops its stream mid-sequence (its channel closed under it); another stream,
+    interleaved with it, goes on to the end and equals one go."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def request(tokens, seq, start, end):
+        r = service_pb2.ModelInferRequest(model_name="lm")
+        r.inputs.add(name="tokens", datatype="INT64", shape=[1, len(tokens)])
+        r.raw_input_contents.append(np.array(tokens, np.int64).tobytes())
+        r.parameters["sequence_id"].int64_param = seq
+        r.parameters["sequence_start"].bool_param, r.parameters["sequence_end"].bool_param = start, end
+        return r
+    keep = [5, 6, 7, 8, 9, 1]
+    broken = grpc.insecure_channel(addresses[1])
+    calls = service_pb2_grpc.GRPCInferenceServiceStub(broken).ModelStreamInfer(
+        iter([request([1, 2], 501, True, False), request([3], 501, False, False)]))
+    next(calls)
+    broken.close()  # mid-sequence: 501 never ends
+    with grpc.insecure_channel(addresses[1]) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        answers = list(stub.ModelStreamInfer(iter([request(keep[:2], 502, True, False), request(keep[2:], 502, False,
+                                                                                                 True)]), timeout=30))
+    assert all(not a.error_message for a in answers)
+    logits = [np.frombuffer(a.infer_response.raw_output_contents[0], np.float32).reshape(
+        a.infer_response.outputs[0].shape)[0] for a in answers]
+    np.testing.assert_allclose(np.concatenate(logits), in_one_go(lm[1], keep), rtol=1e-5, atol=1e-5)
