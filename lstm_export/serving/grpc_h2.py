@@ -155,6 +155,8 @@ class GrpcProtocol(asyncio.Protocol):
     def _answered(self, sid: int, call: _Call, answer: bytes | None, error: GrpcError | None) -> None:
         """A ModelInfer's or a stream message's answer, from the batch run (or at once when refused)."""
         call.busy = False
+        if self.calls.get(sid) is not call:
+            return  # reset, or the connection dropped, while it ran: nobody to answer
         if error is not None:
             self._finish(sid, error.code, str(error))
         else:
