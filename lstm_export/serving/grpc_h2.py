@@ -24,6 +24,8 @@ import collections
 import struct
 from urllib.parse import quote
 
+from lstm_export.common.errors import describe
+
 from .grpc_oip import INTERNAL, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, GrpcError, Service
 
 PREFIX = "/inference.GRPCInferenceService/"
@@ -173,7 +175,7 @@ class GrpcProtocol(asyncio.Protocol):
         except GrpcError as e:
             self._finish(sid, e.code, str(e))
         except Exception as e:  # noqa: BLE001 -- one line, never a dropped connection
-            self._finish(sid, INTERNAL, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._finish(sid, INTERNAL, describe(e))
         else:
             self._send(sid, call, answer)
             self._finish(sid, 0)

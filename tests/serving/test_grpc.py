@@ -6,7 +6,6 @@ leaves the stream working."""
 from __future__ import annotations
 
 import queue
-import socket
 
 import numpy as np
 import onnxruntime as ort
@@ -15,6 +14,7 @@ import pytest
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from lstm_export.serving.loadtest import free_port  # noqa: E402
 from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
 from .test_oip import VOCAB, serving, small_lm  # noqa: E402
@@ -27,9 +27,7 @@ def lm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def addresses(lm):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        grpc_port = s.getsockname()[1]
+    grpc_port = free_port()
     app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=64), name="lm",
                      grpc_address=f"127.0.0.1:{grpc_port}")
     with serving(app) as http:
@@ -229,9 +227,7 @@ def test_the_final_response_flag_of_tritons_clients(addresses):
 def test_a_runtime_failure_is_internal_in_one_line_and_the_stream_goes_on(lm):
     """What HTTP answers with a JSON 500 (the runtime failed) is INTERNAL with one line on gRPC, and
     an error_message on a stream, whose next request is answered."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(str(lm[1]), ServerConfig(max_streams=8, max_chunk=64), name="lm", grpc_address=f"127.0.0.1:{port}")
     real, calls = app.state.session.submit, []
 

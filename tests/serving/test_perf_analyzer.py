@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed")
 
+from lstm_export.serving.loadtest import free_port  # noqa: E402
 from lstm_export.serving.server import ServerConfig, create_app  # noqa: E402
 
 from .test_oip import serving, small_lm  # noqa: E402
@@ -31,9 +31,7 @@ def _perf_analyzer() -> Path | None:
 
 @pytest.fixture(scope="module")
 def addresses(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        grpc_port = s.getsockname()[1]
+    grpc_port = free_port()
     _, path = small_lm(tmp_path_factory.mktemp("pa"))
     app = create_app(str(path), ServerConfig(max_streams=64, max_chunk=64), name="lm",
                      grpc_address=f"127.0.0.1:{grpc_port}")
